@@ -1,0 +1,488 @@
+//! The agent loop: model call, tool calls, results, repeat until the model answers without
+//! tools or the turn limit is reached. Every step is recorded in the event log first, which is
+//! what makes a run resumable with exactly-once tool effects.
+//!
+//! Durability points (see DESIGN.md, "Durability and exactly-once effects"):
+//! - events are collected in an outbox and written in as few commits as the rules allow;
+//! - before a tool call executes, its intent (and everything before it, e.g. the model's
+//!   answer that asked for it) is committed durably;
+//! - the result of a non-idempotent tool call is committed durably before anything else
+//!   happens; the result of an idempotent one may ride with the next commit (losing it only
+//!   means running the call again);
+//! - a model call's intent is appended deferred (a lost intent only means the call is made
+//!   again); its answer is committed with the next tool intent or with the run's completion;
+//! - before a human is asked, everything so far is committed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use descartes_protocol::{
+    ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted,
+    ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed,
+    RunId, RunResumed, RunStarted, ToolCallCompleted, ToolCallStarted,
+};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::permission::{PermissionRequest, PromptAnswer, Prompter};
+use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
+use crate::state::{NextStep, RunState};
+use crate::store::{DeferredAppend, EventStore};
+use crate::tool::{Recovery, Tool, ToolContext, ToolOutput, ToolRegistry};
+use crate::{CoreError, Result};
+
+/// Where a run's output goes (the terminal, JSON lines, a test recorder).
+pub trait OutputSink: Send + Sync {
+    /// A piece of the model's answer, as it streams.
+    fn text_delta(&self, _text: &str) {}
+    /// An event, once it is in the log.
+    fn event(&self, _event: &Event) {}
+    /// A diagnostic for the user (permission denied, a call re-run on resume, ...).
+    fn notice(&self, _message: &str) {}
+}
+
+/// A sink that drops everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullSink;
+impl OutputSink for NullSink {}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub provider: String,
+    pub model: String,
+    /// Maximum number of model calls in the run.
+    pub max_turns: u32,
+    /// `-y`: allow every permission ask.
+    pub auto_approve: bool,
+    pub system_prompt: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub cwd: PathBuf,
+    /// Root of per-call spool directories (`<spool_root>/<run_id>/<call_id>`).
+    pub spool_root: PathBuf,
+}
+
+/// How a run ended (this time).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    Completed { result: String },
+    Failed { error: String, kind: String },
+    Cancelled,
+}
+
+/// Runs goals on a model with tools, recording everything.
+pub struct Agent {
+    pub store: Arc<dyn EventStore>,
+    pub provider: Arc<dyn Provider>,
+    pub tools: ToolRegistry,
+    pub prompter: Arc<dyn Prompter>,
+    pub sink: Arc<dyn OutputSink>,
+    pub cancel: CancellationToken,
+    pub config: AgentConfig,
+}
+
+/// Events not yet handed to the store, and deferred appends not yet known to be written.
+#[derive(Default)]
+struct Outbox {
+    events: Vec<NewEvent>,
+    deferred: Vec<DeferredAppend>,
+}
+
+impl Agent {
+    /// Starts a new run with the given goal.
+    pub async fn start(&self, run_id: RunId, prompt: String, goal: Message) -> Result<RunOutcome> {
+        let mut st = RunState::new(run_id);
+        let mut ob = Outbox::default();
+        let c = &self.config;
+        self.push(
+            &mut st,
+            &mut ob,
+            RunStarted {
+                prompt,
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+                cwd: c.cwd.display().to_string(),
+                max_turns: c.max_turns,
+                auto_approve: c.auto_approve,
+                system_prompt: c.system_prompt.clone(),
+                tools: self.tools.names(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+        );
+        self.push(&mut st, &mut ob, MessageAdded { message: goal, model_call_id: None });
+        self.commit(&mut st, &mut ob).await?;
+        self.drive(st, ob).await
+    }
+
+    /// Resumes a run from its folded state. Tool calls whose result is in the log are never
+    /// executed again; a model call without a result is made again.
+    pub async fn resume(&self, mut st: RunState, previous_status: &str) -> Result<RunOutcome> {
+        let mut ob = Outbox::default();
+        let c = &self.config;
+        self.push(
+            &mut st,
+            &mut ob,
+            RunResumed {
+                previous_status: previous_status.to_owned(),
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+                auto_approve: c.auto_approve,
+                max_turns: c.max_turns,
+                pid: std::process::id(),
+            },
+        );
+        self.commit(&mut st, &mut ob).await?;
+        self.drive(st, ob).await
+    }
+
+    async fn drive(&self, mut st: RunState, mut ob: Outbox) -> Result<RunOutcome> {
+        loop {
+            if self.cancel.is_cancelled() {
+                return self.cancelled(&mut st, &mut ob).await;
+            }
+            match st.next_step() {
+                NextStep::Complete(result) => {
+                    let turns = st.turns;
+                    let usage = st.usage;
+                    self.push(&mut st, &mut ob, RunCompleted { result: result.clone(), turns, usage });
+                    self.commit(&mut st, &mut ob).await?;
+                    return Ok(RunOutcome::Completed { result });
+                }
+                NextStep::CallModel => {
+                    if st.max_turns > 0 && st.turns >= st.max_turns {
+                        let error = format!(
+                            "turn limit reached ({} model calls); continue with `descartes resume {} --max-turns {}`",
+                            st.max_turns,
+                            st.run_id,
+                            st.max_turns.saturating_mul(2)
+                        );
+                        return self.fail(&mut st, &mut ob, error, "turn_limit", false).await;
+                    }
+                    if let Some(outcome) = self.call_model(&mut st, &mut ob).await? {
+                        return Ok(outcome);
+                    }
+                }
+                NextStep::RunTools(calls) => {
+                    for (id, name, input) in calls {
+                        if self.cancel.is_cancelled() {
+                            break;
+                        }
+                        self.run_tool(&mut st, &mut ob, id, name, input).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes one model call. Returns `Some(outcome)` when the run ends here.
+    async fn call_model(&self, st: &mut RunState, ob: &mut Outbox) -> Result<Option<RunOutcome>> {
+        let call_id = RunId::generate().0;
+        self.push(
+            st,
+            ob,
+            ModelCallStarted {
+                call_id: call_id.clone(),
+                provider: self.provider.name().to_owned(),
+                model: self.config.model.clone(),
+                turn: st.turns + 1,
+            },
+        );
+        self.send_deferred(ob);
+        let request = ModelRequest {
+            model: self.config.model.clone(),
+            system: self.config.system_prompt.clone(),
+            messages: st.conversation(),
+            tools: self.tools.specs(),
+            max_tokens: self.config.max_tokens,
+            temperature: None,
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(ProviderError::Cancelled),
+            r = self.stream_model(request) => r,
+        };
+        match result {
+            Ok(assembled) => {
+                let usage = assembled.usage;
+                let stop_reason = assembled.stop_reason.clone();
+                let content = assembled.finish();
+                self.push(
+                    st,
+                    ob,
+                    ModelCallCompleted {
+                        call_id: call_id.clone(),
+                        usage,
+                        stop_reason,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    },
+                );
+                self.push(
+                    st,
+                    ob,
+                    MessageAdded { message: Message::new(Role::Assistant, content), model_call_id: Some(call_id) },
+                );
+                Ok(None)
+            }
+            Err(ProviderError::Cancelled) => self.cancelled(st, ob).await.map(Some),
+            Err(e) => {
+                let retryable = e.is_retryable();
+                self.push(st, ob, ModelCallFailed { call_id, error: e.to_string(), retryable });
+                let hint = format!("; the run can be continued with `descartes resume {}`", st.run_id);
+                self.fail(st, ob, format!("{e}{hint}"), "provider", retryable).await.map(Some)
+            }
+        }
+    }
+
+    async fn stream_model(&self, request: ModelRequest) -> Result<ResponseAssembler, ProviderError> {
+        let mut stream = self.provider.stream(request).await?;
+        let mut assembler = ResponseAssembler::default();
+        while let Some(item) = stream.next().await {
+            let event = item?;
+            if let StreamEvent::TextDelta(text) = &event {
+                self.sink.text_delta(text);
+            }
+            assembler.push(event);
+            if assembler.stopped {
+                break;
+            }
+        }
+        if !assembler.stopped {
+            return Err(ProviderError::Protocol {
+                provider: self.provider.name().to_owned(),
+                message: "the response stream ended before the model finished".into(),
+            });
+        }
+        Ok(assembler)
+    }
+
+    async fn run_tool(&self, st: &mut RunState, ob: &mut Outbox, id: String, name: String, input: Value) -> Result<()> {
+        let Some(tool) = self.tools.get(&name).cloned() else {
+            let output = format!("unknown tool `{name}`; available tools: {}", self.tools.names().join(", "));
+            self.complete_tool(st, ob, &id, &name, ToolOutput::error(output), 0, false);
+            return Ok(());
+        };
+        let ctx = ToolContext {
+            cwd: self.config.cwd.clone(),
+            run_id: st.run_id.clone(),
+            call_id: id.clone(),
+            spool_dir: self.config.spool_root.join(st.run_id.as_str()).join(sanitize(&id)),
+            cancel: self.cancel.clone(),
+        };
+        let record = st.tool_calls.get(&id).cloned().unwrap_or_default();
+        if record.started.is_some() {
+            // The intent is in the log but not the result: the run was interrupted during the call.
+            if !tool.idempotent() {
+                match tool.recover(&input, &ctx).await {
+                    Recovery::NotStarted => {}
+                    Recovery::Completed(output) => {
+                        self.sink.notice(&format!("recovered the result of interrupted `{name}` call {id} (not run again)"));
+                        self.complete_tool(st, ob, &id, &name, output, 0, true);
+                        return self.commit(st, ob).await;
+                    }
+                    Recovery::Unknown => {
+                        self.sink.notice(&format!("`{name}` call {id} was interrupted; its outcome is unknown and it was not run again"));
+                        let output = ToolOutput::error(format!(
+                            "This `{name}` call was interrupted (the run stopped while it was executing) and it is not \
+                             known whether it took effect. It was not run again: check its effects before retrying."
+                        ));
+                        self.complete_tool(st, ob, &id, &name, output, 0, true);
+                        return self.commit(st, ob).await;
+                    }
+                }
+            } else {
+                self.sink.notice(&format!("re-running interrupted `{name}` call {id} (idempotent)"));
+            }
+        } else {
+            let decision = match record.permission {
+                Some(p) => p,
+                None => {
+                    let p = self.decide(st, ob, &id, &name, tool.as_ref(), &input).await?;
+                    self.push(st, ob, p.clone());
+                    p
+                }
+            };
+            if decision.decision == Decision::Deny {
+                self.sink.notice(&format!("denied `{name}`: {}", decision.reason));
+                let output = ToolOutput::error(format!("Permission denied: {}", decision.reason));
+                self.complete_tool(st, ob, &id, &name, output, 0, false);
+                return Ok(());
+            }
+            if let Value::String(raw) = &input {
+                let output = ToolOutput::error(format!("the arguments are not valid JSON: {raw}"));
+                self.complete_tool(st, ob, &id, &name, output, 0, false);
+                return Ok(());
+            }
+            self.push(
+                st,
+                ob,
+                ToolCallStarted { call_id: id.clone(), tool: name.clone(), input: input.clone(), idempotent: tool.idempotent() },
+            );
+            self.commit(st, ob).await?;
+        }
+        let started = Instant::now();
+        let output = tool.call(input, &ctx).await;
+        self.complete_tool(st, ob, &id, &name, output, started.elapsed().as_millis() as u64, false);
+        if !tool.idempotent() {
+            self.commit(st, ob).await?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete_tool(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        id: &str,
+        name: &str,
+        output: ToolOutput,
+        duration_ms: u64,
+        recovered: bool,
+    ) {
+        self.push(
+            st,
+            ob,
+            ToolCallCompleted {
+                call_id: id.to_owned(),
+                tool: name.to_owned(),
+                output: output.content,
+                is_error: output.is_error,
+                duration_ms,
+                details: output.details,
+                recovered,
+            },
+        );
+    }
+
+    /// Decides whether a tool call may run: read-only tools are allowed, a tool the user
+    /// allowed for the run is allowed, `-y` allows, anything else asks a human (and is denied
+    /// when nobody can be asked).
+    async fn decide(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        id: &str,
+        name: &str,
+        tool: &dyn Tool,
+        input: &Value,
+    ) -> Result<PermissionDecided> {
+        let decided = |decision, scope, rule: &str, actor: &str, reason: String| PermissionDecided {
+            call_id: Some(id.to_owned()),
+            tool: name.to_owned(),
+            decision,
+            scope,
+            rule: rule.to_owned(),
+            actor: actor.to_owned(),
+            reason,
+        };
+        if tool.read_only() {
+            return Ok(decided(Decision::Allow, DecisionScope::Once, "builtin:read-only", "policy", "read-only tool".into()));
+        }
+        if st.run_allowed.contains(name) {
+            return Ok(decided(Decision::Allow, DecisionScope::Once, "user:allow-for-run", "user", format!("`{name}` was allowed for this run")));
+        }
+        if st.auto_approve {
+            return Ok(decided(Decision::Allow, DecisionScope::Once, "flag:--yes", "flag", "-y/--yes allows every ask in this run".into()));
+        }
+        // Everything so far must be on disk before we wait for a human.
+        self.commit(st, ob).await?;
+        let request = PermissionRequest { tool: name.to_owned(), input: input.clone(), summary: summarize(name, input) };
+        let answer = tokio::select! {
+            _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
+            a = self.prompter.ask(&request) => a,
+        };
+        Ok(match answer {
+            PromptAnswer::AllowOnce => decided(Decision::Allow, DecisionScope::Once, "user:allow-once", "user", "allowed once by the user".into()),
+            PromptAnswer::AllowForRun => decided(Decision::Allow, DecisionScope::Run, "user:allow-for-run", "user", format!("`{name}` allowed for this run by the user")),
+            PromptAnswer::Deny => decided(Decision::Deny, DecisionScope::Once, "user:deny", "user", "denied by the user".into()),
+            PromptAnswer::Unavailable => decided(
+                Decision::Deny,
+                DecisionScope::Once,
+                "builtin:ask-without-terminal",
+                "policy",
+                format!("`{name}` needs approval and there is no terminal to ask; rerun with -y/--yes to allow it"),
+            ),
+        })
+    }
+
+    async fn fail(&self, st: &mut RunState, ob: &mut Outbox, error: String, kind: &str, retryable: bool) -> Result<RunOutcome> {
+        self.push(st, ob, RunFailed { error: error.clone(), kind: kind.to_owned(), retryable });
+        self.commit(st, ob).await?;
+        Ok(RunOutcome::Failed { error, kind: kind.to_owned() })
+    }
+
+    async fn cancelled(&self, st: &mut RunState, ob: &mut Outbox) -> Result<RunOutcome> {
+        self.push(st, ob, RunCancelled { reason: "stopped by the user".into() });
+        self.commit(st, ob).await?;
+        Ok(RunOutcome::Cancelled)
+    }
+
+    fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
+        let event = NewEvent::new(&st.run_id, data);
+        st.apply(0, &event.data);
+        ob.events.push(event);
+    }
+
+    fn send_deferred(&self, ob: &mut Outbox) {
+        if !ob.events.is_empty() {
+            ob.deferred.push(self.store.append_deferred(std::mem::take(&mut ob.events)));
+        }
+    }
+
+    /// Writes the outbox durably and reports the written events to the sink, in log order.
+    async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
+        let written = if ob.events.is_empty() {
+            Vec::new()
+        } else {
+            self.store.append(std::mem::take(&mut ob.events)).await?
+        };
+        for deferred in ob.deferred.drain(..) {
+            for e in deferred.await? {
+                st.last_seq = st.last_seq.max(e.seq);
+                self.sink.event(&e);
+            }
+        }
+        for e in &written {
+            st.last_seq = st.last_seq.max(e.seq);
+            self.sink.event(e);
+        }
+        Ok(())
+    }
+}
+
+/// A call id made safe as a directory name.
+fn sanitize(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// One line describing a tool call for a permission prompt.
+pub fn summarize(name: &str, input: &Value) -> String {
+    let detail = match input {
+        Value::Object(map) => map
+            .get("command")
+            .or_else(|| map.get("path"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| input.to_string()),
+        other => other.to_string(),
+    };
+    let mut line: String = detail.chars().take(200).collect();
+    if line.len() < detail.len() {
+        line.push('…');
+    }
+    format!("{name}: {line}")
+}
+
+/// The goal message: the prompt, then any piped input.
+pub fn goal_message(prompt: &str, piped: Option<&str>) -> Message {
+    match piped {
+        Some(input) if !input.trim().is_empty() => {
+            Message::new(Role::User, vec![ContentPart::text(format!("{prompt}\n\n<stdin>\n{input}\n</stdin>"))])
+        }
+        _ => Message::user_text(prompt),
+    }
+}

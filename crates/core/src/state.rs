@@ -1,0 +1,309 @@
+//! A run's state, rebuilt by folding its events. The fold is the only place that interprets a
+//! run's log; the agent loop, `descartes list` and resume all go through it.
+
+use std::collections::{HashMap, HashSet};
+
+use descartes_protocol::{
+    ContentPart, DecisionScope, Event, EventData, Message, PermissionDecided, Role, RunId, RunStarted, Seq,
+    ToolCallCompleted, ToolCallStarted, Usage,
+};
+use serde_json::Value;
+
+use crate::{CoreError, Result};
+
+/// Status of a run as its log tells it. Whether a `Running` run is alive or was interrupted is
+/// not in the log: the runtime decides that with its run locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What is known of one tool call.
+#[derive(Debug, Clone, Default)]
+pub struct ToolCallRecord {
+    pub permission: Option<PermissionDecided>,
+    pub started: Option<ToolCallStarted>,
+    pub completed: Option<ToolCallCompleted>,
+}
+
+/// What the agent loop must do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextStep {
+    /// Ask the model (the conversation ends with user input or tool results).
+    CallModel,
+    /// Execute these tool calls of the last assistant message (id, tool, input), in order.
+    RunTools(Vec<(String, String, Value)>),
+    /// The model answered without asking for tools: the run is done with this answer.
+    Complete(String),
+}
+
+/// The folded state of a run.
+#[derive(Debug, Clone)]
+pub struct RunState {
+    pub run_id: RunId,
+    pub started: Option<RunStarted>,
+    pub status: RunStatus,
+    /// Provider, model, turn limit and approval mode in force (from `run_started`, overridden
+    /// by the latest `run_resumed`).
+    pub provider: String,
+    pub model: String,
+    pub max_turns: u32,
+    pub auto_approve: bool,
+    messages: Vec<Message>,
+    /// Tool results after the last assistant message, not yet followed by another message.
+    pending_results: Vec<ContentPart>,
+    pub tool_calls: HashMap<String, ToolCallRecord>,
+    /// Tools the user allowed for the rest of this run.
+    pub run_allowed: HashSet<String>,
+    /// Model calls completed.
+    pub turns: u32,
+    /// A model call started without a result yet (it is made again on resume).
+    pub open_model_call: Option<String>,
+    pub usage: Usage,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub last_seq: Seq,
+    pub events: usize,
+}
+
+impl RunState {
+    pub fn new(run_id: RunId) -> Self {
+        Self {
+            run_id,
+            started: None,
+            status: RunStatus::Running,
+            provider: String::new(),
+            model: String::new(),
+            max_turns: 0,
+            auto_approve: false,
+            messages: Vec::new(),
+            pending_results: Vec::new(),
+            tool_calls: HashMap::new(),
+            run_allowed: HashSet::new(),
+            turns: 0,
+            open_model_call: None,
+            usage: Usage::default(),
+            result: None,
+            error: None,
+            last_seq: 0,
+            events: 0,
+        }
+    }
+
+    /// Folds a run's events (in log order).
+    pub fn fold<'a>(run_id: RunId, events: impl IntoIterator<Item = &'a Event>) -> Result<Self> {
+        let mut state = Self::new(run_id);
+        for e in events {
+            state.apply(e.seq, &e.data);
+        }
+        if state.started.is_none() {
+            return Err(if state.events == 0 {
+                CoreError::RunNotFound(state.run_id.to_string())
+            } else {
+                CoreError::Inconsistent(format!("run {} has events but no run_started", state.run_id))
+            });
+        }
+        Ok(state)
+    }
+
+    /// Applies one event. `seq` may be 0 for an event not yet written.
+    pub fn apply(&mut self, seq: Seq, data: &EventData) {
+        self.events += 1;
+        if seq > self.last_seq {
+            self.last_seq = seq;
+        }
+        match data {
+            EventData::RunStarted(s) => {
+                self.provider = s.provider.clone();
+                self.model = s.model.clone();
+                self.max_turns = s.max_turns;
+                self.auto_approve = s.auto_approve;
+                self.started = Some(s.clone());
+                self.status = RunStatus::Running;
+            }
+            EventData::RunResumed(r) => {
+                self.provider = r.provider.clone();
+                self.model = r.model.clone();
+                self.max_turns = r.max_turns;
+                self.auto_approve = r.auto_approve;
+                self.status = RunStatus::Running;
+                self.error = None;
+            }
+            EventData::MessageAdded(m) => {
+                self.flush_results();
+                self.messages.push(m.message.clone());
+            }
+            EventData::ModelCallStarted(c) => self.open_model_call = Some(c.call_id.clone()),
+            EventData::ModelCallCompleted(c) => {
+                self.turns += 1;
+                self.usage.add(&c.usage);
+                self.open_model_call = None;
+            }
+            EventData::ModelCallFailed(_) => self.open_model_call = None,
+            EventData::ToolCallStarted(t) => {
+                self.tool_calls.entry(t.call_id.clone()).or_default().started = Some(t.clone());
+            }
+            EventData::ToolCallCompleted(t) => {
+                let record = self.tool_calls.entry(t.call_id.clone()).or_default();
+                if record.completed.is_none() {
+                    self.pending_results.push(ContentPart::ToolResult {
+                        tool_use_id: t.call_id.clone(),
+                        content: t.output.clone(),
+                        is_error: t.is_error,
+                    });
+                    record.completed = Some(t.clone());
+                }
+            }
+            EventData::PermissionDecided(p) => {
+                if p.scope == DecisionScope::Run && p.decision == descartes_protocol::Decision::Allow {
+                    self.run_allowed.insert(p.tool.clone());
+                }
+                if let Some(id) = &p.call_id {
+                    self.tool_calls.entry(id.clone()).or_default().permission = Some(p.clone());
+                }
+            }
+            EventData::RunCompleted(c) => {
+                self.status = RunStatus::Completed;
+                self.result = Some(c.result.clone());
+            }
+            EventData::RunFailed(f) => {
+                self.status = RunStatus::Failed;
+                self.error = Some(f.error.clone());
+            }
+            EventData::RunCancelled(_) => self.status = RunStatus::Cancelled,
+            EventData::Unknown { .. } => {}
+        }
+    }
+
+    fn flush_results(&mut self) {
+        if !self.pending_results.is_empty() {
+            let content = std::mem::take(&mut self.pending_results);
+            self.messages.push(Message::new(Role::User, content));
+        }
+    }
+
+    /// The conversation to send to the model: every message, then pending tool results.
+    pub fn conversation(&self) -> Vec<Message> {
+        let mut out = self.messages.clone();
+        if !self.pending_results.is_empty() {
+            out.push(Message::new(Role::User, self.pending_results.clone()));
+        }
+        out
+    }
+
+    pub fn messages(&self) -> &[Message] {
+        &self.messages
+    }
+
+    /// What the agent loop does next.
+    pub fn next_step(&self) -> NextStep {
+        match self.messages.last() {
+            Some(last) if last.role == Role::Assistant => {
+                let mut uses = last.tool_uses().peekable();
+                if uses.peek().is_none() {
+                    return NextStep::Complete(last.text());
+                }
+                let missing: Vec<_> = uses
+                    .filter(|(id, _, _)| self.tool_calls.get(*id).is_none_or(|r| r.completed.is_none()))
+                    .map(|(id, name, input)| (id.to_owned(), name.to_owned(), input.clone()))
+                    .collect();
+                if missing.is_empty() { NextStep::CallModel } else { NextStep::RunTools(missing) }
+            }
+            _ => NextStep::CallModel,
+        }
+    }
+
+    /// The first user message's text (the goal with any piped input).
+    pub fn goal(&self) -> Option<&Message> {
+        self.messages.iter().find(|m| m.role == Role::User)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use descartes_protocol::*;
+    use serde_json::json;
+
+    fn ev(seq: Seq, data: impl Into<EventData>) -> Event {
+        Event { seq, id: EventId::generate(), run_id: RunId::from("r"), at: Timestamp(0), v: 1, data: data.into() }
+    }
+
+    fn started() -> RunStarted {
+        RunStarted {
+            prompt: "p".into(),
+            provider: "openai".into(),
+            model: "m".into(),
+            cwd: "/".into(),
+            max_turns: 10,
+            auto_approve: false,
+            system_prompt: None,
+            tools: vec![],
+            pid: 1,
+            version: "0".into(),
+        }
+    }
+
+    fn msg(role: Role, content: Vec<ContentPart>) -> MessageAdded {
+        MessageAdded { message: Message::new(role, content), model_call_id: None }
+    }
+
+    #[test]
+    fn fold_tracks_tool_calls_and_next_step() {
+        let tool_use = ContentPart::ToolUse { id: "c1".into(), name: "shell".into(), input: json!({"command":"ls"}) };
+        let mut events = vec![
+            ev(1, started()),
+            ev(2, msg(Role::User, vec![ContentPart::text("hi")])),
+            ev(3, ModelCallStarted { call_id: "m1".into(), provider: "openai".into(), model: "m".into(), turn: 1 }),
+            ev(4, ModelCallCompleted { call_id: "m1".into(), usage: Usage { input_tokens: 5, output_tokens: 2, ..Default::default() }, stop_reason: None, duration_ms: 1 }),
+            ev(5, msg(Role::Assistant, vec![tool_use])),
+        ];
+        let s = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert_eq!(s.turns, 1);
+        assert_eq!(s.next_step(), NextStep::RunTools(vec![("c1".into(), "shell".into(), json!({"command":"ls"}))]));
+
+        events.push(ev(6, ToolCallStarted { call_id: "c1".into(), tool: "shell".into(), input: json!({}), idempotent: false }));
+        let s = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert!(matches!(s.next_step(), NextStep::RunTools(_)), "started without completion still runs (reconciled)");
+
+        events.push(ev(7, ToolCallCompleted { call_id: "c1".into(), tool: "shell".into(), output: "a.rs".into(), is_error: false, duration_ms: 1, details: None, recovered: false }));
+        let s = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert_eq!(s.next_step(), NextStep::CallModel);
+        let conv = s.conversation();
+        assert_eq!(conv.len(), 3);
+        assert_eq!(conv[2].content[0], ContentPart::ToolResult { tool_use_id: "c1".into(), content: "a.rs".into(), is_error: false });
+
+        events.push(ev(8, msg(Role::Assistant, vec![ContentPart::text("done")])));
+        let s = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert_eq!(s.next_step(), NextStep::Complete("done".into()));
+        assert_eq!(s.conversation().len(), 4);
+    }
+
+    #[test]
+    fn duplicate_completion_is_ignored() {
+        let c = ToolCallCompleted { call_id: "c1".into(), tool: "t".into(), output: "x".into(), is_error: false, duration_ms: 0, details: None, recovered: false };
+        let events = vec![ev(1, started()), ev(2, c.clone()), ev(3, c)];
+        let s = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert_eq!(s.conversation().len(), 1);
+        assert_eq!(s.conversation()[0].content.len(), 1);
+    }
+
+    #[test]
+    fn empty_log_is_not_found() {
+        assert!(matches!(RunState::fold(RunId::from("r"), &[]), Err(CoreError::RunNotFound(_))));
+    }
+}

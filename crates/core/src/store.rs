@@ -1,0 +1,86 @@
+//! The event store trait: an append-only log with a global, strictly increasing `seq`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use descartes_protocol::{Event, NewEvent, RunId, Seq, Timestamp};
+use serde::Serialize;
+
+/// Errors of event stores.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or migrated. Not retryable.
+    #[error("cannot open event store at {path}: {message}")]
+    Open { path: String, message: String },
+    /// A read or write failed. Retryable when `busy` (another process holds the write lock).
+    #[error("event store error: {message}")]
+    Io { message: String, busy: bool },
+    /// A stored event could not be decoded. Not retryable.
+    #[error("corrupt event (seq {seq}): {message}")]
+    Corrupt { seq: Seq, message: String },
+    /// The store was closed. Not retryable.
+    #[error("event store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io { busy: true, .. })
+    }
+}
+
+/// The result of a deferred append, resolved once the events are written.
+pub type DeferredAppend =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Event>, StoreError>> + Send>>;
+
+/// One row of `descartes list`: a run's lifecycle, maintained from its lifecycle events.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub run_id: RunId,
+    /// Status as recorded in the log: `running`, `completed`, `failed`, `cancelled`.
+    /// (Whether a `running` run is really alive is decided by the runtime's run locks.)
+    pub status: String,
+    pub prompt: String,
+    pub provider: String,
+    pub model: String,
+    pub started_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// An append-only event log.
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends events atomically, in order, and returns them with their `seq` once they are
+    /// durable (on disk, subject to the store's sync setting).
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError>;
+
+    /// Queues events for appending and returns at once. Their place in the log is fixed now
+    /// (before anything appended later by this process); they are written with the next
+    /// durable append or within a few milliseconds, whichever comes first. A crash may lose
+    /// them, so use this only for events whose loss is harmless: an intent that will simply be
+    /// made again (a model call), or the result of an idempotent tool call. The returned
+    /// future resolves when they are written.
+    fn append_deferred(&self, events: Vec<NewEvent>) -> DeferredAppend;
+
+    /// Events of one run with `seq > after`, in order.
+    async fn read_run(&self, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError>;
+
+    /// Events of all runs with `seq > after`, in order, at most `limit`.
+    async fn read_all(&self, after: Seq, limit: usize) -> Result<Vec<Event>, StoreError>;
+
+    /// The highest `seq` in the log (0 when empty).
+    async fn last_seq(&self) -> Result<Seq, StoreError>;
+
+    /// Lifecycle summaries of all runs, newest first.
+    async fn list_runs(&self) -> Result<Vec<RunSummary>, StoreError>;
+
+    /// Run ids starting with `prefix` (for abbreviated ids).
+    async fn find_runs(&self, prefix: &str) -> Result<Vec<RunId>, StoreError>;
+
+    /// Waits until the log may hold events after `after`, or `timeout` passes. Used to follow
+    /// (tail) the log; may return early, callers re-read.
+    async fn wait_for_events(&self, after: Seq, timeout: Duration);
+
+    /// Writes every deferred event durably.
+    async fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,375 @@
+//! The event envelope and the typed payload of every event type.
+//!
+//! In storage and on the wire an event is a flat JSON object:
+//! `{"seq":1,"id":"…","run_id":"…","type":"run_started","v":1,"at":"2026-…Z","data":{…}}`.
+//! Unknown event types (written by a newer Descartes) are preserved as [`EventData::Unknown`].
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::{EventId, Message, Role, RunId, Seq, Timestamp, Usage};
+
+/// Schema version written with every event of this build.
+pub const EVENT_VERSION: u16 = 1;
+
+/// An event as stored in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub seq: Seq,
+    pub id: EventId,
+    pub run_id: RunId,
+    pub at: Timestamp,
+    pub v: u16,
+    pub data: EventData,
+}
+
+impl Event {
+    pub fn kind(&self) -> &str {
+        self.data.kind()
+    }
+}
+
+/// An event before it is appended: the log assigns `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub id: EventId,
+    pub run_id: RunId,
+    pub at: Timestamp,
+    /// Optional idempotency key: appending an event whose key is already in the log appends
+    /// nothing and returns the stored event instead.
+    pub key: Option<String>,
+    pub data: EventData,
+}
+
+impl NewEvent {
+    pub fn new(run_id: &RunId, data: impl Into<EventData>) -> Self {
+        Self {
+            id: EventId::generate(),
+            run_id: run_id.clone(),
+            at: Timestamp::now(),
+            key: None,
+            data: data.into(),
+        }
+    }
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+}
+
+macro_rules! event_types {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal),* $(,)?) => {
+        /// The typed payload of an event. The variant decides the event's `type`.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum EventData {
+            $($(#[$doc])* $variant($variant),)*
+            /// An event type this build does not know; kept verbatim.
+            Unknown { kind: String, data: Value },
+        }
+
+        impl EventData {
+            /// All event type names this build knows.
+            pub const KINDS: &'static [&'static str] = &[$($name),*];
+
+            /// The event's `type` string.
+            pub fn kind(&self) -> &str {
+                match self {
+                    $(Self::$variant(_) => $name,)*
+                    Self::Unknown { kind, .. } => kind,
+                }
+            }
+
+            /// The payload as a JSON string (the `data` column).
+            pub fn to_json(&self) -> serde_json::Result<String> {
+                match self {
+                    $(Self::$variant(p) => serde_json::to_string(p),)*
+                    Self::Unknown { data, .. } => serde_json::to_string(data),
+                }
+            }
+
+            /// Rebuilds a payload from its `type` and `data` JSON.
+            pub fn from_parts(kind: &str, data: &str) -> serde_json::Result<Self> {
+                match kind {
+                    $($name => Ok(Self::$variant(serde_json::from_str(data)?)),)*
+                    other => Ok(Self::Unknown { kind: other.to_owned(), data: serde_json::from_str(data)? }),
+                }
+            }
+        }
+
+        impl Serialize for EventData {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $(Self::$variant(p) => p.serialize(s),)*
+                    Self::Unknown { data, .. } => data.serialize(s),
+                }
+            }
+        }
+
+        $(impl From<$variant> for EventData {
+            fn from(p: $variant) -> Self { Self::$variant(p) }
+        })*
+    };
+}
+
+event_types! {
+    /// A goal was given to an agent.
+    RunStarted = "run_started",
+    /// A run was resumed after it stopped (crash, cancel, failure).
+    RunResumed = "run_resumed",
+    /// A conversation message (user, assistant or system).
+    MessageAdded = "message",
+    /// A model call is about to be made (intent).
+    ModelCallStarted = "model_call_started",
+    /// A model call finished; its assistant message follows as a `message` event.
+    ModelCallCompleted = "model_call_completed",
+    /// A model call failed.
+    ModelCallFailed = "model_call_failed",
+    /// A tool call is about to be executed (intent).
+    ToolCallStarted = "tool_call_started",
+    /// A tool call finished (or was refused); its output goes back to the model.
+    ToolCallCompleted = "tool_call_completed",
+    /// An allow/deny decision for a sensitive action, with the rule that decided it.
+    PermissionDecided = "permission_decided",
+    /// The run finished with an answer.
+    RunCompleted = "run_completed",
+    /// The run stopped on an error; it can be resumed.
+    RunFailed = "run_failed",
+    /// The run was stopped by the user (SIGINT/SIGTERM); it can be resumed.
+    RunCancelled = "run_cancelled",
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStarted {
+    /// The goal as the user typed it (without piped input).
+    pub prompt: String,
+    pub provider: String,
+    pub model: String,
+    pub cwd: String,
+    pub max_turns: u32,
+    #[serde(default)]
+    pub auto_approve: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<String>,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResumed {
+    /// Status the run had before this resume (`interrupted`, `failed`, `cancelled`).
+    pub previous_status: String,
+    pub provider: String,
+    pub model: String,
+    #[serde(default)]
+    pub auto_approve: bool,
+    pub max_turns: u32,
+    #[serde(default)]
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageAdded {
+    #[serde(flatten)]
+    pub message: Message,
+    /// The model call that produced it (assistant messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_call_id: Option<String>,
+}
+
+impl MessageAdded {
+    pub fn role(&self) -> Role {
+        self.message.role
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCallStarted {
+    pub call_id: String,
+    pub provider: String,
+    pub model: String,
+    /// 1-based number of this model call within the run.
+    pub turn: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCallCompleted {
+    pub call_id: String,
+    pub usage: Usage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCallFailed {
+    pub call_id: String,
+    pub error: String,
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallStarted {
+    /// The model's id for the call (tool_use id).
+    pub call_id: String,
+    pub tool: String,
+    pub input: Value,
+    /// Whether executing the call twice is harmless (decides what resume does with an
+    /// intent that has no result).
+    pub idempotent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallCompleted {
+    pub call_id: String,
+    pub tool: String,
+    /// What the model is told.
+    pub output: String,
+    pub is_error: bool,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Structured details (exit code, truncation, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+    /// The result was recovered on resume (from the tool's own records) instead of running
+    /// the call again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// How long a decision holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionScope {
+    /// This one call.
+    Once,
+    /// Every later call of the same tool in this run.
+    Run,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PermissionDecided {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    pub tool: String,
+    pub decision: Decision,
+    pub scope: DecisionScope,
+    /// The rule that decided, e.g. `builtin:read-only`, `flag:--yes`, `user:allow-once`.
+    pub rule: String,
+    /// Who decided: `policy`, `user`, `flag`.
+    pub actor: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunCompleted {
+    /// The final answer.
+    pub result: String,
+    pub turns: u32,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunFailed {
+    pub error: String,
+    /// Machine-readable class: `provider`, `turn_limit`, `tool`, `internal`.
+    pub kind: String,
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunCancelled {
+    pub reason: String,
+}
+
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(7))?;
+        m.serialize_entry("seq", &self.seq)?;
+        m.serialize_entry("id", &self.id)?;
+        m.serialize_entry("run_id", &self.run_id)?;
+        m.serialize_entry("type", self.data.kind())?;
+        m.serialize_entry("v", &self.v)?;
+        m.serialize_entry("at", &self.at)?;
+        m.serialize_entry("data", &self.data)?;
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw<'a> {
+            seq: Seq,
+            id: EventId,
+            run_id: RunId,
+            #[serde(rename = "type")]
+            kind: String,
+            #[serde(default = "default_v")]
+            v: u16,
+            at: Timestamp,
+            #[serde(borrow)]
+            data: &'a RawValue,
+        }
+        fn default_v() -> u16 {
+            EVENT_VERSION
+        }
+        let raw = Raw::deserialize(d)?;
+        let data = EventData::from_parts(&raw.kind, raw.data.get()).map_err(serde::de::Error::custom)?;
+        Ok(Event { seq: raw.seq, id: raw.id, run_id: raw.run_id, at: raw.at, v: raw.v, data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ContentPart;
+
+    #[test]
+    fn event_round_trips_through_flat_json() {
+        let e = Event {
+            seq: 7,
+            id: EventId::from("e1"),
+            run_id: RunId::from("r1"),
+            at: Timestamp(1_700_000_000_123_456),
+            v: 1,
+            data: EventData::MessageAdded(MessageAdded {
+                message: Message::new(Role::User, vec![ContentPart::text("hi")]),
+                model_call_id: None,
+            }),
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""type":"message""#), "{json}");
+        assert!(json.contains(r#""role":"user""#), "{json}");
+        assert!(json.contains(r#""at":"2023-11-14T22:13:20.123456Z""#), "{json}");
+        let back: Event = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn unknown_event_types_are_kept() {
+        let d = EventData::from_parts("from_the_future", r#"{"x":1}"#).unwrap();
+        assert_eq!(d.kind(), "from_the_future");
+        assert_eq!(d.to_json().unwrap(), r#"{"x":1}"#);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let d = EventData::from_parts("run_cancelled", r#"{"reason":"SIGINT","new_field":true}"#)
+            .unwrap();
+        assert_eq!(d, EventData::RunCancelled(RunCancelled { reason: "SIGINT".into() }));
+    }
+}

@@ -1,0 +1,497 @@
+//! SQLite event store: WAL, embedded migrations, and a writer thread doing group commit.
+//!
+//! Every append goes through one writer thread per store. The thread takes everything queued,
+//! writes it in one transaction and commits once, so many concurrent appenders share one
+//! fsync. Deferred appends wait (at most [`DEFERRED_FLUSH`]) for a durable one to ride with.
+//! Reads use their own connections (WAL lets them run beside the writer).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use descartes_core::store::DeferredAppend;
+use descartes_core::{EventStore, RunSummary, StoreError};
+use descartes_protocol::{Event, EventData, EventId, NewEvent, RunId, Seq, Timestamp, EVENT_VERSION};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use tokio::sync::{oneshot, watch};
+
+use crate::projection::{run_change, RunChange};
+
+/// Longest time a deferred event waits before it is written on its own.
+pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
+/// Largest number of appends written in one transaction.
+const MAX_BATCH: usize = 4096;
+/// How often a follower polls for events written by other processes.
+const POLL: Duration = Duration::from_millis(100);
+
+/// How hard a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync on every commit: an append is on disk when it returns (the default).
+    Full,
+    /// No fsync per commit (WAL `synchronous=NORMAL`): survives a process crash, not a power
+    /// loss. For tests that do not test durability.
+    Normal,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    pub sync: SyncMode,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self { sync: SyncMode::Full }
+    }
+}
+
+/// The migrations, in order. `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    seq     INTEGER PRIMARY KEY,
+    id      TEXT NOT NULL,
+    run_id  TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    v       INTEGER NOT NULL,
+    at      INTEGER NOT NULL,
+    key     TEXT,
+    data    TEXT NOT NULL
+);
+CREATE INDEX events_by_run ON events(run_id, seq);
+CREATE UNIQUE INDEX events_by_key ON events(key) WHERE key IS NOT NULL;
+CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER events_append_only_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TABLE runs (
+    run_id      TEXT PRIMARY KEY,
+    status      TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    provider    TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    started_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+"#];
+
+enum Cmd {
+    Append { events: Vec<Prepared>, durable: bool, reply: oneshot::Sender<Result<Vec<Event>, StoreError>> },
+    Flush { reply: oneshot::Sender<Result<Vec<Event>, StoreError>> },
+}
+
+struct Prepared {
+    event: NewEvent,
+    json: String,
+}
+
+/// The SQLite event store.
+pub struct SqliteEventStore {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Cmd>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+    last: watch::Sender<Seq>,
+}
+
+fn io_err(e: rusqlite::Error) -> StoreError {
+    let busy = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
+    StoreError::Io { message: e.to_string(), busy }
+}
+
+impl SqliteEventStore {
+    /// Opens (creating if needed) the database at `path` and runs pending migrations.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
+        let open_err = |message: String| StoreError::Open { path: path.display().to_string(), message };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let mut conn = open_conn(path, options.sync).map_err(|e| open_err(e.to_string()))?;
+        migrate(&mut conn).map_err(|e| open_err(e.to_string()))?;
+        let last: Seq = conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+            .map_err(|e| open_err(e.to_string()))?;
+        let (last_tx, _) = watch::channel(last);
+        let (tx, rx) = mpsc::channel();
+        let notify = last_tx.clone();
+        let writer = std::thread::Builder::new()
+            .name("descartes-event-writer".into())
+            .spawn(move || writer_loop(conn, rx, notify))
+            .map_err(|e| open_err(e.to_string()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            last: last_tx,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
+        let guard = self.tx.lock().map_err(|_| StoreError::Closed)?;
+        guard.as_ref().ok_or(StoreError::Closed)?.send(cmd).map_err(|_| StoreError::Closed)
+    }
+
+    fn enqueue(&self, events: Vec<NewEvent>, durable: bool) -> oneshot::Receiver<Result<Vec<Event>, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        let prepared: Result<Vec<Prepared>, StoreError> = events
+            .into_iter()
+            .map(|event| {
+                let json = event
+                    .data
+                    .to_json()
+                    .map_err(|e| StoreError::Io { message: format!("cannot encode event: {e}"), busy: false })?;
+                Ok(Prepared { event, json })
+            })
+            .collect();
+        match prepared {
+            Ok(events) => {
+                if let Err(e) = self.send(Cmd::Append { events, durable, reply }) {
+                    let (reply, rx) = oneshot::channel();
+                    let _ = reply.send(Err(e));
+                    return rx;
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        rx
+    }
+
+    /// Appends from synchronous code (benchmarks, tools without a runtime): blocks until
+    /// durable.
+    pub fn append_blocking(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
+        self.enqueue(events, true).blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stops the writer after it has written everything queued. Later appends fail.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(mut w) = self.writer.lock()
+            && let Some(handle) = w.take()
+        {
+            let _ = handle.join();
+        }
+    }
+
+    fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = readers.lock().map_err(|_| StoreError::Closed)?.pop();
+                let conn = match conn {
+                    Some(c) => c,
+                    None => open_conn(&path, SyncMode::Normal).map_err(io_err)?,
+                };
+                let result = f(&conn);
+                if let Ok(mut pool) = readers.lock() {
+                    pool.push(conn);
+                }
+                result
+            })
+            .await
+            .map_err(|e| StoreError::Io { message: format!("reader task failed: {e}"), busy: false })?
+        }
+    }
+
+    /// Reads one run's events synchronously (benchmarks and tools without a runtime).
+    pub fn read_run_blocking(&self, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError> {
+        let conn = open_conn(&self.path, SyncMode::Normal).map_err(io_err)?;
+        read_events(&conn, "WHERE run_id = ?1 AND seq > ?2 ORDER BY seq", params![run_id.as_str(), after])
+    }
+}
+
+impl Drop for SqliteEventStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn open_conn(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if sync == SyncMode::Full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, notify: watch::Sender<Seq>) {
+    let mut queue: Vec<Cmd> = Vec::new();
+    loop {
+        match rx.recv() {
+            Ok(cmd) => queue.push(cmd),
+            Err(_) => break,
+        }
+        while queue.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => queue.push(cmd),
+                Err(_) => break,
+            }
+        }
+        let wants_commit = |q: &[Cmd]| q.iter().any(|c| !matches!(c, Cmd::Append { durable: false, .. }));
+        if !wants_commit(&queue) {
+            // Only deferred appends: give a durable one a moment to come and share the commit.
+            let deadline = Instant::now() + DEFERRED_FLUSH;
+            while queue.len() < MAX_BATCH {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(deadline - now) {
+                    Ok(cmd) => {
+                        let durable = !matches!(cmd, Cmd::Append { durable: false, .. });
+                        queue.push(cmd);
+                        if durable {
+                            break;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        write_batch(&mut conn, &mut queue, &notify);
+    }
+    if !queue.is_empty() {
+        write_batch(&mut conn, &mut queue, &notify);
+    }
+}
+
+fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Sender<Seq>) {
+    let result = (|| -> Result<Vec<Vec<Event>>, rusqlite::Error> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut written = Vec::with_capacity(queue.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (id, run_id, type, v, at, key, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (key) WHERE key IS NOT NULL DO NOTHING RETURNING seq",
+            )?;
+            for cmd in queue.iter_mut() {
+                let Cmd::Append { events, .. } = cmd else {
+                    written.push(Vec::new());
+                    continue;
+                };
+                let mut out = Vec::with_capacity(events.len());
+                for p in events.drain(..) {
+                    let e = p.event;
+                    let seq: Option<Seq> = insert
+                        .query_row(
+                            params![e.id.as_str(), e.run_id.as_str(), e.data.kind(), EVENT_VERSION, e.at.as_micros(), e.key, p.json],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    let event = match seq {
+                        Some(seq) => {
+                            let event = Event { seq, id: e.id, run_id: e.run_id, at: e.at, v: EVENT_VERSION, data: e.data };
+                            project(&tx, &event)?;
+                            event
+                        }
+                        // Idempotency key already present: return the stored event.
+                        None => existing_by_key(&tx, e.key.as_deref().unwrap_or_default())?,
+                    };
+                    out.push(event);
+                }
+                written.push(out);
+            }
+        }
+        tx.commit()?;
+        Ok(written)
+    })();
+    let cmds = std::mem::take(queue);
+    match result {
+        Ok(written) => {
+            let last = written.iter().flatten().map(|e| e.seq).max();
+            for (cmd, events) in cmds.into_iter().zip(written) {
+                match cmd {
+                    Cmd::Append { reply, .. } | Cmd::Flush { reply } => {
+                        let _ = reply.send(Ok(events));
+                    }
+                }
+            }
+            if let Some(last) = last {
+                notify.send_if_modified(|s| {
+                    let changed = last > *s;
+                    *s = (*s).max(last);
+                    changed
+                });
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event store write failed");
+            let err = io_err(e);
+            for cmd in cmds {
+                match cmd {
+                    Cmd::Append { reply, .. } | Cmd::Flush { reply } => {
+                        let _ = reply.send(Err(match &err {
+                            StoreError::Io { message, busy } => StoreError::Io { message: message.clone(), busy: *busy },
+                            _ => StoreError::Closed,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()> {
+    match run_change(event) {
+        Some(RunChange::Insert { prompt, provider, model }) => {
+            tx.prepare_cached(
+                "INSERT INTO runs (run_id, status, prompt, provider, model, started_at, updated_at)
+                 VALUES (?1, 'running', ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (run_id) DO NOTHING",
+            )?
+            .execute(params![event.run_id.as_str(), prompt, provider, model, event.at.as_micros()])?;
+        }
+        Some(RunChange::Status { status, provider }) => {
+            tx.prepare_cached("UPDATE runs SET status = ?2, updated_at = ?3 WHERE run_id = ?1")?.execute(params![
+                event.run_id.as_str(),
+                status,
+                event.at.as_micros()
+            ])?;
+            if let Some((p, m)) = provider {
+                tx.prepare_cached("UPDATE runs SET provider = ?2, model = ?3 WHERE run_id = ?1")?
+                    .execute(params![event.run_id.as_str(), p, m])?;
+            }
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+fn existing_by_key(tx: &rusqlite::Transaction<'_>, key: &str) -> rusqlite::Result<Event> {
+    let mut stmt = tx.prepare_cached(&format!("{SELECT} WHERE key = ?1"))?;
+    let row = stmt.query_row([key], row_parts)?;
+    to_event(row).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+const SELECT: &str = "SELECT seq, id, run_id, type, v, at, data FROM events";
+
+type RowParts = (Seq, String, String, String, u16, i64, String);
+
+fn row_parts(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowParts> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+fn to_event((seq, id, run_id, kind, v, at, data): RowParts) -> Result<Event, StoreError> {
+    let data = EventData::from_parts(&kind, &data).map_err(|e| StoreError::Corrupt { seq, message: e.to_string() })?;
+    Ok(Event { seq, id: EventId(id), run_id: RunId(run_id), at: Timestamp(at), v, data })
+}
+
+fn read_events(conn: &Connection, clause: &str, params: impl rusqlite::Params) -> Result<Vec<Event>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("{SELECT} {clause}")).map_err(io_err)?;
+    let rows = stmt.query_map(params, row_parts).map_err(io_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(to_event(row.map_err(io_err)?)?);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
+        self.enqueue(events, true).await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn append_deferred(&self, events: Vec<NewEvent>) -> DeferredAppend {
+        let rx = self.enqueue(events, false);
+        Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
+    }
+
+    async fn read_run(&self, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError> {
+        let run_id = run_id.clone();
+        self.with_reader(move |c| {
+            read_events(c, "WHERE run_id = ?1 AND seq > ?2 ORDER BY seq", params![run_id.as_str(), after])
+        })
+        .await
+    }
+
+    async fn read_all(&self, after: Seq, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_reader(move |c| read_events(c, "WHERE seq > ?1 ORDER BY seq LIMIT ?2", params![after, limit])).await
+    }
+
+    async fn last_seq(&self) -> Result<Seq, StoreError> {
+        self.with_reader(|c| c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0)).map_err(io_err))
+            .await
+    }
+
+    async fn list_runs(&self) -> Result<Vec<RunSummary>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at FROM runs
+                     ORDER BY started_at DESC, run_id DESC",
+                )
+                .map_err(io_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(RunSummary {
+                        run_id: RunId(r.get(0)?),
+                        status: r.get(1)?,
+                        prompt: r.get(2)?,
+                        provider: r.get(3)?,
+                        model: r.get(4)?,
+                        started_at: Timestamp(r.get(5)?),
+                        updated_at: Timestamp(r.get(6)?),
+                    })
+                })
+                .map_err(io_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io_err)
+        })
+        .await
+    }
+
+    async fn find_runs(&self, prefix: &str) -> Result<Vec<RunId>, StoreError> {
+        let prefix = prefix.to_owned();
+        self.with_reader(move |c| {
+            let mut stmt = c
+                .prepare_cached("SELECT run_id FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id")
+                .map_err(io_err)?;
+            let rows = stmt.query_map([prefix], |r| Ok(RunId(r.get(0)?))).map_err(io_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(io_err)
+        })
+        .await
+    }
+
+    async fn wait_for_events(&self, after: Seq, timeout: Duration) {
+        // Our own writes wake us at once; other processes' writes are seen by polling.
+        let mut rx = self.last.subscribe();
+        let _ = tokio::time::timeout(timeout.min(POLL), rx.wait_for(|s| *s > after)).await;
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Cmd::Flush { reply })?;
+        rx.await.map_err(|_| StoreError::Closed)?.map(|_| ())
+    }
+}
