@@ -69,6 +69,13 @@ impl Timestamp {
             None => self.0.to_string(),
         }
     }
+    /// Formats in the local time zone with a `strftime`-like format.
+    pub fn to_local(self, format: &str) -> String {
+        match chrono::DateTime::from_timestamp_micros(self.0) {
+            Some(t) => t.with_timezone(&chrono::Local).format(format).to_string(),
+            None => self.0.to_string(),
+        }
+    }
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         chrono::DateTime::parse_from_rfc3339(s)
             .ok()

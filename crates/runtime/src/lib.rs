@@ -1,1 +1,17 @@
+//! The composition root of Descartes: finds where state lives (project or direct mode), loads
+//! the layered configuration, and wires the store, providers and tools for the CLI (and later
+//! the daemon).
+//!
+//! Invariants: no terminal IO here (the CLI prints); secrets (API keys) are read from the
+//! environment or config only when a provider is built and never appear in `Debug`, errors or
+//! `config show` output.
 
+pub mod config;
+pub mod locks;
+pub mod places;
+mod wiring;
+
+pub use config::{Config, ConfigError, ProviderConfig};
+pub use locks::RunLock;
+pub use places::{Mode, Places};
+pub use wiring::{Runtime, RuntimeError, Selection};

@@ -1,0 +1,441 @@
+//! The commands. Each returns an exit code or an error that `dispatch` maps to one.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use descartes_core::agent::goal_message;
+use descartes_core::permission::NoPrompter;
+use descartes_core::state::RunStatus;
+use descartes_core::{Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, RunState, StoreError};
+use descartes_protocol::{Event, EventData, RunId};
+use descartes_runtime::config::{self, LogFormat};
+use descartes_runtime::{Runtime, RuntimeError};
+use tokio_util::sync::CancellationToken;
+
+use crate::output::{event_summary, HumanSink, JsonSink, TerminalPrompter};
+use crate::{Cli, Command, ConfigCommand, ModelArgs, ResumeArgs, RunArgs};
+
+const DEFAULT_SYSTEM_PROMPT: &str = "You are Descartes, an autonomous software agent. You work in the directory given \
+below, using the tools to inspect files, run commands and make changes. Work step by step; when the goal is reached, \
+answer with a short summary of what you did and found.";
+
+/// An error with its exit code and a message that says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct UserError {
+    code: u8,
+    message: String,
+}
+
+fn user_error(code: u8, message: impl Into<String>) -> anyhow::Error {
+    UserError { code, message: message.into() }.into()
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if let Some(u) = err.downcast_ref::<UserError>() {
+        return u.code;
+    }
+    if let Some(r) = err.downcast_ref::<RuntimeError>() {
+        return match r {
+            RuntimeError::Config(_)
+            | RuntimeError::UnknownProvider { .. }
+            | RuntimeError::UnknownKind { .. }
+            | RuntimeError::NoProvider
+            | RuntimeError::MissingApiKey { .. }
+            | RuntimeError::Provider(_) => 3,
+            RuntimeError::Store(_) => 4,
+            RuntimeError::RunNotFound(_) | RuntimeError::AmbiguousRun { .. } => 5,
+            RuntimeError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => 5,
+            RuntimeError::Io(_) => 1,
+        };
+    }
+    if err.downcast_ref::<StoreError>().is_some() {
+        return 4;
+    }
+    if let Some(c) = err.downcast_ref::<CoreError>() {
+        return match c {
+            CoreError::Store(_) => 4,
+            CoreError::RunNotFound(_) | CoreError::NotResumable(_) => 5,
+            CoreError::Cancelled => 130,
+            _ => 1,
+        };
+    }
+    1
+}
+
+pub fn dispatch(cli: Cli) -> ExitCode {
+    let result = (|| -> Result<u8> {
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        if let Command::Init = cli.command {
+            init_tracing(LogFormat::Human, None);
+            return init(cwd);
+        }
+        let rt = Runtime::load(cwd)?;
+        init_tracing(rt.config.log.format, rt.config.log.level.as_deref());
+        let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        tokio.block_on(async move {
+            match cli.command {
+                Command::Init => Ok(0),
+                Command::Run(args) => run(rt, args).await,
+                Command::Resume(args) => resume(rt, args).await,
+                Command::List { json } => list(rt, json).await,
+                Command::Logs { id, follow, json } => logs(rt, id, follow, json).await,
+                Command::Config { command } => config_command(rt, command),
+            }
+        })
+    })();
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("descartes: error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
+        .unwrap_or_else(|| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.with_ansi(crate::output::color()).try_init(),
+    };
+}
+
+fn init(cwd: PathBuf) -> Result<u8> {
+    let (places, existed) = Runtime::init_project(&cwd)?;
+    let verb = if existed { "Reinitialized existing" } else { "Initialized" };
+    println!("{verb} Descartes project in {}", places.state_dir.display());
+    Ok(0)
+}
+
+/// Reads piped stdin (a pipe or a file), never a terminal or an inherited device.
+fn read_piped_stdin() -> Result<Option<String>> {
+    use std::os::unix::fs::FileTypeExt;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(None);
+    }
+    let Ok(meta) = std::fs::metadata("/dev/stdin") else { return Ok(None) };
+    let ft = meta.file_type();
+    if !(ft.is_fifo() || ft.is_file()) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    stdin.lock().read_to_end(&mut bytes).context("cannot read stdin")?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Cancels the token on SIGINT/SIGTERM; a second signal exits at once (every committed event
+/// is already on disk).
+fn install_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        eprintln!("\ndescartes: stopping (press Ctrl-C again to quit at once)");
+        cancel.cancel();
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        std::process::exit(130);
+    });
+}
+
+struct Prepared {
+    agent: Agent,
+    human: Option<Arc<HumanSink>>,
+}
+
+fn prepare(
+    rt: &Runtime,
+    store: Arc<dyn EventStore>,
+    args: &ModelArgs,
+    provider: Option<String>,
+    model: Option<String>,
+    auto_approve: bool,
+    max_turns: u32,
+    cwd: PathBuf,
+    system_prompt: Option<String>,
+) -> Result<Prepared> {
+    let sel = rt.select(provider.as_deref(), model.as_deref())?;
+    let provider = rt.build_provider(&sel)?;
+    let cancel = CancellationToken::new();
+    install_signals(cancel.clone());
+    let human = (!args.json).then(|| Arc::new(HumanSink::new()));
+    let sink: Arc<dyn OutputSink> = match &human {
+        Some(h) => h.clone(),
+        None => Arc::new(JsonSink),
+    };
+    let prompter: Arc<dyn Prompter> =
+        if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
+    let system_prompt = system_prompt.or_else(|| {
+        Some(rt.config.system_prompt.clone().unwrap_or_else(|| {
+            format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display())
+        }))
+    });
+    let agent = Agent {
+        store,
+        provider,
+        tools: rt.tools(),
+        prompter,
+        sink,
+        cancel,
+        config: AgentConfig {
+            provider: sel.provider,
+            model: sel.model,
+            max_turns,
+            auto_approve,
+            system_prompt,
+            max_tokens: sel.max_tokens,
+            cwd,
+            spool_root: rt.places.spool_dir(),
+        },
+    };
+    Ok(Prepared { agent, human })
+}
+
+async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
+    let prompt = args.prompt.join(" ");
+    if prompt.trim().is_empty() {
+        return Err(user_error(2, "the prompt is empty; say what the agent should do"));
+    }
+    let store = rt.open_store()?;
+    let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
+    let p = prepare(
+        &rt,
+        store.clone(),
+        &args.model,
+        args.model.provider.clone(),
+        args.model.model.clone(),
+        args.model.yes,
+        max_turns,
+        rt.cwd.clone(),
+        None,
+    )?;
+    let piped = read_piped_stdin()?;
+    let run_id = RunId::generate();
+    let lock = rt.lock_run(&run_id)?;
+    if !args.model.json {
+        eprintln!("descartes: run {run_id} · {}/{}", p.agent.config.provider, p.agent.config.model);
+    }
+    let outcome = p.agent.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
+    finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
+}
+
+async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
+    let store = rt.open_store()?;
+    let run_id = rt.resolve_run(&*store, &args.id).await?;
+    let lock = rt.lock_run(&run_id)?;
+    let events = store.read_run(&run_id, 0).await?;
+    let state = RunState::fold(run_id.clone(), &events)?;
+    let previous = match state.status {
+        RunStatus::Completed => {
+            return Err(user_error(
+                5,
+                format!("run {run_id} already completed; `descartes logs {run_id}` shows what it did"),
+            ));
+        }
+        RunStatus::Running => "interrupted",
+        other => other.as_str(),
+    };
+    let started = state.started.clone().ok_or_else(|| CoreError::RunNotFound(run_id.to_string()))?;
+    let (provider, model) = match (&args.model.provider, &args.model.model) {
+        (Some(p), m) => (Some(p.clone()), m.clone()),
+        (None, Some(m)) => (Some(state.provider.clone()), Some(m.clone())),
+        (None, None) => (Some(state.provider.clone()), Some(state.model.clone())),
+    };
+    let max_turns = args.model.max_turns.unwrap_or(state.max_turns);
+    let p = prepare(
+        &rt,
+        store.clone(),
+        &args.model,
+        provider,
+        model,
+        args.model.yes || state.auto_approve,
+        max_turns,
+        PathBuf::from(&started.cwd),
+        started.system_prompt.clone(),
+    )?;
+    if !args.model.json {
+        eprintln!(
+            "descartes: resuming run {run_id} ({previous}, {} events) · {}/{}",
+            state.events, p.agent.config.provider, p.agent.config.model
+        );
+    }
+    let outcome = p.agent.resume(state, previous).await;
+    finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
+}
+
+async fn finish(
+    rt: &Runtime,
+    store: &dyn EventStore,
+    run_id: &RunId,
+    outcome: Result<RunOutcome, CoreError>,
+    human: Option<&HumanSink>,
+    lock: descartes_runtime::RunLock,
+) -> Result<u8> {
+    if let Some(h) = human {
+        h.end_line();
+    }
+    store.flush().await?;
+    let code = match outcome? {
+        RunOutcome::Completed { .. } => 0,
+        RunOutcome::Failed { error, .. } => {
+            eprintln!("descartes: run {run_id} failed: {error}");
+            1
+        }
+        RunOutcome::Cancelled => {
+            eprintln!("descartes: run {run_id} cancelled; continue it with `descartes resume {run_id}`");
+            130
+        }
+    };
+    rt.clean_spool(run_id);
+    lock.release();
+    Ok(code)
+}
+
+async fn list(rt: Runtime, json: bool) -> Result<u8> {
+    let store = rt.open_store()?;
+    let runs = store.list_runs().await?;
+    if json {
+        let items: Vec<_> = runs
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "run_id": r.run_id,
+                    "status": rt.run_status(r),
+                    "prompt": r.prompt,
+                    "provider": r.provider,
+                    "model": r.model,
+                    "started_at": r.started_at,
+                    "updated_at": r.updated_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(0);
+    }
+    if runs.is_empty() {
+        eprintln!("no runs yet; start one with `descartes run \"...\"`");
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<26}  {:<11}  {:<19}  PROMPT", "ID", "STATUS", "STARTED")?;
+    for r in &runs {
+        writeln!(
+            out,
+            "{:<26}  {:<11}  {:<19}  {}",
+            r.run_id,
+            rt.run_status(r),
+            local_time(r.started_at.as_micros(), "%Y-%m-%d %H:%M:%S"),
+            crate::output::clip_line(&r.prompt, 60)
+        )?;
+    }
+    Ok(0)
+}
+
+fn local_time(micros: i64, fmt: &str) -> String {
+    descartes_protocol::Timestamp(micros).to_local(fmt)
+}
+
+async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Result<u8> {
+    let store = rt.open_store()?;
+    let run = match &id {
+        Some(prefix) => Some(rt.resolve_run(&*store, prefix).await?),
+        None => None,
+    };
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+    }
+    let mut cursor = 0;
+    let mut printed = 0usize;
+    loop {
+        let batch: Vec<Event> = match &run {
+            Some(r) => store.read_run(r, cursor).await?,
+            None => store.read_all(cursor, 1000).await?,
+        };
+        let mut ended = false;
+        {
+            let mut out = std::io::stdout().lock();
+            for e in &batch {
+                cursor = e.seq;
+                printed += 1;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                } else {
+                    let time = e.at.to_local("%H:%M:%S%.3f");
+                    let who = if run.is_some() { String::new() } else { format!("{}  ", &e.run_id.as_str()[..e.run_id.as_str().len().min(10)]) };
+                    writeln!(out, "{:>6}  {time}  {who}{:<21} {}", e.seq, e.kind(), event_summary(e))?;
+                }
+                ended = matches!(e.data, EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_));
+            }
+            out.flush()?;
+        }
+        if run.is_none() && batch.len() == 1000 {
+            continue;
+        }
+        if !follow || (run.is_some() && ended) || stop.is_cancelled() {
+            break;
+        }
+        tokio::select! {
+            _ = store.wait_for_events(cursor, Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    if printed == 0 && !json && !follow {
+        eprintln!("no events yet");
+    }
+    Ok(0)
+}
+
+fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {
+    match command {
+        ConfigCommand::Show => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "# mode: {}", match &rt.places.mode {
+                descartes_runtime::Mode::Project { root } => format!("project ({})", root.display()),
+                descartes_runtime::Mode::Direct => "direct".to_owned(),
+            })?;
+            writeln!(out, "# database: {}", rt.places.db_path.display())?;
+            for f in [&rt.places.user_config, &rt.places.project_config].into_iter().flatten() {
+                let state = if rt.config_files.contains(f) { "read" } else { "not present" };
+                writeln!(out, "# config file: {} ({state})", f.display())?;
+            }
+            match rt.select(None, None) {
+                Ok(sel) => writeln!(out, "# provider in effect: {} (model {}, {})", sel.provider, sel.model, sel.base_url)?,
+                Err(e) => writeln!(out, "# provider in effect: none ({e})")?,
+            }
+            writeln!(out)?;
+            write!(out, "{}", config::redacted_toml(&rt.config))?;
+            Ok(0)
+        }
+        ConfigCommand::Check => {
+            // Loading already checked every file; report what was read.
+            if rt.config_files.is_empty() {
+                println!("ok: no config files (built-in defaults)");
+            }
+            for f in &rt.config_files {
+                println!("ok: {}", f.display());
+            }
+            Ok(0)
+        }
+    }
+}

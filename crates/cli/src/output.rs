@@ -1,0 +1,187 @@
+//! Printing: the human and JSON-lines sinks, the terminal permission prompt, event summaries.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use descartes_core::agent::summarize;
+use descartes_core::{OutputSink, PermissionRequest, PromptAnswer, Prompter};
+use descartes_protocol::{ContentPart, Event, EventData};
+
+/// Whether colour may be used on stderr.
+pub fn color() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}
+
+fn dim(s: &str) -> String {
+    if color() { format!("\x1b[2m{s}\x1b[0m") } else { s.to_owned() }
+}
+
+/// Prints the answer to stdout as it streams, tool activity and notices to stderr.
+pub struct HumanSink {
+    mid_line: AtomicBool,
+    out: Mutex<()>,
+}
+
+impl HumanSink {
+    pub fn new() -> Self {
+        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()) }
+    }
+
+    /// Ends the answer's last line, so diagnostics start on their own line.
+    pub fn end_line(&self) {
+        if self.mid_line.swap(false, Ordering::SeqCst) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out);
+            let _ = out.flush();
+        }
+    }
+}
+
+impl OutputSink for HumanSink {
+    fn text_delta(&self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let _guard = self.out.lock();
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        self.mid_line.store(!text.ends_with('\n'), Ordering::SeqCst);
+    }
+
+    fn event(&self, event: &Event) {
+        match &event.data {
+            EventData::ToolCallStarted(t) => {
+                self.end_line();
+                eprintln!("{}", dim(&format!("▸ {}", summarize(&t.tool, &t.input))));
+            }
+            EventData::ToolCallCompleted(t) => {
+                let first = t.output.lines().next().unwrap_or("");
+                let mark = if t.is_error { "✗" } else { "✓" };
+                eprintln!("{}", dim(&format!("  {mark} {}", clip_line(first, 120))));
+            }
+            EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_) => self.end_line(),
+            _ => {}
+        }
+    }
+
+    fn notice(&self, message: &str) {
+        self.end_line();
+        eprintln!("descartes: {message}");
+    }
+}
+
+/// Prints every event as one JSON line on stdout.
+pub struct JsonSink;
+
+impl OutputSink for JsonSink {
+    fn event(&self, event: &Event) {
+        if let Ok(line) = serde_json::to_string(event) {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+    fn notice(&self, message: &str) {
+        eprintln!("descartes: {message}");
+    }
+}
+
+/// Asks on the terminal (`/dev/tty`), so it works even when stdin is a pipe. Without a
+/// terminal, nobody can be asked.
+pub struct TerminalPrompter;
+
+#[async_trait]
+impl Prompter for TerminalPrompter {
+    async fn ask(&self, request: &PermissionRequest) -> PromptAnswer {
+        if !std::io::stderr().is_terminal() {
+            return PromptAnswer::Unavailable;
+        }
+        let summary = request.summary.clone();
+        tokio::task::spawn_blocking(move || {
+            let Ok(tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else {
+                return PromptAnswer::Unavailable;
+            };
+            let mut reader = std::io::BufReader::new(&tty);
+            loop {
+                eprint!("\nAllow {summary}?\n  [y] yes, once   [a] yes, for this run   [n] no  > ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                match std::io::BufRead::read_line(&mut reader, &mut line) {
+                    Ok(0) | Err(_) => return PromptAnswer::Deny,
+                    Ok(_) => {}
+                }
+                match line.trim().to_lowercase().as_str() {
+                    "y" | "yes" => return PromptAnswer::AllowOnce,
+                    "a" | "always" => return PromptAnswer::AllowForRun,
+                    "n" | "no" | "" => return PromptAnswer::Deny,
+                    _ => eprintln!("please answer y, a or n"),
+                }
+            }
+        })
+        .await
+        .unwrap_or(PromptAnswer::Deny)
+    }
+}
+
+pub fn clip_line(s: &str, max: usize) -> String {
+    let one: String = s.replace(['\n', '\r'], " ");
+    if one.chars().count() <= max {
+        return one;
+    }
+    let mut out: String = one.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+/// A one-line human summary of an event.
+pub fn event_summary(e: &Event) -> String {
+    match &e.data {
+        EventData::RunStarted(s) => format!("\"{}\" ({}/{})", clip_line(&s.prompt, 80), s.provider, s.model),
+        EventData::RunResumed(r) => format!("from {} ({}/{})", r.previous_status, r.provider, r.model),
+        EventData::MessageAdded(m) => {
+            let mut parts = Vec::new();
+            let text = m.message.text();
+            if !text.is_empty() {
+                parts.push(clip_line(&text, 100));
+            }
+            for p in &m.message.content {
+                match p {
+                    ContentPart::ToolUse { name, input, .. } => parts.push(format!("[call {}]", summarize(name, input))),
+                    ContentPart::ToolResult { tool_use_id, .. } => parts.push(format!("[result {tool_use_id}]")),
+                    ContentPart::Thinking { .. } => parts.push("[thinking]".into()),
+                    ContentPart::Text { .. } => {}
+                }
+            }
+            format!("{}: {}", m.message.role.as_str(), parts.join(" "))
+        }
+        EventData::ModelCallStarted(c) => format!("turn {} {}/{}", c.turn, c.provider, c.model),
+        EventData::ModelCallCompleted(c) => format!(
+            "{} in / {} out tokens, {} ms{}",
+            c.usage.input_tokens,
+            c.usage.output_tokens,
+            c.duration_ms,
+            c.stop_reason.as_ref().map(|r| format!(", stop: {r}")).unwrap_or_default()
+        ),
+        EventData::ModelCallFailed(f) => clip_line(&f.error, 120),
+        EventData::ToolCallStarted(t) => summarize(&t.tool, &t.input),
+        EventData::ToolCallCompleted(t) => format!(
+            "{} {}{}: {}",
+            t.tool,
+            if t.is_error { "error" } else { "ok" },
+            if t.recovered { " (recovered)" } else { "" },
+            clip_line(t.output.lines().next().unwrap_or(""), 100)
+        ),
+        EventData::PermissionDecided(p) => {
+            format!("{:?} {} by {} ({}): {}", p.decision, p.tool, p.actor, p.rule, clip_line(&p.reason, 80)).to_lowercase()
+        }
+        EventData::RunCompleted(c) => {
+            format!("{} turns, {} tokens: {}", c.turns, c.usage.total(), clip_line(&c.result, 80))
+        }
+        EventData::RunFailed(f) => format!("{}: {}", f.kind, clip_line(&f.error, 120)),
+        EventData::RunCancelled(c) => c.reason.clone(),
+        EventData::Unknown { data, .. } => clip_line(&data.to_string(), 100),
+    }
+}

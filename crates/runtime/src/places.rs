@@ -1,0 +1,107 @@
+//! Where Descartes keeps its state: a project's `.descartes/` (found by walking up from the
+//! working directory, like git) or, elsewhere, `$DESCARTES_HOME` / the platform data directory.
+
+use std::path::{Path, PathBuf};
+
+/// The name of a project's state directory.
+pub const PROJECT_DIR: &str = ".descartes";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Inside a project made by `descartes init`.
+    Project { root: PathBuf },
+    /// Anywhere else.
+    Direct,
+}
+
+/// Every path Descartes uses.
+#[derive(Debug, Clone)]
+pub struct Places {
+    pub mode: Mode,
+    /// Holds the database, run locks and tool spools.
+    pub state_dir: PathBuf,
+    pub db_path: PathBuf,
+    /// The user config file (may not exist).
+    pub user_config: Option<PathBuf>,
+    /// The project config file (project mode).
+    pub project_config: Option<PathBuf>,
+}
+
+impl Places {
+    /// Finds the places for a command run in `cwd`. `env` reads environment variables.
+    pub fn discover(cwd: &Path, env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let home = env("DESCARTES_HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
+        let dirs = directories::ProjectDirs::from("", "", "descartes");
+        let user_config = match (&home, &dirs) {
+            (Some(h), _) => Some(h.join("config.toml")),
+            (None, Some(d)) => Some(d.config_dir().join("config.toml")),
+            (None, None) => None,
+        };
+        if let Some(root) = find_project(cwd) {
+            let state_dir = root.join(PROJECT_DIR);
+            return Self {
+                mode: Mode::Project { root },
+                db_path: state_dir.join("descartes.db"),
+                project_config: Some(state_dir.join("config.toml")),
+                state_dir,
+                user_config,
+            };
+        }
+        let state_dir = home
+            .or_else(|| dirs.map(|d| d.data_dir().to_owned()))
+            .unwrap_or_else(|| cwd.join(PROJECT_DIR));
+        Self { mode: Mode::Direct, db_path: state_dir.join("descartes.db"), state_dir, user_config, project_config: None }
+    }
+
+    /// The places `descartes init` makes in `dir`.
+    pub fn project_in(dir: &Path, user_config: Option<PathBuf>) -> Self {
+        let state_dir = dir.join(PROJECT_DIR);
+        Self {
+            mode: Mode::Project { root: dir.to_owned() },
+            db_path: state_dir.join("descartes.db"),
+            project_config: Some(state_dir.join("config.toml")),
+            state_dir,
+            user_config,
+        }
+    }
+
+    pub fn locks_dir(&self) -> PathBuf {
+        self.state_dir.join("runs")
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.state_dir.join("spool")
+    }
+}
+
+/// The nearest ancestor of `start` (itself included) that holds a `.descartes` directory.
+pub fn find_project(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find(|dir| dir.join(PROJECT_DIR).is_dir()).map(Path::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn project_is_found_by_walking_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".descartes")).unwrap();
+        let deep = dir.path().join("a/b/c");
+        std::fs::create_dir_all(&deep).unwrap();
+        let p = Places::discover(&deep, &|_| None);
+        assert_eq!(p.mode, Mode::Project { root: dir.path().to_owned() });
+        assert_eq!(p.db_path, dir.path().join(".descartes/descartes.db"));
+    }
+
+    #[test]
+    fn direct_mode_uses_descartes_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let h = home.display().to_string();
+        let p = Places::discover(dir.path(), &|k| (k == "DESCARTES_HOME").then(|| h.clone()));
+        assert_eq!(p.mode, Mode::Direct);
+        assert_eq!(p.db_path, home.join("descartes.db"));
+        assert_eq!(p.user_config, Some(home.join("config.toml")));
+    }
+}
