@@ -1,0 +1,132 @@
+//! Harness for tests that run the real `descartes` binary against a fake model server.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub use descartes_test_support::{anthropic, openai, sequence, with_delay, FakeServer, RecordedRequest, Reply};
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_descartes");
+
+/// A project directory, a private DESCARTES_HOME and a fake model server.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub server: FakeServer,
+    pub durable: bool,
+}
+
+impl Env {
+    pub fn new<F>(responder: F) -> Env
+    where
+        F: Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("project")).unwrap();
+        std::fs::create_dir_all(dir.path().join("home")).unwrap();
+        Env { dir, server: FakeServer::start_blocking(responder), durable: false }
+    }
+
+    /// The project directory (`descartes init` is not run by default).
+    pub fn project(&self) -> PathBuf {
+        self.dir.path().join("project")
+    }
+
+    pub fn init(&self) {
+        let out = self.cmd(&["init"]).output().unwrap();
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `descartes ARGS` in the project, with a clean environment pointing at the fake server.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(self.project()).env_clear().stdin(Stdio::null());
+        let home = self.dir.path().join("home");
+        c.env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("DESCARTES_HOME", &home)
+            .env("OPENAI_API_KEY", "sk-test-secret-openai")
+            .env("OPENAI_BASE_URL", self.server.openai_base_url())
+            .env("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+            .env("ANTHROPIC_BASE_URL", self.server.url())
+            .env("NO_COLOR", "1");
+        if !self.durable {
+            c.env("DESCARTES_SYNC", "normal");
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// `descartes list --json`.
+    pub fn runs(&self) -> Vec<Value> {
+        let out = self.run(&["list", "--json"]);
+        assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().cloned().unwrap()
+    }
+
+    /// The only run's id.
+    pub fn run_id(&self) -> String {
+        let runs = self.runs();
+        assert_eq!(runs.len(), 1, "expected one run: {runs:?}");
+        runs[0]["run_id"].as_str().unwrap().to_owned()
+    }
+
+    /// `descartes logs ID --json`.
+    pub fn events(&self, run_id: &str) -> Vec<Value> {
+        let out = self.run(&["logs", run_id, "--json"]);
+        assert!(out.status.success(), "logs failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["type"] == kind).count()
+}
+
+/// The invariants every finished run must hold: one `run_started`, one `run_completed`, at
+/// most one `tool_call_started` and exactly one `tool_call_completed` per tool call, `seq`
+/// strictly increasing.
+pub fn assert_log_invariants(events: &[Value]) {
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq not strictly increasing: {seqs:?}");
+    assert_eq!(count(events, "run_started"), 1, "run_started: {events:#?}");
+    assert_eq!(count(events, "run_completed"), 1, "run_completed: {events:#?}");
+    let mut calls = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for e in events {
+        let id = e["data"]["call_id"].as_str().unwrap_or_default().to_owned();
+        match e["type"].as_str().unwrap() {
+            "tool_call_started" => calls.entry(id).or_default().0 += 1,
+            "tool_call_completed" => calls.entry(id).or_default().1 += 1,
+            _ => {}
+        }
+    }
+    for (id, (started, completed)) in calls {
+        assert!(started <= 1, "tool call {id} started {started} times");
+        assert_eq!(completed, 1, "tool call {id} completed {completed} times");
+    }
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).map(|s| s.lines().map(str::to_owned).collect()).unwrap_or_default()
+}
+
+/// Sends a signal to a child.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
