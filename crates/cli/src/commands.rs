@@ -10,13 +10,15 @@ use anyhow::{Context, Result};
 use descartes_core::agent::goal_message;
 use descartes_core::permission::NoPrompter;
 use descartes_core::state::RunStatus;
-use descartes_core::{Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, RunState, StoreError};
+use descartes_core::{
+    Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, RunState, StoreError,
+};
 use descartes_protocol::{Event, EventData, RunId};
 use descartes_runtime::config::{self, LogFormat};
 use descartes_runtime::{Runtime, RuntimeError};
 use tokio_util::sync::CancellationToken;
 
-use crate::output::{event_summary, HumanSink, JsonSink, TerminalPrompter};
+use crate::output::{HumanSink, JsonSink, TerminalPrompter, event_summary};
 use crate::{Cli, Command, ConfigCommand, ModelArgs, ResumeArgs, RunArgs};
 
 const DEFAULT_SYSTEM_PROMPT: &str = "You are Descartes, an autonomous software agent. You work in the directory given \
@@ -142,7 +144,7 @@ fn read_piped_stdin() -> Result<Option<String>> {
 /// is already on disk).
 fn install_signals(cancel: CancellationToken) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             return;
         };
@@ -159,17 +161,18 @@ struct Prepared {
     human: Option<Arc<HumanSink>>,
 }
 
-fn prepare(
-    rt: &Runtime,
-    store: Arc<dyn EventStore>,
-    args: &ModelArgs,
+/// What a run (new or resumed) is driven with.
+struct RunSettings {
     provider: Option<String>,
     model: Option<String>,
     auto_approve: bool,
     max_turns: u32,
     cwd: PathBuf,
     system_prompt: Option<String>,
-) -> Result<Prepared> {
+}
+
+fn prepare(rt: &Runtime, store: Arc<dyn EventStore>, args: &ModelArgs, settings: RunSettings) -> Result<Prepared> {
+    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt } = settings;
     let sel = rt.select(provider.as_deref(), model.as_deref())?;
     let provider = rt.build_provider(&sel)?;
     let cancel = CancellationToken::new();
@@ -182,9 +185,12 @@ fn prepare(
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
     let system_prompt = system_prompt.or_else(|| {
-        Some(rt.config.system_prompt.clone().unwrap_or_else(|| {
-            format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display())
-        }))
+        Some(
+            rt.config
+                .system_prompt
+                .clone()
+                .unwrap_or_else(|| format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display())),
+        )
     });
     let agent = Agent {
         store,
@@ -193,6 +199,7 @@ fn prepare(
         prompter,
         sink,
         cancel,
+        tool_specs: Default::default(),
         config: AgentConfig {
             provider: sel.provider,
             model: sel.model,
@@ -214,17 +221,15 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     }
     let store = rt.open_store()?;
     let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
-    let p = prepare(
-        &rt,
-        store.clone(),
-        &args.model,
-        args.model.provider.clone(),
-        args.model.model.clone(),
-        args.model.yes,
+    let settings = RunSettings {
+        provider: args.model.provider.clone(),
+        model: args.model.model.clone(),
+        auto_approve: args.model.yes,
         max_turns,
-        rt.cwd.clone(),
-        None,
-    )?;
+        cwd: rt.cwd.clone(),
+        system_prompt: None,
+    };
+    let p = prepare(&rt, store.clone(), &args.model, settings)?;
     let piped = read_piped_stdin()?;
     let run_id = RunId::generate();
     let lock = rt.lock_run(&run_id)?;
@@ -258,17 +263,15 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
         (None, None) => (Some(state.provider.clone()), Some(state.model.clone())),
     };
     let max_turns = args.model.max_turns.unwrap_or(state.max_turns);
-    let p = prepare(
-        &rt,
-        store.clone(),
-        &args.model,
+    let settings = RunSettings {
         provider,
         model,
-        args.model.yes || state.auto_approve,
+        auto_approve: args.model.yes || state.auto_approve,
         max_turns,
-        PathBuf::from(&started.cwd),
-        started.system_prompt.clone(),
-    )?;
+        cwd: PathBuf::from(&started.cwd),
+        system_prompt: started.system_prompt.clone(),
+    };
+    let p = prepare(&rt, store.clone(), &args.model, settings)?;
     if !args.model.json {
         eprintln!(
             "descartes: resuming run {run_id} ({previous}, {} events) · {}/{}",
@@ -382,10 +385,15 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 } else {
                     let time = e.at.to_local("%H:%M:%S%.3f");
-                    let who = if run.is_some() { String::new() } else { format!("{}  ", &e.run_id.as_str()[..e.run_id.as_str().len().min(10)]) };
+                    let who = if run.is_some() {
+                        String::new()
+                    } else {
+                        format!("{}  ", &e.run_id.as_str()[..e.run_id.as_str().len().min(10)])
+                    };
                     writeln!(out, "{:>6}  {time}  {who}{:<21} {}", e.seq, e.kind(), event_summary(e))?;
                 }
-                ended = matches!(e.data, EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_));
+                ended =
+                    matches!(e.data, EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_));
             }
             out.flush()?;
         }
@@ -410,17 +418,23 @@ fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {
     match command {
         ConfigCommand::Show => {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "# mode: {}", match &rt.places.mode {
-                descartes_runtime::Mode::Project { root } => format!("project ({})", root.display()),
-                descartes_runtime::Mode::Direct => "direct".to_owned(),
-            })?;
+            writeln!(
+                out,
+                "# mode: {}",
+                match &rt.places.mode {
+                    descartes_runtime::Mode::Project { root } => format!("project ({})", root.display()),
+                    descartes_runtime::Mode::Direct => "direct".to_owned(),
+                }
+            )?;
             writeln!(out, "# database: {}", rt.places.db_path.display())?;
             for f in [&rt.places.user_config, &rt.places.project_config].into_iter().flatten() {
                 let state = if rt.config_files.contains(f) { "read" } else { "not present" };
                 writeln!(out, "# config file: {} ({state})", f.display())?;
             }
             match rt.select(None, None) {
-                Ok(sel) => writeln!(out, "# provider in effect: {} (model {}, {})", sel.provider, sel.model, sel.base_url)?,
+                Ok(sel) => {
+                    writeln!(out, "# provider in effect: {} (model {}, {})", sel.provider, sel.model, sel.base_url)?
+                }
                 Err(e) => writeln!(out, "# provider in effect: none ({e})")?,
             }
             writeln!(out)?;

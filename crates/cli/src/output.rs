@@ -149,7 +149,9 @@ pub fn event_summary(e: &Event) -> String {
             }
             for p in &m.message.content {
                 match p {
-                    ContentPart::ToolUse { name, input, .. } => parts.push(format!("[call {}]", summarize(name, input))),
+                    ContentPart::ToolUse { name, input, .. } => {
+                        parts.push(format!("[call {}]", summarize(name, input)))
+                    }
                     ContentPart::ToolResult { tool_use_id, .. } => parts.push(format!("[result {tool_use_id}]")),
                     ContentPart::Thinking { .. } => parts.push("[thinking]".into()),
                     ContentPart::Text { .. } => {}
@@ -175,7 +177,8 @@ pub fn event_summary(e: &Event) -> String {
             clip_line(t.output.lines().next().unwrap_or(""), 100)
         ),
         EventData::PermissionDecided(p) => {
-            format!("{:?} {} by {} ({}): {}", p.decision, p.tool, p.actor, p.rule, clip_line(&p.reason, 80)).to_lowercase()
+            format!("{:?} {} by {} ({}): {}", p.decision, p.tool, p.actor, p.rule, clip_line(&p.reason, 80))
+                .to_lowercase()
         }
         EventData::RunCompleted(c) => {
             format!("{} turns, {} tokens: {}", c.turns, c.usage.total(), clip_line(&c.result, 80))

@@ -16,7 +16,10 @@ use common::*;
 fn slow_model(req: &RecordedRequest) -> Reply {
     let step = Duration::from_millis(25);
     if req.has_tool_result() {
-        Reply::Stream(with_delay(openai::text(&["The ", "command ", "ran ", "and ", "the ", "run ", "is ", "done."]), step))
+        Reply::Stream(with_delay(
+            openai::text(&["The ", "command ", "ran ", "and ", "the ", "run ", "is ", "done."]),
+            step,
+        ))
     } else {
         Reply::Stream(with_delay(
             openai::tool_call("call_1", "shell", &[r#"{"command":"#, r#""sleep 0.2; "#, r#"echo ran >> marker.txt"}"#]),

@@ -331,7 +331,11 @@ fn turn_limit_stops_the_run_and_resume_can_raise_it() {
         if req.assistant_turns() >= 2 {
             Reply::Stream(openai::text(&["enough"]))
         } else {
-            Reply::Stream(openai::tool_call(&format!("call_{}", req.assistant_turns()), "read_file", &[r#"{"path":"x"}"#]))
+            Reply::Stream(openai::tool_call(
+                &format!("call_{}", req.assistant_turns()),
+                "read_file",
+                &[r#"{"path":"x"}"#],
+            ))
         }
     });
     env.init();

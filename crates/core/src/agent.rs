@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use descartes_protocol::{
-    ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted,
-    ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed,
-    RunId, RunResumed, RunStarted, ToolCallCompleted, ToolCallStarted,
+    ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted, ModelCallFailed,
+    ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunResumed,
+    RunStarted, ToolCallCompleted, ToolCallStarted,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -81,6 +81,8 @@ pub struct Agent {
     pub sink: Arc<dyn OutputSink>,
     pub cancel: CancellationToken,
     pub config: AgentConfig,
+    /// The tool specs offered to the model, computed once.
+    pub tool_specs: std::sync::OnceLock<Arc<Vec<descartes_protocol::ToolSpec>>>,
 }
 
 /// Events not yet handed to the store, and deferred appends not yet known to be written.
@@ -195,7 +197,7 @@ impl Agent {
             model: self.config.model.clone(),
             system: self.config.system_prompt.clone(),
             messages: st.conversation(),
-            tools: self.tools.specs(),
+            tools: self.tool_specs.get_or_init(|| Arc::new(self.tools.specs())).clone(),
             max_tokens: self.config.max_tokens,
             temperature: None,
         };
@@ -279,12 +281,15 @@ impl Agent {
                 match tool.recover(&input, &ctx).await {
                     Recovery::NotStarted => {}
                     Recovery::Completed(output) => {
-                        self.sink.notice(&format!("recovered the result of interrupted `{name}` call {id} (not run again)"));
+                        self.sink
+                            .notice(&format!("recovered the result of interrupted `{name}` call {id} (not run again)"));
                         self.complete_tool(st, ob, &id, &name, output, 0, true);
                         return self.commit(st, ob).await;
                     }
                     Recovery::Unknown => {
-                        self.sink.notice(&format!("`{name}` call {id} was interrupted; its outcome is unknown and it was not run again"));
+                        self.sink.notice(&format!(
+                            "`{name}` call {id} was interrupted; its outcome is unknown and it was not run again"
+                        ));
                         let output = ToolOutput::error(format!(
                             "This `{name}` call was interrupted (the run stopped while it was executing) and it is not \
                              known whether it took effect. It was not run again: check its effects before retrying."
@@ -319,7 +324,12 @@ impl Agent {
             self.push(
                 st,
                 ob,
-                ToolCallStarted { call_id: id.clone(), tool: name.clone(), input: input.clone(), idempotent: tool.idempotent() },
+                ToolCallStarted {
+                    call_id: id.clone(),
+                    tool: name.clone(),
+                    input: input.clone(),
+                    idempotent: tool.idempotent(),
+                },
             );
             self.commit(st, ob).await?;
         }
@@ -380,25 +390,58 @@ impl Agent {
             reason,
         };
         if tool.read_only() {
-            return Ok(decided(Decision::Allow, DecisionScope::Once, "builtin:read-only", "policy", "read-only tool".into()));
+            return Ok(decided(
+                Decision::Allow,
+                DecisionScope::Once,
+                "builtin:read-only",
+                "policy",
+                "read-only tool".into(),
+            ));
         }
         if st.run_allowed.contains(name) {
-            return Ok(decided(Decision::Allow, DecisionScope::Once, "user:allow-for-run", "user", format!("`{name}` was allowed for this run")));
+            return Ok(decided(
+                Decision::Allow,
+                DecisionScope::Once,
+                "user:allow-for-run",
+                "user",
+                format!("`{name}` was allowed for this run"),
+            ));
         }
         if st.auto_approve {
-            return Ok(decided(Decision::Allow, DecisionScope::Once, "flag:--yes", "flag", "-y/--yes allows every ask in this run".into()));
+            return Ok(decided(
+                Decision::Allow,
+                DecisionScope::Once,
+                "flag:--yes",
+                "flag",
+                "-y/--yes allows every ask in this run".into(),
+            ));
         }
         // Everything so far must be on disk before we wait for a human.
         self.commit(st, ob).await?;
-        let request = PermissionRequest { tool: name.to_owned(), input: input.clone(), summary: summarize(name, input) };
+        let request =
+            PermissionRequest { tool: name.to_owned(), input: input.clone(), summary: summarize(name, input) };
         let answer = tokio::select! {
             _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
             a = self.prompter.ask(&request) => a,
         };
         Ok(match answer {
-            PromptAnswer::AllowOnce => decided(Decision::Allow, DecisionScope::Once, "user:allow-once", "user", "allowed once by the user".into()),
-            PromptAnswer::AllowForRun => decided(Decision::Allow, DecisionScope::Run, "user:allow-for-run", "user", format!("`{name}` allowed for this run by the user")),
-            PromptAnswer::Deny => decided(Decision::Deny, DecisionScope::Once, "user:deny", "user", "denied by the user".into()),
+            PromptAnswer::AllowOnce => decided(
+                Decision::Allow,
+                DecisionScope::Once,
+                "user:allow-once",
+                "user",
+                "allowed once by the user".into(),
+            ),
+            PromptAnswer::AllowForRun => decided(
+                Decision::Allow,
+                DecisionScope::Run,
+                "user:allow-for-run",
+                "user",
+                format!("`{name}` allowed for this run by the user"),
+            ),
+            PromptAnswer::Deny => {
+                decided(Decision::Deny, DecisionScope::Once, "user:deny", "user", "denied by the user".into())
+            }
             PromptAnswer::Unavailable => decided(
                 Decision::Deny,
                 DecisionScope::Once,
@@ -409,7 +452,14 @@ impl Agent {
         })
     }
 
-    async fn fail(&self, st: &mut RunState, ob: &mut Outbox, error: String, kind: &str, retryable: bool) -> Result<RunOutcome> {
+    async fn fail(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        error: String,
+        kind: &str,
+        retryable: bool,
+    ) -> Result<RunOutcome> {
         self.push(st, ob, RunFailed { error: error.clone(), kind: kind.to_owned(), retryable });
         self.commit(st, ob).await?;
         Ok(RunOutcome::Failed { error, kind: kind.to_owned() })
@@ -435,11 +485,8 @@ impl Agent {
 
     /// Writes the outbox durably and reports the written events to the sink, in log order.
     async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        let written = if ob.events.is_empty() {
-            Vec::new()
-        } else {
-            self.store.append(std::mem::take(&mut ob.events)).await?
-        };
+        let written =
+            if ob.events.is_empty() { Vec::new() } else { self.store.append(std::mem::take(&mut ob.events)).await? };
         for deferred in ob.deferred.drain(..) {
             for e in deferred.await? {
                 st.last_seq = st.last_seq.max(e.seq);

@@ -11,6 +11,7 @@ pub mod permission;
 pub mod provider;
 pub mod state;
 pub mod store;
+pub mod testing;
 pub mod tool;
 
 pub use agent::{Agent, AgentConfig, OutputSink, RunOutcome};

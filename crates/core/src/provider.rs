@@ -2,6 +2,7 @@
 //! [`StreamEvent`]s; [`ResponseAssembler`] turns them into the assistant message.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,8 +15,9 @@ use serde_json::Value;
 pub struct ModelRequest {
     pub model: String,
     pub system: Option<String>,
-    pub messages: Vec<Message>,
-    pub tools: Vec<ToolSpec>,
+    /// The conversation, shared with the run's state (requests do not copy it).
+    pub messages: Arc<Vec<Message>>,
+    pub tools: Arc<Vec<ToolSpec>>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
 }
@@ -53,13 +55,7 @@ pub enum ProviderError {
     /// The server answered with an error status. Retryable for 408, 409, 429 (unless the quota
     /// is exhausted), 5xx and 529.
     #[error("{provider}: HTTP {status}: {message}")]
-    Http {
-        provider: String,
-        status: u16,
-        message: String,
-        code: Option<String>,
-        retry_after: Option<Duration>,
-    },
+    Http { provider: String, status: u16, message: String, code: Option<String>, retry_after: Option<Duration> },
     /// The connection failed or broke. Retryable.
     #[error("{provider}: connection error: {message}")]
     Network { provider: String, message: String },
@@ -137,11 +133,8 @@ impl ResponseAssembler {
                 self.parts.push(Part::Tool { index, id, name, json: String::new() })
             }
             StreamEvent::ToolCallDelta { index, json } => {
-                if let Some(Part::Tool { json: buf, .. }) = self
-                    .parts
-                    .iter_mut()
-                    .rev()
-                    .find(|p| matches!(p, Part::Tool { index: i, .. } if *i == index))
+                if let Some(Part::Tool { json: buf, .. }) =
+                    self.parts.iter_mut().rev().find(|p| matches!(p, Part::Tool { index: i, .. } if *i == index))
                 {
                     buf.push_str(&json);
                 }

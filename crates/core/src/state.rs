@@ -2,6 +2,7 @@
 //! run's log; the agent loop, `descartes list` and resume all go through it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use descartes_protocol::{
     ContentPart, DecisionScope, Event, EventData, Message, PermissionDecided, Role, RunId, RunStarted, Seq,
@@ -63,9 +64,9 @@ pub struct RunState {
     pub model: String,
     pub max_turns: u32,
     pub auto_approve: bool,
-    messages: Vec<Message>,
-    /// Tool results after the last assistant message, not yet followed by another message.
-    pending_results: Vec<ContentPart>,
+    /// The conversation. Tool results are gathered in a user message after the assistant
+    /// message that asked for them. Shared with model requests (no copy per model call).
+    messages: Arc<Vec<Message>>,
     pub tool_calls: HashMap<String, ToolCallRecord>,
     /// Tools the user allowed for the rest of this run.
     pub run_allowed: HashSet<String>,
@@ -90,8 +91,7 @@ impl RunState {
             model: String::new(),
             max_turns: 0,
             auto_approve: false,
-            messages: Vec::new(),
-            pending_results: Vec::new(),
+            messages: Arc::new(Vec::new()),
             tool_calls: HashMap::new(),
             run_allowed: HashSet::new(),
             turns: 0,
@@ -143,10 +143,7 @@ impl RunState {
                 self.status = RunStatus::Running;
                 self.error = None;
             }
-            EventData::MessageAdded(m) => {
-                self.flush_results();
-                self.messages.push(m.message.clone());
-            }
+            EventData::MessageAdded(m) => Arc::make_mut(&mut self.messages).push(m.message.clone()),
             EventData::ModelCallStarted(c) => self.open_model_call = Some(c.call_id.clone()),
             EventData::ModelCallCompleted(c) => {
                 self.turns += 1;
@@ -160,12 +157,17 @@ impl RunState {
             EventData::ToolCallCompleted(t) => {
                 let record = self.tool_calls.entry(t.call_id.clone()).or_default();
                 if record.completed.is_none() {
-                    self.pending_results.push(ContentPart::ToolResult {
+                    record.completed = Some(t.clone());
+                    let part = ContentPart::ToolResult {
                         tool_use_id: t.call_id.clone(),
                         content: t.output.clone(),
                         is_error: t.is_error,
-                    });
-                    record.completed = Some(t.clone());
+                    };
+                    let messages = Arc::make_mut(&mut self.messages);
+                    match messages.last_mut() {
+                        Some(last) if is_tool_results(last) => last.content.push(part),
+                        _ => messages.push(Message::new(Role::User, vec![part])),
+                    }
                 }
             }
             EventData::PermissionDecided(p) => {
@@ -189,20 +191,9 @@ impl RunState {
         }
     }
 
-    fn flush_results(&mut self) {
-        if !self.pending_results.is_empty() {
-            let content = std::mem::take(&mut self.pending_results);
-            self.messages.push(Message::new(Role::User, content));
-        }
-    }
-
-    /// The conversation to send to the model: every message, then pending tool results.
-    pub fn conversation(&self) -> Vec<Message> {
-        let mut out = self.messages.clone();
-        if !self.pending_results.is_empty() {
-            out.push(Message::new(Role::User, self.pending_results.clone()));
-        }
-        out
+    /// The conversation to send to the model (shared, not copied).
+    pub fn conversation(&self) -> Arc<Vec<Message>> {
+        self.messages.clone()
     }
 
     pub fn messages(&self) -> &[Message] {
@@ -211,26 +202,32 @@ impl RunState {
 
     /// What the agent loop does next.
     pub fn next_step(&self) -> NextStep {
-        match self.messages.last() {
-            Some(last) if last.role == Role::Assistant => {
-                let mut uses = last.tool_uses().peekable();
-                if uses.peek().is_none() {
-                    return NextStep::Complete(last.text());
-                }
-                let missing: Vec<_> = uses
-                    .filter(|(id, _, _)| self.tool_calls.get(*id).is_none_or(|r| r.completed.is_none()))
-                    .map(|(id, name, input)| (id.to_owned(), name.to_owned(), input.clone()))
-                    .collect();
-                if missing.is_empty() { NextStep::CallModel } else { NextStep::RunTools(missing) }
-            }
-            _ => NextStep::CallModel,
+        // The last assistant message, and whether only its tool results follow it.
+        let Some(at) = self.messages.iter().rposition(|m| m.role == Role::Assistant) else {
+            return NextStep::CallModel;
+        };
+        let last = &self.messages[at];
+        let mut uses = last.tool_uses().peekable();
+        if uses.peek().is_none() {
+            return if at + 1 == self.messages.len() { NextStep::Complete(last.text()) } else { NextStep::CallModel };
         }
+        let missing: Vec<_> = uses
+            .filter(|(id, _, _)| self.tool_calls.get(*id).is_none_or(|r| r.completed.is_none()))
+            .map(|(id, name, input)| (id.to_owned(), name.to_owned(), input.clone()))
+            .collect();
+        if missing.is_empty() { NextStep::CallModel } else { NextStep::RunTools(missing) }
     }
 
     /// The first user message's text (the goal with any piped input).
     pub fn goal(&self) -> Option<&Message> {
         self.messages.iter().find(|m| m.role == Role::User)
     }
+}
+
+fn is_tool_results(m: &Message) -> bool {
+    m.role == Role::User
+        && !m.content.is_empty()
+        && m.content.iter().all(|p| matches!(p, ContentPart::ToolResult { .. }))
 }
 
 #[cfg(test)]
@@ -269,23 +266,48 @@ mod tests {
             ev(1, started()),
             ev(2, msg(Role::User, vec![ContentPart::text("hi")])),
             ev(3, ModelCallStarted { call_id: "m1".into(), provider: "openai".into(), model: "m".into(), turn: 1 }),
-            ev(4, ModelCallCompleted { call_id: "m1".into(), usage: Usage { input_tokens: 5, output_tokens: 2, ..Default::default() }, stop_reason: None, duration_ms: 1 }),
+            ev(
+                4,
+                ModelCallCompleted {
+                    call_id: "m1".into(),
+                    usage: Usage { input_tokens: 5, output_tokens: 2, ..Default::default() },
+                    stop_reason: None,
+                    duration_ms: 1,
+                },
+            ),
             ev(5, msg(Role::Assistant, vec![tool_use])),
         ];
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert_eq!(s.turns, 1);
         assert_eq!(s.next_step(), NextStep::RunTools(vec![("c1".into(), "shell".into(), json!({"command":"ls"}))]));
 
-        events.push(ev(6, ToolCallStarted { call_id: "c1".into(), tool: "shell".into(), input: json!({}), idempotent: false }));
+        events.push(ev(
+            6,
+            ToolCallStarted { call_id: "c1".into(), tool: "shell".into(), input: json!({}), idempotent: false },
+        ));
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert!(matches!(s.next_step(), NextStep::RunTools(_)), "started without completion still runs (reconciled)");
 
-        events.push(ev(7, ToolCallCompleted { call_id: "c1".into(), tool: "shell".into(), output: "a.rs".into(), is_error: false, duration_ms: 1, details: None, recovered: false }));
+        events.push(ev(
+            7,
+            ToolCallCompleted {
+                call_id: "c1".into(),
+                tool: "shell".into(),
+                output: "a.rs".into(),
+                is_error: false,
+                duration_ms: 1,
+                details: None,
+                recovered: false,
+            },
+        ));
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert_eq!(s.next_step(), NextStep::CallModel);
         let conv = s.conversation();
         assert_eq!(conv.len(), 3);
-        assert_eq!(conv[2].content[0], ContentPart::ToolResult { tool_use_id: "c1".into(), content: "a.rs".into(), is_error: false });
+        assert_eq!(
+            conv[2].content[0],
+            ContentPart::ToolResult { tool_use_id: "c1".into(), content: "a.rs".into(), is_error: false }
+        );
 
         events.push(ev(8, msg(Role::Assistant, vec![ContentPart::text("done")])));
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
@@ -295,7 +317,15 @@ mod tests {
 
     #[test]
     fn duplicate_completion_is_ignored() {
-        let c = ToolCallCompleted { call_id: "c1".into(), tool: "t".into(), output: "x".into(), is_error: false, duration_ms: 0, details: None, recovered: false };
+        let c = ToolCallCompleted {
+            call_id: "c1".into(),
+            tool: "t".into(),
+            output: "x".into(),
+            is_error: false,
+            duration_ms: 0,
+            details: None,
+            recovered: false,
+        };
         let events = vec![ev(1, started()), ev(2, c.clone()), ev(3, c)];
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert_eq!(s.conversation().len(), 1);

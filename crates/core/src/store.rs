@@ -30,8 +30,7 @@ impl StoreError {
 }
 
 /// The result of a deferred append, resolved once the events are written.
-pub type DeferredAppend =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Event>, StoreError>> + Send>>;
+pub type DeferredAppend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Event>, StoreError>> + Send>>;
 
 /// One row of `descartes list`: a run's lifecycle, maintained from its lifecycle events.
 #[derive(Debug, Clone, PartialEq, Serialize)]

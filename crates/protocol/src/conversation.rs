@@ -36,7 +36,11 @@ pub enum ContentPart {
     },
     /// The model asks for a tool call. `input` is the parsed JSON arguments; when the model
     /// produced invalid JSON, it is a JSON string holding the raw text.
-    ToolUse { id: String, name: String, input: Value },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
     /// The result of a tool call, sent back to the model in a user message.
     ToolResult {
         tool_use_id: String,

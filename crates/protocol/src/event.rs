@@ -45,13 +45,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     pub fn new(run_id: &RunId, data: impl Into<EventData>) -> Self {
-        Self {
-            id: EventId::generate(),
-            run_id: run_id.clone(),
-            at: Timestamp::now(),
-            key: None,
-            data: data.into(),
-        }
+        Self { id: EventId::generate(), run_id: run_id.clone(), at: Timestamp::now(), key: None, data: data.into() }
     }
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
@@ -368,8 +362,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let d = EventData::from_parts("run_cancelled", r#"{"reason":"SIGINT","new_field":true}"#)
-            .unwrap();
+        let d = EventData::from_parts("run_cancelled", r#"{"reason":"SIGINT","new_field":true}"#).unwrap();
         assert_eq!(d, EventData::RunCancelled(RunCancelled { reason: "SIGINT".into() }));
     }
 }

@@ -77,9 +77,7 @@ impl Timestamp {
         }
     }
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| Self(t.timestamp_micros()))
+        chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| Self(t.timestamp_micros()))
     }
 }
 
@@ -98,7 +96,6 @@ impl Serialize for Timestamp {
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Self::parse_rfc3339(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("invalid RFC 3339 timestamp: {s}")))
+        Self::parse_rfc3339(&s).ok_or_else(|| serde::de::Error::custom(format!("invalid RFC 3339 timestamp: {s}")))
     }
 }

@@ -290,7 +290,8 @@ mod tests {
 
     #[test]
     fn syntax_and_type_errors_are_located() {
-        let err = parse_str(Path::new("c.toml"), "provider = \"openai\"\nmax_turns = \"many\"\n").unwrap_err().to_string();
+        let err =
+            parse_str(Path::new("c.toml"), "provider = \"openai\"\nmax_turns = \"many\"\n").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:2:"), "{err}");
         let err = parse_str(Path::new("c.toml"), "a = \n").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:1:"), "{err}");

@@ -47,10 +47,14 @@ impl Places {
                 user_config,
             };
         }
-        let state_dir = home
-            .or_else(|| dirs.map(|d| d.data_dir().to_owned()))
-            .unwrap_or_else(|| cwd.join(PROJECT_DIR));
-        Self { mode: Mode::Direct, db_path: state_dir.join("descartes.db"), state_dir, user_config, project_config: None }
+        let state_dir = home.or_else(|| dirs.map(|d| d.data_dir().to_owned())).unwrap_or_else(|| cwd.join(PROJECT_DIR));
+        Self {
+            mode: Mode::Direct,
+            db_path: state_dir.join("descartes.db"),
+            state_dir,
+            user_config,
+            project_config: None,
+        }
     }
 
     /// The places `descartes init` makes in `dir`.

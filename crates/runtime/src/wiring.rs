@@ -6,9 +6,9 @@ use descartes_core::{EventStore, Provider, RunSummary, StoreError, ToolRegistry}
 use descartes_protocol::RunId;
 use descartes_providers::{AnthropicProvider, OpenAiProvider, ProviderSettings};
 use descartes_store::{SqliteEventStore, SqliteOptions, SyncMode};
-use descartes_tools::{builtin_registry, ToolLimits};
+use descartes_tools::{ToolLimits, builtin_registry};
 
-use crate::config::{self, Config, ConfigError, BUILTIN_PROVIDERS};
+use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::locks::RunLock;
 use crate::places::Places;
 
@@ -142,12 +142,18 @@ impl Runtime {
             .or_else(|| custom.model.clone())
             .or_else(|| self.config.model.clone())
             .or_else(|| builtin.map(|b| b.5.to_owned()))
-            .ok_or_else(|| RuntimeError::Provider(descartes_core::ProviderError::Config {
-                provider: name.clone(),
-                message: format!("no model configured; pass -m or set providers.{name}.model"),
-            }))?;
+            .ok_or_else(|| {
+                RuntimeError::Provider(descartes_core::ProviderError::Config {
+                    provider: name.clone(),
+                    message: format!("no model configured; pass -m or set providers.{name}.model"),
+                })
+            })?;
         Ok(Selection {
-            base_url: custom.base_url.clone().or_else(|| builtin.map(|b| b.2.to_owned())).unwrap_or_else(|| default_base.to_owned()),
+            base_url: custom
+                .base_url
+                .clone()
+                .or_else(|| builtin.map(|b| b.2.to_owned()))
+                .unwrap_or_else(|| default_base.to_owned()),
             api_key_env: custom
                 .api_key_env
                 .clone()

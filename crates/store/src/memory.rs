@@ -5,10 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use descartes_core::store::DeferredAppend;
 use descartes_core::{EventStore, RunSummary, StoreError};
-use descartes_protocol::{Event, NewEvent, RunId, Seq, EVENT_VERSION};
+use descartes_protocol::{EVENT_VERSION, Event, NewEvent, RunId, Seq};
 use tokio::sync::watch;
 
-use crate::projection::{run_change, RunChange};
+use crate::projection::{RunChange, run_change};
 
 /// An event store in memory, for tests and embedding. Same semantics as SQLite, no durability.
 pub struct MemoryEventStore {

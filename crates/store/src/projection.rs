@@ -10,7 +10,9 @@ pub(crate) enum RunChange<'a> {
 
 pub(crate) fn run_change(event: &Event) -> Option<RunChange<'_>> {
     match &event.data {
-        EventData::RunStarted(s) => Some(RunChange::Insert { prompt: &s.prompt, provider: &s.provider, model: &s.model }),
+        EventData::RunStarted(s) => {
+            Some(RunChange::Insert { prompt: &s.prompt, provider: &s.provider, model: &s.model })
+        }
         EventData::RunResumed(r) => {
             Some(RunChange::Status { status: "running", provider: Some((&r.provider, &r.model)) })
         }

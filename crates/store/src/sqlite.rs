@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use descartes_core::store::DeferredAppend;
 use descartes_core::{EventStore, RunSummary, StoreError};
-use descartes_protocol::{Event, EventData, EventId, NewEvent, RunId, Seq, Timestamp, EVENT_VERSION};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use descartes_protocol::{EVENT_VERSION, Event, EventData, EventId, NewEvent, RunId, Seq, Timestamp};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{oneshot, watch};
 
-use crate::projection::{run_change, RunChange};
+use crate::projection::{RunChange, run_change};
 
 /// Longest time a deferred event waits before it is written on its own.
 pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
@@ -97,7 +97,8 @@ pub struct SqliteEventStore {
 }
 
 fn io_err(e: rusqlite::Error) -> StoreError {
-    let busy = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
+    let busy =
+        matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
     StoreError::Io { message: e.to_string(), busy }
 }
 
@@ -304,13 +305,22 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                     let e = p.event;
                     let seq: Option<Seq> = insert
                         .query_row(
-                            params![e.id.as_str(), e.run_id.as_str(), e.data.kind(), EVENT_VERSION, e.at.as_micros(), e.key, p.json],
+                            params![
+                                e.id.as_str(),
+                                e.run_id.as_str(),
+                                e.data.kind(),
+                                EVENT_VERSION,
+                                e.at.as_micros(),
+                                e.key,
+                                p.json
+                            ],
                             |r| r.get(0),
                         )
                         .optional()?;
                     let event = match seq {
                         Some(seq) => {
-                            let event = Event { seq, id: e.id, run_id: e.run_id, at: e.at, v: EVENT_VERSION, data: e.data };
+                            let event =
+                                Event { seq, id: e.id, run_id: e.run_id, at: e.at, v: EVENT_VERSION, data: e.data };
                             project(&tx, &event)?;
                             event
                         }
@@ -351,7 +361,9 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                 match cmd {
                     Cmd::Append { reply, .. } | Cmd::Flush { reply } => {
                         let _ = reply.send(Err(match &err {
-                            StoreError::Io { message, busy } => StoreError::Io { message: message.clone(), busy: *busy },
+                            StoreError::Io { message, busy } => {
+                                StoreError::Io { message: message.clone(), busy: *busy }
+                            }
                             _ => StoreError::Closed,
                         }));
                     }
@@ -378,8 +390,11 @@ fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()
                 event.at.as_micros()
             ])?;
             if let Some((p, m)) = provider {
-                tx.prepare_cached("UPDATE runs SET provider = ?2, model = ?3 WHERE run_id = ?1")?
-                    .execute(params![event.run_id.as_str(), p, m])?;
+                tx.prepare_cached("UPDATE runs SET provider = ?2, model = ?3 WHERE run_id = ?1")?.execute(params![
+                    event.run_id.as_str(),
+                    p,
+                    m
+                ])?;
             }
         }
         None => {}

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use descartes_core::{Tool, ToolContext, ToolOutput};
 use descartes_protocol::ToolSpec;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::{clip, str_arg};
 
@@ -62,8 +62,9 @@ impl Tool for WriteFileTool {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "write_file".into(),
-            description: "Create or overwrite a file with the given content. The path is relative to the working directory."
-                .into(),
+            description:
+                "Create or overwrite a file with the given content. The path is relative to the working directory."
+                    .into(),
             input_schema: json!({
                 "type": "object",
                 "properties": {

@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use descartes_core::{Recovery, Tool, ToolContext, ToolOutput};
 use descartes_protocol::ToolSpec;
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 use crate::{clip, str_arg};
 
-const WRAPPER: &str = r#": > "$1/started"; sh -c "$0"; c=$?; printf '%s' "$c" > "$1/exit.tmp" && mv "$1/exit.tmp" "$1/exit"; exit $c"#;
+const WRAPPER: &str =
+    r#": > "$1/started"; sh -c "$0"; c=$?; printf '%s' "$c" > "$1/exit.tmp" && mv "$1/exit.tmp" "$1/exit"; exit $c"#;
 
 /// The `shell` tool.
 #[derive(Debug, Clone)]
@@ -91,9 +92,10 @@ impl Tool for ShellTool {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "shell".into(),
-            description: "Run a shell command (sh -c) in the working directory. Returns the exit code, stdout and stderr. \
+            description:
+                "Run a shell command (sh -c) in the working directory. Returns the exit code, stdout and stderr. \
                           The command is killed after timeout_secs (default 120)."
-                .into(),
+                    .into(),
             input_schema: json!({
                 "type": "object",
                 "properties": {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-pub use descartes_test_support::{anthropic, openai, sequence, with_delay, FakeServer, RecordedRequest, Reply};
+pub use descartes_test_support::{FakeServer, RecordedRequest, Reply, anthropic, openai, sequence, with_delay};
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_descartes");
