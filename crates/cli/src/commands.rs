@@ -10,9 +10,7 @@ use anyhow::{Context, Result};
 use descartes_core::agent::goal_message;
 use descartes_core::permission::NoPrompter;
 use descartes_core::state::RunStatus;
-use descartes_core::{
-    Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, RunState, StoreError,
-};
+use descartes_core::{Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, StoreError};
 use descartes_protocol::{Event, EventData, RunId};
 use descartes_runtime::config::{self, LogFormat};
 use descartes_runtime::{Runtime, RuntimeError};
@@ -244,8 +242,7 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
     let store = rt.open_store()?;
     let run_id = rt.resolve_run(&*store, &args.id).await?;
     let lock = rt.lock_run(&run_id)?;
-    let events = store.read_run(&run_id, 0).await?;
-    let state = RunState::fold(run_id.clone(), &events)?;
+    let state = store.replay_run(&run_id).await?;
     let previous = match state.status {
         RunStatus::Completed => {
             return Err(user_error(

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::permission::{PermissionRequest, PromptAnswer, Prompter};
 use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
-use crate::state::{NextStep, RunState};
+use crate::state::{NextStep, PermissionOutcome, RunState};
 use crate::store::{DeferredAppend, EventStore};
 use crate::tool::{Recovery, Tool, ToolContext, ToolOutput, ToolRegistry};
 use crate::{CoreError, Result};
@@ -172,7 +172,11 @@ impl Agent {
                         if self.cancel.is_cancelled() {
                             break;
                         }
-                        self.run_tool(&mut st, &mut ob, id, name, input).await?;
+                        match self.run_tool(&mut st, &mut ob, id, name, input).await {
+                            // Stopped at a permission prompt: recorded like any other cancellation.
+                            Err(CoreError::Cancelled) => return self.cancelled(&mut st, &mut ob).await,
+                            r => r?,
+                        }
                     }
                 }
             }
@@ -275,7 +279,7 @@ impl Agent {
             cancel: self.cancel.clone(),
         };
         let record = st.tool_calls.get(&id).cloned().unwrap_or_default();
-        if record.started.is_some() {
+        if record.started {
             // The intent is in the log but not the result: the run was interrupted during the call.
             if !tool.idempotent() {
                 match tool.recover(&input, &ctx).await {
@@ -306,8 +310,9 @@ impl Agent {
                 Some(p) => p,
                 None => {
                     let p = self.decide(st, ob, &id, &name, tool.as_ref(), &input).await?;
-                    self.push(st, ob, p.clone());
-                    p
+                    let outcome = PermissionOutcome { decision: p.decision, reason: p.reason.clone() };
+                    self.push(st, ob, p);
+                    outcome
                 }
             };
             if decision.decision == Decision::Deny {

@@ -5,8 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use descartes_protocol::{
-    ContentPart, DecisionScope, Event, EventData, Message, PermissionDecided, Role, RunId, RunStarted, Seq,
-    ToolCallCompleted, ToolCallStarted, Usage,
+    ContentPart, Decision, DecisionScope, Event, EventData, Message, Role, RunId, RunStarted, Seq, Usage,
 };
 use serde_json::Value;
 
@@ -33,12 +32,24 @@ impl RunStatus {
     }
 }
 
+/// The part of a `permission_decided` event a resumed run needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermissionOutcome {
+    pub decision: Decision,
+    pub reason: String,
+}
+
 /// What is known of one tool call.
 #[derive(Debug, Clone, Default)]
 pub struct ToolCallRecord {
-    pub permission: Option<PermissionDecided>,
-    pub started: Option<ToolCallStarted>,
-    pub completed: Option<ToolCallCompleted>,
+    /// The permission decision for the call, if one was made.
+    pub permission: Option<PermissionOutcome>,
+    /// Its intent (`tool_call_started`) is in the log.
+    pub started: bool,
+    /// Whether the tool declared the call idempotent (from the intent).
+    pub idempotent: bool,
+    /// Its result (`tool_call_completed`) is in the log.
+    pub completed: bool,
 }
 
 /// What the agent loop must do next.
@@ -110,18 +121,37 @@ impl RunState {
         for e in events {
             state.apply(e.seq, &e.data);
         }
-        if state.started.is_none() {
-            return Err(if state.events == 0 {
-                CoreError::RunNotFound(state.run_id.to_string())
+        state.check_folded()
+    }
+
+    /// Folds a run's events, consuming them (no copies: the fastest way to rebuild a run).
+    pub fn fold_owned(run_id: RunId, events: impl IntoIterator<Item = Event>) -> Result<Self> {
+        let mut state = Self::new(run_id);
+        for e in events {
+            state.apply_owned(e.seq, e.data);
+        }
+        state.check_folded()
+    }
+
+    /// After a fold: a run must start with `run_started`.
+    pub fn check_folded(self) -> Result<Self> {
+        if self.started.is_none() {
+            return Err(if self.events == 0 {
+                CoreError::RunNotFound(self.run_id.to_string())
             } else {
-                CoreError::Inconsistent(format!("run {} has events but no run_started", state.run_id))
+                CoreError::Inconsistent(format!("run {} has events but no run_started", self.run_id))
             });
         }
-        Ok(state)
+        Ok(self)
     }
 
     /// Applies one event. `seq` may be 0 for an event not yet written.
     pub fn apply(&mut self, seq: Seq, data: &EventData) {
+        self.apply_owned(seq, data.clone());
+    }
+
+    /// Applies one event, taking its payload.
+    pub fn apply_owned(&mut self, seq: Seq, data: EventData) {
         self.events += 1;
         if seq > self.last_seq {
             self.last_seq = seq;
@@ -132,19 +162,19 @@ impl RunState {
                 self.model = s.model.clone();
                 self.max_turns = s.max_turns;
                 self.auto_approve = s.auto_approve;
-                self.started = Some(s.clone());
+                self.started = Some(s);
                 self.status = RunStatus::Running;
             }
             EventData::RunResumed(r) => {
-                self.provider = r.provider.clone();
-                self.model = r.model.clone();
+                self.provider = r.provider;
+                self.model = r.model;
                 self.max_turns = r.max_turns;
                 self.auto_approve = r.auto_approve;
                 self.status = RunStatus::Running;
                 self.error = None;
             }
-            EventData::MessageAdded(m) => Arc::make_mut(&mut self.messages).push(m.message.clone()),
-            EventData::ModelCallStarted(c) => self.open_model_call = Some(c.call_id.clone()),
+            EventData::MessageAdded(m) => Arc::make_mut(&mut self.messages).push(m.message),
+            EventData::ModelCallStarted(c) => self.open_model_call = Some(c.call_id),
             EventData::ModelCallCompleted(c) => {
                 self.turns += 1;
                 self.usage.add(&c.usage);
@@ -152,17 +182,16 @@ impl RunState {
             }
             EventData::ModelCallFailed(_) => self.open_model_call = None,
             EventData::ToolCallStarted(t) => {
-                self.tool_calls.entry(t.call_id.clone()).or_default().started = Some(t.clone());
+                let record = self.tool_calls.entry(t.call_id).or_default();
+                record.started = true;
+                record.idempotent = t.idempotent;
             }
             EventData::ToolCallCompleted(t) => {
                 let record = self.tool_calls.entry(t.call_id.clone()).or_default();
-                if record.completed.is_none() {
-                    record.completed = Some(t.clone());
-                    let part = ContentPart::ToolResult {
-                        tool_use_id: t.call_id.clone(),
-                        content: t.output.clone(),
-                        is_error: t.is_error,
-                    };
+                if !record.completed {
+                    record.completed = true;
+                    let part =
+                        ContentPart::ToolResult { tool_use_id: t.call_id, content: t.output, is_error: t.is_error };
                     let messages = Arc::make_mut(&mut self.messages);
                     match messages.last_mut() {
                         Some(last) if is_tool_results(last) => last.content.push(part),
@@ -171,20 +200,21 @@ impl RunState {
                 }
             }
             EventData::PermissionDecided(p) => {
-                if p.scope == DecisionScope::Run && p.decision == descartes_protocol::Decision::Allow {
-                    self.run_allowed.insert(p.tool.clone());
+                if p.scope == DecisionScope::Run && p.decision == Decision::Allow {
+                    self.run_allowed.insert(p.tool);
                 }
-                if let Some(id) = &p.call_id {
-                    self.tool_calls.entry(id.clone()).or_default().permission = Some(p.clone());
+                if let Some(id) = p.call_id {
+                    self.tool_calls.entry(id).or_default().permission =
+                        Some(PermissionOutcome { decision: p.decision, reason: p.reason });
                 }
             }
             EventData::RunCompleted(c) => {
                 self.status = RunStatus::Completed;
-                self.result = Some(c.result.clone());
+                self.result = Some(c.result);
             }
             EventData::RunFailed(f) => {
                 self.status = RunStatus::Failed;
-                self.error = Some(f.error.clone());
+                self.error = Some(f.error);
             }
             EventData::RunCancelled(_) => self.status = RunStatus::Cancelled,
             EventData::Unknown { .. } => {}
@@ -212,7 +242,7 @@ impl RunState {
             return if at + 1 == self.messages.len() { NextStep::Complete(last.text()) } else { NextStep::CallModel };
         }
         let missing: Vec<_> = uses
-            .filter(|(id, _, _)| self.tool_calls.get(*id).is_none_or(|r| r.completed.is_none()))
+            .filter(|(id, _, _)| self.tool_calls.get(*id).is_none_or(|r| !r.completed))
             .map(|(id, name, input)| (id.to_owned(), name.to_owned(), input.clone()))
             .collect();
         if missing.is_empty() { NextStep::CallModel } else { NextStep::RunTools(missing) }

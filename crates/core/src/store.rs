@@ -80,6 +80,13 @@ pub trait EventStore: Send + Sync {
     /// (tail) the log; may return early, callers re-read.
     async fn wait_for_events(&self, after: Seq, timeout: Duration);
 
+    /// Rebuilds a run's state from its events. The default reads then folds; stores override
+    /// it to fold while reading.
+    async fn replay_run(&self, run_id: &RunId) -> Result<crate::RunState, crate::CoreError> {
+        let events = self.read_run(run_id, 0).await?;
+        crate::RunState::fold_owned(run_id.clone(), events)
+    }
+
     /// Writes every deferred event durably.
     async fn flush(&self) -> Result<(), StoreError>;
 }

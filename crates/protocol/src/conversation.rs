@@ -21,8 +21,9 @@ impl Role {
     }
 }
 
-/// One block of a message.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One block of a message. Serialized with a `type` tag (`text`, `thinking`, `tool_use`,
+/// `tool_result`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
     Text {
@@ -49,6 +50,60 @@ pub enum ContentPart {
         is_error: bool,
     },
 }
+
+// Deserialized through a flat struct: serde's internally tagged enums buffer every value first,
+// which made replaying long runs several times slower.
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    tool_use_id: Option<String>,
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    is_error: bool,
+}
+
+impl<'de> Deserialize<'de> for ContentPart {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let r = RawPart::deserialize(d)?;
+        let need = |v: Option<String>, field: &str| v.ok_or_else(|| D::Error::missing_field_in(&r.kind, field));
+        Ok(match r.kind.as_str() {
+            "text" => ContentPart::Text { text: need(r.text, "text")? },
+            "thinking" => ContentPart::Thinking { text: need(r.text, "text")?, signature: r.signature },
+            "tool_use" => ContentPart::ToolUse {
+                id: need(r.id, "id")?,
+                name: need(r.name, "name")?,
+                input: r.input.unwrap_or(Value::Null),
+            },
+            "tool_result" => ContentPart::ToolResult {
+                tool_use_id: need(r.tool_use_id, "tool_use_id")?,
+                content: r.content.unwrap_or_default(),
+                is_error: r.is_error,
+            },
+            other => return Err(D::Error::custom(format!("unknown content part type `{other}`"))),
+        })
+    }
+}
+
+trait MissingIn: serde::de::Error {
+    fn missing_field_in(kind: &str, field: &str) -> Self {
+        Self::custom(format!("content part `{kind}` is missing `{field}`"))
+    }
+}
+impl<E: serde::de::Error> MissingIn for E {}
 
 impl ContentPart {
     pub fn text(text: impl Into<String>) -> Self {

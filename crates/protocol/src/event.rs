@@ -167,13 +167,40 @@ pub struct RunResumed {
     pub pid: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A message; serialized flat: `{"role", "content", "model_call_id"?}`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct MessageAdded {
-    #[serde(flatten)]
     pub message: Message,
     /// The model call that produced it (assistant messages).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_call_id: Option<String>,
+}
+
+// Written by hand rather than with `#[serde(flatten)]`, which buffers every value and made
+// replay several times slower.
+#[derive(Serialize, Deserialize)]
+struct MessageAddedRepr<M> {
+    role: Role,
+    content: M,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    model_call_id: Option<String>,
+}
+
+impl Serialize for MessageAdded {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        MessageAddedRepr {
+            role: self.message.role,
+            content: &self.message.content,
+            model_call_id: self.model_call_id.clone(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageAdded {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = MessageAddedRepr::<Vec<crate::ContentPart>>::deserialize(d)?;
+        Ok(MessageAdded { message: Message { role: r.role, content: r.content }, model_call_id: r.model_call_id })
+    }
 }
 
 impl MessageAdded {

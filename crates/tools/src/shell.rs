@@ -204,3 +204,243 @@ impl Tool for ShellTool {
         if spool.join("started").exists() { Recovery::Unknown } else { Recovery::NotStarted }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use descartes_protocol::RunId;
+    use tokio_util::sync::CancellationToken;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        ctx: ToolContext,
+    }
+
+    /// A working directory and a (not yet created) spool directory in a fresh temp dir.
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let cwd = dir.path().canonicalize().unwrap().join("work");
+        std::fs::create_dir(&cwd).unwrap();
+        let ctx = ToolContext {
+            cwd,
+            run_id: RunId::from("run"),
+            call_id: "call-1".into(),
+            spool_dir: dir.path().join("spool").join("run").join("call-1"),
+            cancel: CancellationToken::new(),
+        };
+        Setup { _dir: dir, ctx }
+    }
+
+    fn tool() -> ShellTool {
+        ShellTool::new(Duration::from_secs(30), 64 * 1024)
+    }
+
+    fn details(out: &ToolOutput) -> &Value {
+        out.details.as_ref().expect("shell output has details")
+    }
+
+    #[tokio::test]
+    async fn echo_succeeds_with_its_output() {
+        let s = setup();
+        let out = tool().call(json!({"command": "echo hi"}), &s.ctx).await;
+        assert!(!out.is_error, "{}", out.content);
+        assert!(out.content.starts_with("exit code: 0"), "{}", out.content);
+        assert!(out.content.contains("stdout:\nhi\n"), "{}", out.content);
+        assert!(!out.content.contains("stderr:"), "{}", out.content);
+        let d = details(&out);
+        assert_eq!(d["exit_code"], 0);
+        assert_eq!(d["timed_out"], false);
+        assert_eq!(d["cancelled"], false);
+        assert_eq!(d["stdout_bytes"], 3);
+        assert_eq!(d["truncated"], false);
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_is_an_error_with_its_exit_code() {
+        let s = setup();
+        let out = tool().call(json!({"command": "exit 3"}), &s.ctx).await;
+        assert!(out.is_error);
+        assert!(out.content.starts_with("exit code: 3"), "{}", out.content);
+        assert_eq!(details(&out)["exit_code"], 3);
+    }
+
+    #[tokio::test]
+    async fn stderr_is_captured() {
+        let s = setup();
+        let out = tool().call(json!({"command": "echo out; echo oops >&2"}), &s.ctx).await;
+        assert!(!out.is_error);
+        assert!(out.content.contains("stdout:\nout\n"), "{}", out.content);
+        assert!(out.content.contains("stderr:\noops\n"), "{}", out.content);
+        assert_eq!(details(&out)["stderr_bytes"], 5);
+    }
+
+    #[tokio::test]
+    async fn runs_in_the_working_directory() {
+        let s = setup();
+        let out = tool().call(json!({"command": "pwd; echo x > here.txt"}), &s.ctx).await;
+        assert!(!out.is_error, "{}", out.content);
+        assert!(out.content.contains(&format!("stdout:\n{}\n", s.ctx.cwd.display())), "{}", out.content);
+        assert!(s.ctx.cwd.join("here.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn a_command_is_killed_at_its_timeout() {
+        let s = setup();
+        let started = Instant::now();
+        let out = tool().call(json!({"command": "sleep 5; touch late", "timeout_secs": 1}), &s.ctx).await;
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+        assert!(elapsed >= Duration::from_millis(900), "took {elapsed:?}");
+        assert!(out.is_error);
+        assert!(out.content.contains("timed out"), "{}", out.content);
+        let d = details(&out);
+        assert_eq!(d["timed_out"], true);
+        assert_eq!(d["exit_code"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn cancellation_kills_the_command_promptly() {
+        let s = setup();
+        let token = s.ctx.cancel.clone();
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            token.cancel();
+        });
+        let started = Instant::now();
+        let out = tool().call(json!({"command": "sleep 2; touch late"}), &s.ctx).await;
+        let elapsed = started.elapsed();
+        canceller.await.unwrap();
+        assert!(elapsed < Duration::from_millis(1500), "took {elapsed:?}");
+        assert!(out.is_error);
+        assert!(out.content.contains("cancelled"), "{}", out.content);
+        assert_eq!(details(&out)["cancelled"], true);
+        // The whole process group died: what the command would do after the sleep never happens.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!s.ctx.cwd.join("late").exists(), "the command kept running after cancellation");
+        assert!(!s.ctx.spool_dir.join("exit").exists());
+    }
+
+    #[tokio::test]
+    async fn invalid_arguments_are_errors() {
+        let s = setup();
+        let cases = [
+            (json!({}), "missing required argument `command`"),
+            (json!({"command": 5}), "must be a string"),
+            (json!({"command": ["ls"]}), "must be a string"),
+            (json!({"command": "true", "timeout_secs": 0}), "positive integer"),
+            (json!({"command": "true", "timeout_secs": "x"}), "positive integer"),
+            (json!({"command": "true", "timeout_secs": -1}), "positive integer"),
+            (json!({"command": "true", "timeout_secs": 1.5}), "positive integer"),
+            (json!("echo hi"), "missing required argument `command`"),
+        ];
+        for (input, expected) in cases {
+            let out = tool().call(input.clone(), &s.ctx).await;
+            assert!(out.is_error, "{input}: {}", out.content);
+            assert!(out.content.contains(expected), "{input}: {}", out.content);
+        }
+        assert!(!s.ctx.spool_dir.exists(), "nothing was started");
+    }
+
+    #[tokio::test]
+    async fn big_output_is_clipped() {
+        let s = setup();
+        let shell = ShellTool::new(Duration::from_secs(30), 1000);
+        let out = shell.call(json!({"command": r"head -c 1000000 /dev/zero | tr '\0' a"}), &s.ctx).await;
+        assert!(!out.is_error, "{}", &out.content[..200.min(out.content.len())]);
+        assert!(out.content.len() < 1200, "{} bytes", out.content.len());
+        assert!(out.content.contains("[… 999000 bytes omitted …]"), "{}", out.content);
+        let d = details(&out);
+        assert_eq!(d["truncated"], true);
+        assert_eq!(d["stdout_bytes"], 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn recover_after_a_completed_call_returns_its_result_without_running_it() {
+        let s = setup();
+        let input = json!({"command": "echo ran >> count.txt; echo out; echo err >&2; exit 4"});
+        let first = tool().call(input.clone(), &s.ctx).await;
+        assert!(first.is_error);
+        assert_eq!(details(&first)["exit_code"], 4);
+
+        let Recovery::Completed(out) = tool().recover(&input, &s.ctx).await else {
+            panic!("expected a recovered result")
+        };
+        assert!(out.is_error);
+        assert_eq!(out.details, first.details);
+        assert!(out.content.starts_with(&first.content), "{}", out.content);
+        assert!(out.content.contains("exit code: 4"), "{}", out.content);
+        assert!(out.content.contains("stdout:\nout\n") && out.content.contains("stderr:\nerr\n"), "{}", out.content);
+        assert!(out.content.contains("the command was not run again"), "{}", out.content);
+        assert_eq!(std::fs::read_to_string(s.ctx.cwd.join("count.txt")).unwrap(), "ran\n");
+    }
+
+    #[tokio::test]
+    async fn recover_without_a_spool_is_not_started() {
+        let s = setup();
+        assert_eq!(tool().recover(&json!({"command": "true"}), &s.ctx).await, Recovery::NotStarted);
+        // A spool directory that exists but holds no lock: the call never got as far.
+        std::fs::create_dir_all(&s.ctx.spool_dir).unwrap();
+        assert_eq!(tool().recover(&json!({"command": "true"}), &s.ctx).await, Recovery::NotStarted);
+    }
+
+    #[tokio::test]
+    async fn recover_with_a_lock_but_no_started_marker_is_not_started() {
+        let s = setup();
+        std::fs::create_dir_all(&s.ctx.spool_dir).unwrap();
+        File::create(s.ctx.spool_dir.join("lock")).unwrap();
+        assert_eq!(tool().recover(&json!({"command": "true"}), &s.ctx).await, Recovery::NotStarted);
+    }
+
+    #[tokio::test]
+    async fn recover_of_a_started_call_without_exit_status_is_unknown() {
+        let s = setup();
+        std::fs::create_dir_all(&s.ctx.spool_dir).unwrap();
+        File::create(s.ctx.spool_dir.join("lock")).unwrap();
+        File::create(s.ctx.spool_dir.join("started")).unwrap();
+        std::fs::write(s.ctx.spool_dir.join("stdout"), "partial").unwrap();
+        assert_eq!(tool().recover(&json!({"command": "true"}), &s.ctx).await, Recovery::Unknown);
+    }
+
+    #[tokio::test]
+    async fn recover_waits_for_a_command_still_holding_the_lock() {
+        let s = setup();
+        let spool = s.ctx.spool_dir.clone();
+        std::fs::create_dir_all(&spool).unwrap();
+        // The command's process (here: this test) holds the lock through its own open handle.
+        let held = File::create(spool.join("lock")).unwrap();
+        held.lock().unwrap();
+        File::create(spool.join("started")).unwrap();
+
+        let ctx = s.ctx.clone();
+        let started = Instant::now();
+        let recovering = tokio::spawn(async move { tool().recover(&json!({"command": "slow"}), &ctx).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!recovering.is_finished(), "recover did not wait for the lock");
+        // The command finishes: output, exit status, then its processes exit (lock released).
+        std::fs::write(spool.join("stdout"), "finished late\n").unwrap();
+        std::fs::write(spool.join("exit"), "0").unwrap();
+        drop(held);
+
+        let recovery = tokio::time::timeout(Duration::from_secs(5), recovering).await.unwrap().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let Recovery::Completed(out) = recovery else { panic!("expected Completed, got {recovery:?}") };
+        assert!(!out.is_error, "{}", out.content);
+        assert!(out.content.starts_with("exit code: 0"), "{}", out.content);
+        assert!(out.content.contains("finished late"), "{}", out.content);
+        assert!(out.content.contains("not run again"), "{}", out.content);
+    }
+
+    #[tokio::test]
+    async fn a_call_killed_by_cancellation_recovers_as_unknown() {
+        // The spool of a cancelled call has `started` but no `exit`: resume must not guess.
+        let s = setup();
+        let token = s.ctx.cancel.clone();
+        token.cancel();
+        let input = json!({"command": "sleep 2"});
+        let out = tool().call(input.clone(), &s.ctx).await;
+        assert!(out.content.contains("cancelled"), "{}", out.content);
+        let recovery = tool().recover(&input, &s.ctx).await;
+        assert!(matches!(recovery, Recovery::Unknown | Recovery::NotStarted), "{recovery:?}");
+    }
+}
