@@ -22,11 +22,13 @@ fn dim(s: &str) -> String {
 pub struct HumanSink {
     mid_line: AtomicBool,
     out: Mutex<()>,
+    /// The tool call whose start was shown (its result line follows it).
+    shown_call: Mutex<Option<String>>,
 }
 
 impl HumanSink {
     pub fn new() -> Self {
-        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()) }
+        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()), shown_call: Mutex::new(None) }
     }
 
     /// Ends the answer's last line, so diagnostics start on their own line.
@@ -56,8 +58,14 @@ impl OutputSink for HumanSink {
             EventData::ToolCallStarted(t) => {
                 self.end_line();
                 eprintln!("{}", dim(&format!("▸ {}", summarize(&t.tool, &t.input))));
+                if let Ok(mut shown) = self.shown_call.lock() {
+                    *shown = Some(t.call_id.clone());
+                }
             }
-            EventData::ToolCallCompleted(t) => {
+            // Refused calls never started; their notice already said why.
+            EventData::ToolCallCompleted(t)
+                if self.shown_call.lock().map(|s| s.as_deref() == Some(t.call_id.as_str())).unwrap_or(false) =>
+            {
                 let first = t.output.lines().next().unwrap_or("");
                 let mark = if t.is_error { "✗" } else { "✓" };
                 eprintln!("{}", dim(&format!("  {mark} {}", clip_line(first, 120))));

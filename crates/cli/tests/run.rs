@@ -291,6 +291,15 @@ fn provider_failures_leave_a_resumable_run() {
 
 #[test]
 fn sigint_cancels_cleanly_and_the_run_resumes() {
+    cancels_cleanly_and_resumes("INT");
+}
+
+#[test]
+fn sigterm_cancels_cleanly_and_the_run_resumes() {
+    cancels_cleanly_and_resumes("TERM");
+}
+
+fn cancels_cleanly_and_resumes(sig: &str) {
     let env = Env::new(|req: &RecordedRequest| {
         if req.has_tool_result() {
             Reply::Stream(openai::text(&["finished"]))
@@ -307,7 +316,7 @@ fn sigint_cancels_cleanly_and_the_run_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(200));
-    signal(&child, "INT");
+    signal(&child, sig);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("descartes resume"), "{}", stderr(&out));

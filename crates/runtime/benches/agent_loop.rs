@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use descartes_core::agent::{goal_message, NullSink};
+use descartes_core::agent::{NullSink, goal_message};
 use descartes_core::permission::NoPrompter;
 use descartes_core::testing::{Scripted, ScriptedProvider};
 use descartes_core::{Agent, AgentConfig, RunOutcome, Tool, ToolContext, ToolOutput, ToolRegistry};
 use descartes_protocol::{RunId, ToolSpec};
 use descartes_store::{SqliteEventStore, SqliteOptions, SyncMode};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -54,13 +54,18 @@ fn window(steps: &[Duration], from: usize, to: usize) -> String {
 
 fn main() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let store = Arc::new(SqliteEventStore::open(&dir.path().join("loop.db"), SqliteOptions { sync: SyncMode::Full }).unwrap());
+    let store =
+        Arc::new(SqliteEventStore::open(&dir.path().join("loop.db"), SqliteOptions { sync: SyncMode::Full }).unwrap());
     let times = Arc::new(Mutex::new(Vec::with_capacity(STEPS + 1)));
     let provider = {
         let times = times.clone();
         ScriptedProvider::unrecorded(move |_req, n| {
             times.lock().unwrap().push(Instant::now());
-            if n < STEPS { Scripted::ToolCall(format!("call_{n}"), "noop".into(), "{}".into()) } else { Scripted::Text("done".into()) }
+            if n < STEPS {
+                Scripted::ToolCall(format!("call_{n}"), "noop".into(), "{}".into())
+            } else {
+                Scripted::Text("done".into())
+            }
         })
     };
     let mut tools = ToolRegistry::new();
