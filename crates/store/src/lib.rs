@@ -11,4 +11,4 @@ mod projection;
 mod sqlite;
 
 pub use memory::MemoryEventStore;
-pub use sqlite::{SqliteEventStore, SqliteOptions, SyncMode};
+pub use sqlite::{INDEX_LAG, SqliteEventStore, SqliteOptions, SyncMode};

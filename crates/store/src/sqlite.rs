@@ -22,6 +22,9 @@ use crate::projection::{RunChange, run_change};
 
 /// Longest time a deferred event waits before it is written on its own.
 pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
+/// Events left out of `run_index` before they are added in bulk (reads scan at most this many
+/// recent events besides the index).
+pub const INDEX_LAG: Seq = 1024;
 /// Longest time a commit waits for concurrent appenders to join it.
 pub const COALESCE: Duration = Duration::from_micros(300);
 /// Largest number of appends written in one transaction.
@@ -64,7 +67,15 @@ CREATE TABLE events (
     key     TEXT,
     data    TEXT NOT NULL
 );
-CREATE INDEX events_by_run ON events(run_id, seq);
+-- Events by run, written in bulk every INDEX_LAG events (see `index_runs`); the newer tail is
+-- found by scanning `events` after `meta.indexed_upto`.
+CREATE TABLE run_index (
+    run_id  TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta (key, value) VALUES ('indexed_upto', 0);
 CREATE UNIQUE INDEX events_by_key ON events(key) WHERE key IS NOT NULL;
 CREATE TRIGGER events_append_only_update BEFORE UPDATE ON events
     BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
@@ -217,7 +228,7 @@ impl SqliteEventStore {
     /// Reads one run's events synchronously (benchmarks and tools without a runtime).
     pub fn read_run_blocking(&self, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError> {
         let conn = open_conn(&self.path, SyncMode::Normal).map_err(io_err)?;
-        read_events(&conn, "WHERE run_id = ?1 AND seq > ?2 ORDER BY seq", params![run_id.as_str(), after])
+        read_run_events(&conn, run_id, after)
     }
 }
 
@@ -370,6 +381,9 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                 written.push(out);
             }
         }
+        if let Some(last) = written.iter().flatten().map(|e| e.seq).max() {
+            index_runs(&tx, last)?;
+        }
         tx.commit()?;
         Ok(written)
     })();
@@ -411,6 +425,23 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
     }
 }
 
+/// Adds the events not yet in `run_index` once there are at least [`INDEX_LAG`] of them. Done
+/// in bulk so that a commit of concurrent runs' events does not dirty one index page per run:
+/// the index pages are written once per INDEX_LAG events instead.
+fn index_runs(tx: &rusqlite::Transaction<'_>, last: Seq) -> rusqlite::Result<()> {
+    let upto: Seq =
+        tx.prepare_cached("SELECT value FROM meta WHERE key = 'indexed_upto'")?.query_row([], |r| r.get(0))?;
+    if last - upto < INDEX_LAG {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "INSERT INTO run_index (run_id, seq) SELECT run_id, seq FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY run_id, seq",
+    )?
+    .execute(params![upto, last])?;
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'indexed_upto'")?.execute([last])?;
+    Ok(())
+}
+
 fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()> {
     match run_change(event) {
         Some(RunChange::Insert { prompt, provider, model }) => {
@@ -448,6 +479,43 @@ fn existing_by_key(tx: &rusqlite::Transaction<'_>, key: &str) -> rusqlite::Resul
 
 const SELECT: &str = "SELECT seq, id, run_id, type, v, at, data FROM events";
 
+/// The events of run ?1 with ?2 < seq <= ?3 that `run_index` holds, in order.
+const RUN_INDEXED: &str = "SELECT e.seq, e.id, e.run_id, e.type, e.v, e.at, e.data
+     FROM run_index r JOIN events e ON e.seq = r.seq
+     WHERE r.run_id = ?1 AND r.seq > ?2 AND r.seq <= ?3 ORDER BY r.seq";
+/// The events of run ?1 after seq ?2 that are not indexed yet (a scan of at most INDEX_LAG-odd rows).
+const RUN_TAIL: &str =
+    "SELECT seq, id, run_id, type, v, at, data FROM events WHERE seq > ?2 AND run_id = ?1 ORDER BY seq";
+
+/// Visits the events of a run after `after`, in order: the indexed part through `run_index`,
+/// then the tail not indexed yet. Both are read in one transaction (one snapshot), so nothing
+/// is missed or seen twice.
+fn for_run_events(
+    conn: &Connection,
+    run_id: &RunId,
+    after: Seq,
+    mut f: impl FnMut(&rusqlite::Row<'_>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let tx = conn.unchecked_transaction().map_err(io_err)?;
+    let upto: Seq = tx
+        .prepare_cached("SELECT value FROM meta WHERE key = 'indexed_upto'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .map_err(io_err)?;
+    if after < upto {
+        let mut stmt = tx.prepare_cached(RUN_INDEXED).map_err(io_err)?;
+        let mut rows = stmt.query(params![run_id.as_str(), after, upto]).map_err(io_err)?;
+        while let Some(row) = rows.next().map_err(io_err)? {
+            f(row)?;
+        }
+    }
+    let mut stmt = tx.prepare_cached(RUN_TAIL).map_err(io_err)?;
+    let mut rows = stmt.query(params![run_id.as_str(), after.max(upto)]).map_err(io_err)?;
+    while let Some(row) = rows.next().map_err(io_err)? {
+        f(row)?;
+    }
+    Ok(())
+}
+
 type RowParts = (Seq, String, String, String, u16, i64, String);
 
 fn row_parts(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowParts> {
@@ -457,6 +525,15 @@ fn row_parts(r: &rusqlite::Row<'_>) -> rusqlite::Result<RowParts> {
 fn to_event((seq, id, run_id, kind, v, at, data): RowParts) -> Result<Event, StoreError> {
     let data = EventData::from_parts(&kind, &data).map_err(|e| StoreError::Corrupt { seq, message: e.to_string() })?;
     Ok(Event { seq, id: EventId(id), run_id: RunId(run_id), at: Timestamp(at), v, data })
+}
+
+fn read_run_events(conn: &Connection, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError> {
+    let mut out = Vec::new();
+    for_run_events(conn, run_id, after, |row| {
+        out.push(to_event(row_parts(row).map_err(io_err)?)?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn read_events(conn: &Connection, clause: &str, params: impl rusqlite::Params) -> Result<Vec<Event>, StoreError> {
@@ -472,18 +549,16 @@ fn read_events(conn: &Connection, clause: &str, params: impl rusqlite::Params) -
 /// Rebuilds a run's state while reading it: each row is decoded and folded as it is read, so
 /// no event is materialized beyond its payload.
 fn replay(conn: &Connection, run_id: RunId) -> Result<RunState, StoreError> {
-    let mut stmt =
-        conn.prepare_cached("SELECT seq, type, data FROM events WHERE run_id = ?1 ORDER BY seq").map_err(io_err)?;
-    let mut rows = stmt.query([run_id.as_str()]).map_err(io_err)?;
     let mut state = RunState::new(run_id.clone());
-    while let Some(row) = rows.next().map_err(io_err)? {
+    for_run_events(conn, &run_id, 0, |row| {
         let seq: Seq = row.get(0).map_err(io_err)?;
-        let kind = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(io_err)?;
-        let data = row.get_ref(2).and_then(|v| Ok(v.as_str()?)).map_err(io_err)?;
+        let kind = row.get_ref(3).and_then(|v| Ok(v.as_str()?)).map_err(io_err)?;
+        let data = row.get_ref(6).and_then(|v| Ok(v.as_str()?)).map_err(io_err)?;
         let data =
             EventData::from_parts(kind, data).map_err(|e| StoreError::Corrupt { seq, message: e.to_string() })?;
         state.apply_owned(seq, data);
-    }
+        Ok(())
+    })?;
     Ok(state)
 }
 
@@ -500,10 +575,7 @@ impl EventStore for SqliteEventStore {
 
     async fn read_run(&self, run_id: &RunId, after: Seq) -> Result<Vec<Event>, StoreError> {
         let run_id = run_id.clone();
-        self.with_reader(move |c| {
-            read_events(c, "WHERE run_id = ?1 AND seq > ?2 ORDER BY seq", params![run_id.as_str(), after])
-        })
-        .await
+        self.with_reader(move |c| read_run_events(c, &run_id, after)).await
     }
 
     async fn read_all(&self, after: Seq, limit: usize) -> Result<Vec<Event>, StoreError> {
