@@ -193,6 +193,13 @@ pub fn event_summary(e: &Event) -> String {
         }
         EventData::RunFailed(f) => format!("{}: {}", f.kind, clip_line(&f.error, 120)),
         EventData::RunCancelled(c) => c.reason.clone(),
-        EventData::Unknown { data, .. } => clip_line(&data.to_string(), 100),
+        EventData::TaskCreated(t) => format!("\"{}\" (priority {})", clip_line(&t.task.title, 80), t.task.priority),
+        EventData::TaskClaimed(c) => format!("by {} (token {}, attempt {})", c.worker, c.token, c.attempt),
+        EventData::TaskFailed(f) => {
+            format!("{}{}", clip_line(&f.reason, 100), if f.is_final { " (final)" } else { "" })
+        }
+        EventData::TaskLeaseExpired(x) => format!("worker {} lost the lease (token {})", x.worker, x.token),
+        EventData::TaskBlocked(b) => format!("by {}", b.dependency),
+        other => clip_line(&other.to_json().unwrap_or_default(), 100),
     }
 }

@@ -11,6 +11,7 @@ pub mod permission;
 pub mod provider;
 pub mod state;
 pub mod store;
+pub mod task;
 pub mod testing;
 pub mod tool;
 
@@ -20,4 +21,5 @@ pub use permission::{PermissionRequest, PromptAnswer, Prompter};
 pub use provider::{ModelRequest, ModelStream, Provider, ProviderError, ResponseAssembler, StreamEvent};
 pub use state::{RunState, RunStatus};
 pub use store::{DeferredAppend, EventStore, RunSummary, StoreError};
+pub use task::{Clock, SystemClock, TaskError, TaskFilter, TaskStore, TaskTxn};
 pub use tool::{Recovery, Tool, ToolContext, ToolOutput, ToolRegistry};

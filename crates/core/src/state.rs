@@ -217,7 +217,8 @@ impl RunState {
                 self.error = Some(f.error);
             }
             EventData::RunCancelled(_) => self.status = RunStatus::Cancelled,
-            EventData::Unknown { .. } => {}
+            // Other streams' events (tasks, ...) say nothing about a run.
+            _ => {}
         }
     }
 

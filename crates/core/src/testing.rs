@@ -79,3 +79,24 @@ impl Provider for ScriptedProvider {
         Ok(Box::pin(futures::stream::iter(events)))
     }
 }
+
+/// A clock that moves only when told (lease expiry and backoff without sleeping).
+#[derive(Debug)]
+pub struct ManualClock {
+    micros: std::sync::atomic::AtomicI64,
+}
+
+impl ManualClock {
+    pub fn new(start: descartes_protocol::Timestamp) -> Self {
+        Self { micros: std::sync::atomic::AtomicI64::new(start.as_micros()) }
+    }
+    pub fn advance(&self, d: std::time::Duration) {
+        self.micros.fetch_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+}
+
+impl crate::task::Clock for ManualClock {
+    fn now(&self) -> descartes_protocol::Timestamp {
+        descartes_protocol::Timestamp(self.micros.load(Ordering::SeqCst))
+    }
+}

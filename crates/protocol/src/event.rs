@@ -132,6 +132,28 @@ event_types! {
     RunFailed = "run_failed",
     /// The run was stopped by the user (SIGINT/SIGTERM); it can be resumed.
     RunCancelled = "run_cancelled",
+    /// A task was created (its stream id is the task id).
+    TaskCreated = "task_created",
+    /// A dependency was added to a task.
+    TaskDependencyAdded = "task_dependency_added",
+    /// A worker claimed a task; `token` is the fencing token of the lease.
+    TaskClaimed = "task_claimed",
+    /// The worker started the task.
+    TaskStarted = "task_started",
+    TaskCompleted = "task_completed",
+    /// An attempt failed; the task is queued again (with backoff) or failed for good.
+    TaskFailed = "task_failed",
+    /// A lease ran out without a heartbeat; the task is queued again or failed for good.
+    TaskLeaseExpired = "task_lease_expired",
+    /// The worker gave the task back (graceful shutdown); no attempt is charged.
+    TaskReleased = "task_released",
+    TaskCancelled = "task_cancelled",
+    /// A failed, cancelled or blocked task was queued again by the user.
+    TaskRetried = "task_retried",
+    /// A dependency failed for good: the task cannot run until it is retried.
+    TaskBlocked = "task_blocked",
+    /// The blocking dependency was retried: the task is queued again.
+    TaskUnblocked = "task_unblocked",
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -314,6 +336,82 @@ pub struct RunFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunCancelled {
     pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCreated {
+    pub task: crate::Task,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskDependencyAdded {
+    pub dependency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskClaimed {
+    pub worker: String,
+    pub token: i64,
+    pub lease_expires_at: Timestamp,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    pub token: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskCompleted {
+    pub token: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailed {
+    pub token: i64,
+    pub reason: String,
+    /// No attempt left: the task is `failed` for good.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// When the next attempt may be claimed (not final).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskLeaseExpired {
+    pub worker: String,
+    pub token: i64,
+    pub attempt: u32,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskReleased {
+    pub worker: String,
+    pub token: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TaskCancelled {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TaskRetried {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskBlocked {
+    pub dependency: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskUnblocked {
+    pub dependency: String,
 }
 
 impl Serialize for Event {

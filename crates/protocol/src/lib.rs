@@ -9,7 +9,9 @@
 mod conversation;
 mod event;
 mod ids;
+mod task;
 
 pub use conversation::*;
 pub use event::*;
 pub use ids::*;
+pub use task::*;

@@ -9,6 +9,7 @@
 mod memory;
 mod projection;
 mod sqlite;
+mod sqlite_tasks;
 
 pub use memory::MemoryEventStore;
 pub use sqlite::{INDEX_LAG, SqliteEventStore, SqliteOptions, SyncMode};

@@ -56,7 +56,8 @@ impl Default for SqliteOptions {
 }
 
 /// The migrations, in order. `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     seq     INTEGER PRIMARY KEY,
     id      TEXT NOT NULL,
@@ -90,14 +91,50 @@ CREATE TABLE runs (
     started_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE tasks (
+    id                TEXT PRIMARY KEY,
+    status            TEXT NOT NULL,
+    priority          INTEGER NOT NULL,
+    created_at        INTEGER NOT NULL,
+    not_before        INTEGER,
+    lease_expires_at  INTEGER,
+    data              TEXT NOT NULL
+);
+CREATE INDEX tasks_queue ON tasks(status, priority DESC, created_at, id);
+CREATE INDEX tasks_lease ON tasks(lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+CREATE TABLE task_deps (
+    dep_id   TEXT NOT NULL,
+    task_id  TEXT NOT NULL,
+    PRIMARY KEY (dep_id, task_id)
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('fencing', 0);
+"#,
+];
 
-enum Cmd {
-    Append { events: Vec<Prepared>, durable: bool, reply: oneshot::Sender<Result<Vec<Event>, StoreError>> },
-    Flush { reply: oneshot::Sender<Result<Vec<Event>, StoreError>> },
+pub(crate) enum Cmd {
+    Append {
+        events: Vec<Prepared>,
+        durable: bool,
+        reply: oneshot::Sender<Result<Vec<Event>, StoreError>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<Vec<Event>, StoreError>>,
+    },
+    /// Any other write (task operations), run inside the batch's transaction under its own
+    /// savepoint: an operation that fails is rolled back alone.
+    Tx {
+        op: TxOp,
+    },
 }
 
-struct Prepared {
+/// A write run in the writer's transaction. It says whether it succeeded (else its savepoint is
+/// rolled back) and returns what to do once the transaction's fate is known (reply after commit).
+pub(crate) type TxOp = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> (bool, TxDone) + Send>;
+pub(crate) type TxDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+pub(crate) struct Prepared {
     event: NewEvent,
     json: String,
 }
@@ -109,9 +146,10 @@ pub struct SqliteEventStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
     last: watch::Sender<Seq>,
+    pub(crate) clock: Arc<dyn descartes_core::Clock>,
 }
 
-fn io_err(e: rusqlite::Error) -> StoreError {
+pub(crate) fn io_err(e: rusqlite::Error) -> StoreError {
     let busy =
         matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked));
     StoreError::Io { message: e.to_string(), busy }
@@ -144,14 +182,21 @@ impl SqliteEventStore {
             writer: Mutex::new(Some(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
             last: last_tx,
+            clock: Arc::new(descartes_core::SystemClock),
         })
+    }
+
+    /// Uses this clock for task leases (tests use a manual clock).
+    pub fn with_clock(mut self, clock: Arc<dyn descartes_core::Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
+    pub(crate) fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
         let guard = self.tx.lock().map_err(|_| StoreError::Closed)?;
         guard.as_ref().ok_or(StoreError::Closed)?.send(cmd).map_err(|_| StoreError::Closed)
     }
@@ -201,7 +246,7 @@ impl SqliteEventStore {
         }
     }
 
-    fn with_reader<T: Send + 'static>(
+    pub(crate) fn with_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static {
@@ -321,6 +366,9 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, notify: watch::Sen
 }
 
 fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Sender<Seq>) {
+    let mut dones: Vec<TxDone> = Vec::new();
+    let mut wrote_other = false;
+    let mut other_last: Option<Seq> = None;
     let result = (|| -> Result<Vec<Vec<Event>>, rusqlite::Error> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut written = Vec::with_capacity(queue.len());
@@ -332,6 +380,22 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
             let mut insert = tx
                 .prepare_cached("INSERT INTO events (id, run_id, type, v, at, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
             for cmd in queue.iter_mut() {
+                if let Cmd::Tx { .. } = cmd {
+                    let Cmd::Tx { op } = std::mem::replace(cmd, Cmd::Tx { op: Box::new(|_| (true, Box::new(|_| ()))) })
+                    else {
+                        continue;
+                    };
+                    tx.execute_batch("SAVEPOINT task_op")?;
+                    let (ok, on_done) = op(&tx);
+                    if !ok {
+                        tx.execute_batch("ROLLBACK TO task_op")?;
+                    }
+                    tx.execute_batch("RELEASE task_op")?;
+                    dones.push(on_done);
+                    wrote_other = true;
+                    written.push(Vec::new());
+                    continue;
+                }
                 let Cmd::Append { events, .. } = cmd else {
                     written.push(Vec::new());
                     continue;
@@ -381,21 +445,37 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                 written.push(out);
             }
         }
-        if let Some(last) = written.iter().flatten().map(|e| e.seq).max() {
+        if wrote_other {
+            other_last =
+                Some(tx.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?.query_row([], |r| r.get(0))?);
+        }
+        if let Some(last) = written.iter().flatten().map(|e| e.seq).max().max(other_last) {
             index_runs(&tx, last)?;
         }
         tx.commit()?;
         Ok(written)
     })();
     let cmds = std::mem::take(queue);
+    let outcome = match &result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(StoreError::Io { message: e.to_string(), busy: false }),
+    };
+    for done in dones {
+        done(match &outcome {
+            Ok(()) => Ok(()),
+            Err(StoreError::Io { message, busy }) => Err(StoreError::Io { message: message.clone(), busy: *busy }),
+            Err(_) => Err(StoreError::Closed),
+        });
+    }
     match result {
         Ok(written) => {
-            let last = written.iter().flatten().map(|e| e.seq).max();
+            let last = written.iter().flatten().map(|e| e.seq).max().max(other_last);
             for (cmd, events) in cmds.into_iter().zip(written) {
                 match cmd {
                     Cmd::Append { reply, .. } | Cmd::Flush { reply } => {
                         let _ = reply.send(Ok(events));
                     }
+                    Cmd::Tx { .. } => {}
                 }
             }
             if let Some(last) = last {
@@ -419,6 +499,7 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                             _ => StoreError::Closed,
                         }));
                     }
+                    Cmd::Tx { .. } => {}
                 }
             }
         }

@@ -37,6 +37,7 @@ use serde_json::Value;
 
 pub mod anthropic;
 pub mod openai;
+pub mod task_suite;
 
 /// One request the server received.
 #[derive(Debug, Clone)]

@@ -1,0 +1,325 @@
+//! The task-store behaviour every `TaskStore` implementation must have, run against each one
+//! (SQLite in `crates/store/tests`, PostgreSQL in `crates/store-pg/tests`).
+//!
+//! `run_all(factory)` runs every case on a fresh store made by `factory(clock)`; the clock is
+//! manual so leases expire and backoffs pass without sleeping.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use descartes_core::testing::ManualClock;
+use descartes_core::{EventStore, TaskError, TaskFilter, TaskStore};
+use descartes_protocol::{NewTask, RunId, TaskStatus, Timestamp};
+
+/// What a factory returns: the task store, and the event log it writes to.
+pub struct Stores {
+    pub tasks: Arc<dyn TaskStore>,
+    pub events: Arc<dyn EventStore>,
+    pub clock: Arc<ManualClock>,
+    /// Keeps whatever the store needs alive (a temp dir, a test database).
+    pub guard: Box<dyn std::any::Any + Send>,
+}
+
+fn new(title: &str) -> NewTask {
+    NewTask { title: title.into(), ..Default::default() }
+}
+
+const TTL: Duration = Duration::from_secs(2);
+
+/// Runs every case; panics with the case's name on the first failure.
+pub async fn run_all<F, Fut>(factory: F)
+where
+    F: Fn(Arc<ManualClock>) -> Fut,
+    Fut: Future<Output = Stores>,
+{
+    macro_rules! case {
+        ($name:ident) => {{
+            let clock = Arc::new(ManualClock::new(Timestamp(1_800_000_000_000_000)));
+            let s = factory(clock).await;
+            eprintln!("task suite: {}", stringify!($name));
+            $name(&s).await;
+        }};
+    }
+    case!(priorities_and_dependencies);
+    case!(cycles_missing_dependencies_and_bad_input);
+    case!(leases_expire_and_stale_tokens_are_refused);
+    case!(heartbeats_keep_a_lease_alive);
+    case!(path_locks_exclude_each_other);
+    case!(failures_back_off_then_fail_for_good_and_block_dependents);
+    case!(cancel_blocks_and_retry_unblocks);
+    case!(illegal_transitions_are_errors);
+    case!(release_charges_no_attempt);
+    case!(batch_claims_are_distinct_with_increasing_tokens);
+    case!(expiry_after_the_last_attempt_fails_for_good);
+    case!(every_transition_is_an_event);
+    case!(concurrent_workers_complete_each_task_once);
+}
+
+async fn claim_one(s: &Stores, worker: &str) -> Option<descartes_protocol::Claim> {
+    let mut c = s.tasks.claim(worker, TTL, 1).await.unwrap();
+    assert!(c.len() <= 1);
+    c.pop()
+}
+
+async fn priorities_and_dependencies(s: &Stores) {
+    let a = s.tasks.create_task(NewTask { priority: 1, ..new("A") }).await.unwrap();
+    let b = s.tasks.create_task(NewTask { priority: 5, ..new("B") }).await.unwrap();
+    let c = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], priority: 9, ..new("C") }).await.unwrap();
+    let first = claim_one(s, "w").await.unwrap();
+    assert_eq!(first.task.id, b.id, "highest priority first");
+    let second = claim_one(s, "w").await.unwrap();
+    assert_eq!(second.task.id, a.id);
+    assert!(claim_one(s, "w").await.is_none(), "C waits for A");
+    s.tasks.complete(&a.id, second.token, Some("ok".into())).await.unwrap();
+    let third = claim_one(s, "w").await.unwrap();
+    assert_eq!(third.task.id, c.id, "C once A is done");
+    // Oldest first among equals.
+    let x = s.tasks.create_task(new("X")).await.unwrap();
+    s.clock.advance(Duration::from_millis(1));
+    let _y = s.tasks.create_task(new("Y")).await.unwrap();
+    assert_eq!(claim_one(s, "w").await.unwrap().task.id, x.id);
+}
+
+async fn cycles_missing_dependencies_and_bad_input(s: &Stores) {
+    let a = s.tasks.create_task(new("A")).await.unwrap();
+    let b = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("B") }).await.unwrap();
+    let c = s.tasks.create_task(NewTask { depends_on: vec![b.id.clone()], ..new("C") }).await.unwrap();
+    match s.tasks.add_dependency(&a.id, &c.id).await {
+        Err(TaskError::Cycle(path)) => assert_eq!(path, vec![a.id.clone(), c.id.clone(), b.id.clone(), a.id.clone()]),
+        other => panic!("cycle not refused: {other:?}"),
+    }
+    assert!(s.tasks.get_task(&a.id).await.unwrap().depends_on.is_empty(), "nothing changed");
+    let self_dep = NewTask { id: Some("selfish".into()), depends_on: vec!["selfish".into()], ..new("S") };
+    assert!(matches!(s.tasks.create_task(self_dep).await, Err(TaskError::Cycle(_))));
+    assert!(matches!(
+        s.tasks.create_task(NewTask { depends_on: vec!["nope".into()], ..new("D") }).await,
+        Err(TaskError::MissingDependency(d)) if d == "nope"
+    ));
+    assert!(matches!(
+        s.tasks.create_task(NewTask { locks: vec!["src/[".into()], ..new("G") }).await,
+        Err(TaskError::InvalidGlob { .. })
+    ));
+    assert!(matches!(s.tasks.create_task(new("  ")).await, Err(TaskError::Invalid(_))));
+    assert!(matches!(
+        s.tasks.create_task(NewTask { id: Some(a.id.clone()), ..new("dup") }).await,
+        Err(TaskError::Invalid(_))
+    ));
+    assert!(matches!(s.tasks.get_task("nope").await, Err(TaskError::NotFound(_))));
+    assert!(matches!(s.tasks.claim("w", Duration::ZERO, 1).await, Err(TaskError::Invalid(_))));
+    assert!(matches!(s.tasks.claim(" ", TTL, 1).await, Err(TaskError::Invalid(_))));
+}
+
+async fn leases_expire_and_stale_tokens_are_refused(s: &Stores) {
+    let t = s.tasks.create_task(new("T")).await.unwrap();
+    let first = claim_one(s, "w1").await.unwrap();
+    assert_eq!(first.task.status, TaskStatus::Claimed);
+    assert!(claim_one(s, "w2").await.is_none(), "leased");
+    s.clock.advance(Duration::from_millis(2100));
+    // The lease expired: another worker takes over (after the 1 s backoff).
+    assert!(claim_one(s, "w2").await.is_none(), "backoff after the expired attempt");
+    s.clock.advance(Duration::from_millis(1100));
+    let second = claim_one(s, "w2").await.unwrap();
+    assert_eq!(second.task.id, t.id);
+    assert!(second.token > first.token, "fencing tokens increase");
+    assert_eq!(second.task.attempts, 2);
+    match s.tasks.complete(&t.id, first.token, None).await {
+        Err(TaskError::StaleToken { given, .. }) => assert_eq!(given, first.token),
+        other => panic!("stale token accepted: {other:?}"),
+    }
+    assert!(matches!(s.tasks.heartbeat(&t.id, first.token, TTL).await, Err(TaskError::StaleToken { .. })));
+    let done = s.tasks.complete(&t.id, second.token, Some("r".into())).await.unwrap();
+    assert_eq!(done.status, TaskStatus::Done);
+    assert_eq!(done.result.as_deref(), Some("r"));
+}
+
+async fn heartbeats_keep_a_lease_alive(s: &Stores) {
+    let t = s.tasks.create_task(new("T")).await.unwrap();
+    let c = claim_one(s, "w1").await.unwrap();
+    s.tasks.start(&t.id, c.token).await.unwrap();
+    for _ in 0..5 {
+        s.clock.advance(Duration::from_millis(1500));
+        s.tasks.heartbeat(&t.id, c.token, TTL).await.unwrap();
+        assert!(s.tasks.reap_expired().await.unwrap().is_empty());
+        assert!(claim_one(s, "w2").await.is_none());
+    }
+    assert_eq!(s.tasks.get_task(&t.id).await.unwrap().status, TaskStatus::Running);
+    s.clock.advance(Duration::from_millis(2500));
+    assert!(matches!(s.tasks.heartbeat(&t.id, c.token, TTL).await, Err(TaskError::LeaseExpired { .. })));
+    assert_eq!(s.tasks.reap_expired().await.unwrap().len(), 1);
+    assert_eq!(s.tasks.get_task(&t.id).await.unwrap().status, TaskStatus::Queued);
+}
+
+async fn path_locks_exclude_each_other(s: &Stores) {
+    let wide = s.tasks.create_task(NewTask { locks: vec!["src/**".into()], priority: 2, ..new("wide") }).await.unwrap();
+    let narrow =
+        s.tasks.create_task(NewTask { locks: vec!["src/a.rs".into()], priority: 1, ..new("narrow") }).await.unwrap();
+    let other = s.tasks.create_task(NewTask { locks: vec!["docs/**".into()], ..new("docs") }).await.unwrap();
+    let claims = s.tasks.claim("w", TTL, 3).await.unwrap();
+    let ids: Vec<&str> = claims.iter().map(|c| c.task.id.as_str()).collect();
+    assert_eq!(ids, vec![wide.id.as_str(), other.id.as_str()], "src/a.rs conflicts with src/**");
+    assert!(claim_one(s, "w2").await.is_none());
+    s.tasks.complete(&wide.id, claims[0].token, None).await.unwrap();
+    assert_eq!(claim_one(s, "w2").await.unwrap().task.id, narrow.id);
+}
+
+async fn failures_back_off_then_fail_for_good_and_block_dependents(s: &Stores) {
+    let a = s.tasks.create_task(NewTask { max_attempts: Some(2), ..new("A") }).await.unwrap();
+    let d = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("D") }).await.unwrap();
+    let e = s.tasks.create_task(NewTask { depends_on: vec![d.id.clone()], ..new("E") }).await.unwrap();
+    let c1 = claim_one(s, "w").await.unwrap();
+    let after = s.tasks.fail(&a.id, c1.token, "exit code 1").await.unwrap();
+    assert_eq!(after.status, TaskStatus::Queued);
+    assert_eq!(after.error.as_deref(), Some("exit code 1"));
+    assert!(after.not_before.is_some());
+    assert!(claim_one(s, "w").await.is_none(), "backoff");
+    s.clock.advance(Duration::from_millis(1100));
+    let c2 = claim_one(s, "w").await.unwrap();
+    assert_eq!(c2.task.attempts, 2);
+    let failed = s.tasks.fail(&a.id, c2.token, "exit code 2").await.unwrap();
+    assert_eq!(failed.status, TaskStatus::Failed);
+    let blocked = s.tasks.get_task(&d.id).await.unwrap();
+    assert_eq!(blocked.status, TaskStatus::Blocked);
+    assert!(blocked.blocked_reason.unwrap().contains(&a.id));
+    assert_eq!(s.tasks.get_task(&e.id).await.unwrap().status, TaskStatus::Blocked, "transitively");
+    assert!(matches!(s.tasks.retry(&d.id).await, Err(TaskError::Invalid(_))), "retry the cause instead");
+    let retried = s.tasks.retry(&a.id).await.unwrap();
+    assert_eq!((retried.status, retried.attempts), (TaskStatus::Queued, 0));
+    assert_eq!(s.tasks.get_task(&d.id).await.unwrap().status, TaskStatus::Queued);
+    assert_eq!(s.tasks.get_task(&e.id).await.unwrap().status, TaskStatus::Queued);
+}
+
+async fn cancel_blocks_and_retry_unblocks(s: &Stores) {
+    let a = s.tasks.create_task(new("A")).await.unwrap();
+    let b = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("B") }).await.unwrap();
+    s.tasks.cancel(&a.id).await.unwrap();
+    assert_eq!(s.tasks.get_task(&b.id).await.unwrap().status, TaskStatus::Blocked);
+    // A new task depending on a cancelled one starts blocked.
+    let c = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("C") }).await.unwrap();
+    assert_eq!(c.status, TaskStatus::Blocked);
+    s.tasks.retry(&a.id).await.unwrap();
+    assert_eq!(s.tasks.get_task(&b.id).await.unwrap().status, TaskStatus::Queued);
+    assert_eq!(s.tasks.get_task(&c.id).await.unwrap().status, TaskStatus::Queued);
+    // Cancelling a leased task ends its lease: the holder's token is refused.
+    let claim = claim_one(s, "w").await.unwrap();
+    s.tasks.cancel(&claim.task.id).await.unwrap();
+    assert!(s.tasks.complete(&claim.task.id, claim.token, None).await.is_err());
+}
+
+async fn illegal_transitions_are_errors(s: &Stores) {
+    let t = s.tasks.create_task(new("T")).await.unwrap();
+    assert!(matches!(s.tasks.complete(&t.id, 1, None).await, Err(TaskError::IllegalTransition { .. })));
+    assert!(matches!(s.tasks.start(&t.id, 1).await, Err(TaskError::IllegalTransition { .. })));
+    assert!(matches!(s.tasks.retry(&t.id).await, Err(TaskError::IllegalTransition { .. })));
+    let c = claim_one(s, "w").await.unwrap();
+    s.tasks.complete(&t.id, c.token, None).await.unwrap();
+    assert!(matches!(s.tasks.cancel(&t.id).await, Err(TaskError::IllegalTransition { .. })));
+    assert!(matches!(s.tasks.retry(&t.id).await, Err(TaskError::IllegalTransition { .. })));
+    assert!(matches!(s.tasks.complete(&t.id, c.token, None).await, Err(TaskError::IllegalTransition { .. })));
+    assert_eq!(s.tasks.get_task(&t.id).await.unwrap().status, TaskStatus::Done, "unchanged by the refused writes");
+}
+
+async fn release_charges_no_attempt(s: &Stores) {
+    let t = s.tasks.create_task(new("T")).await.unwrap();
+    let c = claim_one(s, "w").await.unwrap();
+    let r = s.tasks.release(&t.id, c.token).await.unwrap();
+    assert_eq!((r.status, r.attempts), (TaskStatus::Queued, 0));
+    let again = claim_one(s, "w2").await.unwrap();
+    assert_eq!(again.task.attempts, 1);
+}
+
+async fn batch_claims_are_distinct_with_increasing_tokens(s: &Stores) {
+    for i in 0..10 {
+        s.tasks.create_task(new(&format!("t{i}"))).await.unwrap();
+    }
+    let first = s.tasks.claim("w", TTL, 4).await.unwrap();
+    let second = s.tasks.claim("w", TTL, 4).await.unwrap();
+    let third = s.tasks.claim("w", TTL, 4).await.unwrap();
+    assert_eq!((first.len(), second.len(), third.len()), (4, 4, 2));
+    let mut ids: Vec<&str> = first.iter().chain(&second).chain(&third).map(|c| c.task.id.as_str()).collect();
+    let tokens: Vec<i64> = first.iter().chain(&second).chain(&third).map(|c| c.token).collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10);
+    let leased = s.tasks.list_tasks(&TaskFilter { status: Some(TaskStatus::Claimed), label: None }).await.unwrap();
+    assert_eq!(leased.len(), 10);
+}
+
+async fn expiry_after_the_last_attempt_fails_for_good(s: &Stores) {
+    let t = s.tasks.create_task(NewTask { max_attempts: Some(1), labels: vec!["x".into()], ..new("T") }).await.unwrap();
+    claim_one(s, "w").await.unwrap();
+    s.clock.advance(Duration::from_secs(3));
+    let reaped = s.tasks.reap_expired().await.unwrap();
+    assert_eq!(reaped.len(), 1);
+    let t = s.tasks.get_task(&t.id).await.unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert!(t.error.unwrap().contains("expired"));
+    let by_label = s.tasks.list_tasks(&TaskFilter { status: None, label: Some("x".into()) }).await.unwrap();
+    assert_eq!(by_label.len(), 1);
+    assert!(s.tasks.list_tasks(&TaskFilter { status: None, label: Some("y".into()) }).await.unwrap().is_empty());
+}
+
+async fn every_transition_is_an_event(s: &Stores) {
+    let t = s.tasks.create_task(new("T")).await.unwrap();
+    let c = claim_one(s, "w").await.unwrap();
+    s.tasks.start(&t.id, c.token).await.unwrap();
+    s.tasks.heartbeat(&t.id, c.token, TTL).await.unwrap();
+    s.tasks.fail(&t.id, c.token, "boom").await.unwrap();
+    s.clock.advance(Duration::from_secs(2));
+    let c2 = claim_one(s, "w").await.unwrap();
+    s.tasks.complete(&t.id, c2.token, None).await.unwrap();
+    let events = s.events.read_run(&RunId::from(t.id.as_str()), 0).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        ["task_created", "task_claimed", "task_started", "task_failed", "task_claimed", "task_completed"]
+    );
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+async fn concurrent_workers_complete_each_task_once(s: &Stores) {
+    let n = 200;
+    for i in 0..n {
+        s.tasks.create_task(new(&format!("t{i}"))).await.unwrap();
+    }
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let tasks = s.tasks.clone();
+        workers.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let claims = tasks.claim(&format!("w{w}"), Duration::from_secs(60), 1 + w % 2 * 7).await.unwrap();
+                if claims.is_empty() {
+                    break done;
+                }
+                for c in claims {
+                    tasks.complete(&c.task.id, c.token, None).await.unwrap();
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap();
+    }
+    assert_eq!(total, n);
+    let mut completed = BTreeMap::<String, usize>::new();
+    let mut cursor = 0;
+    loop {
+        let batch = s.events.read_all(cursor, 10_000).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for e in &batch {
+            cursor = e.seq;
+            if e.kind() == "task_completed" {
+                *completed.entry(e.run_id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    assert_eq!(completed.len(), n);
+    assert!(completed.values().all(|&c| c == 1));
+}
