@@ -85,6 +85,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::List { json } => list(rt, json).await,
                 Command::Logs { id, follow, json } => logs(rt, id, follow, json).await,
                 Command::Config { command } => config_command(rt, command),
+                Command::Task { command } => crate::task_cmd::run(rt, command).await,
             }
         })
     })();

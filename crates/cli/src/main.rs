@@ -3,6 +3,7 @@
 
 mod commands;
 mod output;
+mod task_cmd;
 
 use std::process::ExitCode;
 
@@ -18,7 +19,9 @@ EXIT CODES:
   2    usage error (bad arguments)
   3    configuration error (bad config file, missing API key, unknown provider)
   4    store error (database cannot be opened or written)
-  5    not found / not resumable (unknown run id, run already completed or running elsewhere)
+  5    not found / not resumable (unknown run or task id, run already completed or running elsewhere)
+  6    stale lease (the fencing token is no longer current; another worker holds the task)
+  7    nothing to do (`task claim` found no ready task)
   130  cancelled (SIGINT/SIGTERM); `descartes resume ID` continues the run";
 
 #[derive(Parser, Debug)]
@@ -53,6 +56,11 @@ enum Command {
         /// Print events as JSON lines.
         #[arg(long)]
         json: bool,
+    },
+    /// The task queue: create, claim, complete, watch tasks and their dependency graph.
+    Task {
+        #[command(subcommand)]
+        command: task_cmd::TaskCommand,
     },
     /// Show or check the configuration.
     Config {

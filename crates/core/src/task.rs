@@ -373,7 +373,9 @@ fn expire_one(txn: &mut dyn TaskTxn, mut task: Task, now: Timestamp) -> Result<T
     let worker = task.claimed_by.take().unwrap_or_default();
     let token = task.token.unwrap_or_default();
     let is_final = task.attempts >= task.max_attempts;
-    let retry_at = (!is_final).then(|| plus(now, backoff(task.attempts)));
+    // The attempt ended when the lease ran out, not when someone noticed.
+    let ended = task.lease_expires_at.unwrap_or(now).min(now);
+    let retry_at = (!is_final).then(|| plus(ended, backoff(task.attempts)));
     task.lease_expires_at = None;
     task.error = Some(format!("lease of worker {worker} expired"));
     task.status = if is_final { TaskStatus::Failed } else { TaskStatus::Queued };

@@ -102,6 +102,11 @@ impl Runtime {
         Ok(Arc::new(SqliteEventStore::open(&self.places.db_path, SqliteOptions { sync })?))
     }
 
+    /// Opens the task store: the project's (or direct mode's) SQLite database.
+    pub fn open_tasks(&self) -> Result<Arc<SqliteEventStore>, RuntimeError> {
+        self.open_store()
+    }
+
     /// Names of every known provider.
     pub fn provider_names(&self) -> Vec<String> {
         let mut names: Vec<String> = BUILTIN_PROVIDERS.iter().map(|p| p.0.to_owned()).collect();

@@ -1,0 +1,467 @@
+//! `descartes task ...`: the control plane from the command line.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use descartes_core::task::waiting_reason;
+use descartes_core::{Clock, EventStore, SystemClock, TaskError, TaskFilter, TaskStore};
+use descartes_protocol::{EventData, NewTask, Task, TaskStatus};
+use descartes_runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
+use crate::output::clip_line;
+
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// Create a task; prints its id.
+    Create(CreateArgs),
+    /// List tasks, oldest first.
+    List {
+        /// Only tasks with this status (queued, claimed, running, blocked, done, failed, cancelled).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<TaskStatus>,
+        /// Only tasks with this label.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one task, and why it waits if it does.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Claim the highest-priority ready task(s); prints `ID TOKEN` per task.
+    Claim {
+        #[arg(long)]
+        worker: String,
+        /// Lease duration (e.g. 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = parse_ttl, allow_hyphen_values = true)]
+        ttl: Duration,
+        /// Claim up to this many tasks at once.
+        #[arg(long, default_value_t = 1)]
+        max: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a claimed task as started.
+    Start(TokenArgs),
+    /// Extend a lease.
+    Heartbeat {
+        #[command(flatten)]
+        lease: TokenArgs,
+        #[arg(long, default_value = "30s", value_parser = parse_ttl, allow_hyphen_values = true)]
+        ttl: Duration,
+    },
+    /// Finish a task successfully.
+    Complete {
+        #[command(flatten)]
+        lease: TokenArgs,
+        #[arg(long)]
+        result: Option<String>,
+    },
+    /// Report a failed attempt (the task is retried with backoff while attempts remain).
+    Fail {
+        #[command(flatten)]
+        lease: TokenArgs,
+        #[arg(long, default_value = "failed")]
+        reason: String,
+    },
+    /// Give a claimed task back without charging an attempt.
+    Release(TokenArgs),
+    /// Cancel a task (its dependents become blocked).
+    Cancel { id: String },
+    /// Queue a failed, cancelled or blocked task again (unblocks its dependents).
+    Retry { id: String },
+    /// Make a task depend on another one (cycles are refused).
+    Depend {
+        id: String,
+        #[arg(long = "on")]
+        dependency: String,
+    },
+    /// Print task changes as they happen.
+    Watch {
+        /// Print the whole history first.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dependency graph, as text or as Graphviz DOT.
+    Graph {
+        #[arg(long)]
+        dot: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    pub title: String,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long = "type", default_value = "")]
+    pub kind: String,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    #[arg(long = "depends-on")]
+    pub depends_on: Vec<String>,
+    /// Path glob this task locks while it runs (repeatable).
+    #[arg(long = "lock")]
+    pub locks: Vec<String>,
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Choose the id (letters, digits, - and _).
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    pub id: String,
+    /// The fencing token of the claim.
+    #[arg(long, allow_negative_numbers = true)]
+    pub token: i64,
+}
+
+fn parse_status(s: &str) -> Result<TaskStatus, String> {
+    TaskStatus::parse(s)
+        .ok_or_else(|| format!("unknown status {s:?}; one of: {}", TaskStatus::ALL.map(|t| t.as_str()).join(", ")))
+}
+
+/// A positive duration such as `30s`, `2m`, `1h30m`.
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s:?} is negative; a duration must be positive (e.g. 30s)"));
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 30s, 2m"))?;
+    if d.is_zero() {
+        return Err("a duration must be positive (e.g. 30s)".into());
+    }
+    Ok(d)
+}
+
+/// Exit code of a task error.
+pub fn exit_code(e: &TaskError) -> u8 {
+    match e {
+        TaskError::NotFound(_) => 5,
+        TaskError::StaleToken { .. } | TaskError::LeaseExpired { .. } => 6,
+        TaskError::Store(_) => 4,
+        _ => 2,
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn line(t: &Task) -> String {
+    let mut extra = String::new();
+    if let Some(w) = &t.claimed_by {
+        extra.push_str(&format!(" by {w}"));
+    }
+    if !t.depends_on.is_empty() {
+        extra.push_str(&format!(" after {}", t.depends_on.join(",")));
+    }
+    format!("{:<26}  {:<9}  {:>4}  {}{}", t.id, t.status, t.priority, clip_line(&t.title, 60), extra)
+}
+
+/// Resolves a full id or a unique prefix of one.
+async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
+    match store.get_task(id).await {
+        Ok(t) => Ok(t.id),
+        Err(TaskError::NotFound(_)) => {
+            let all = store.list_tasks(&TaskFilter::default()).await?;
+            let found: Vec<&Task> = all.iter().filter(|t| t.id.starts_with(id)).collect();
+            match found.as_slice() {
+                [one] => Ok(one.id.clone()),
+                [] => Err(TaskError::NotFound(id.to_owned())),
+                many => Err(TaskError::Invalid(format!(
+                    "`{id}` matches several tasks ({}); give more of the id",
+                    many.iter().take(5).map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ")
+                ))),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
+    let store = rt.open_tasks()?;
+    let tasks: Arc<dyn TaskStore> = store.clone();
+    let result = dispatch(&*tasks, &*store, command).await;
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) => match e.downcast::<TaskError>() {
+            Ok(te) => {
+                eprintln!("descartes: error: {te}");
+                Ok(exit_code(&te))
+            }
+            Err(other) => Err(other),
+        },
+    }
+}
+
+async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskCommand) -> Result<u8> {
+    match command {
+        TaskCommand::Create(a) => {
+            let mut depends_on = Vec::new();
+            for d in &a.depends_on {
+                depends_on.push(match resolve(tasks, d).await {
+                    Err(TaskError::NotFound(_)) => return Err(TaskError::MissingDependency(d.clone()).into()),
+                    other => other?,
+                });
+            }
+            let t = tasks
+                .create_task(NewTask {
+                    id: a.id,
+                    title: a.title,
+                    prompt: a.prompt,
+                    kind: a.kind,
+                    priority: a.priority,
+                    labels: a.labels,
+                    depends_on,
+                    locks: a.locks,
+                    max_attempts: a.max_attempts,
+                })
+                .await?;
+            if a.json { print_json(&t)? } else { println!("{}", t.id) }
+        }
+        TaskCommand::List { status, label, json } => {
+            let list = tasks.list_tasks(&TaskFilter { status, label }).await?;
+            if json {
+                print_json(&list)?;
+            } else if list.is_empty() {
+                eprintln!("no tasks; create one with `descartes task create TITLE`");
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<26}  {:<9}  {:>4}  TITLE", "ID", "STATUS", "PRIO")?;
+                for t in &list {
+                    writeln!(out, "{}", line(t))?;
+                }
+            }
+        }
+        TaskCommand::Show { id, json } => {
+            let t = tasks.get_task(&resolve(tasks, &id).await?).await?;
+            let mut deps = Vec::new();
+            for d in &t.depends_on {
+                deps.push(tasks.get_task(d).await?);
+            }
+            let leased: Vec<Task> =
+                tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|x| x.status.is_leased()).collect();
+            let waiting = waiting_reason(&t, &deps, &leased, SystemClock.now());
+            if json {
+                let mut v = serde_json::to_value(&t)?;
+                if let (Some(obj), Some(w)) = (v.as_object_mut(), &waiting) {
+                    obj.insert("waiting".into(), serde_json::Value::String(w.clone()));
+                }
+                print_json(&v)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "id:        {}", t.id)?;
+                writeln!(out, "title:     {}", t.title)?;
+                writeln!(out, "status:    {}", t.status)?;
+                if let Some(w) = &waiting {
+                    writeln!(out, "waiting:   {w}")?;
+                }
+                if !t.kind.is_empty() {
+                    writeln!(out, "type:      {}", t.kind)?;
+                }
+                writeln!(out, "priority:  {}", t.priority)?;
+                if !t.labels.is_empty() {
+                    writeln!(out, "labels:    {}", t.labels.join(", "))?;
+                }
+                for d in &deps {
+                    writeln!(out, "depends:   {} ({})", d.id, d.status)?;
+                }
+                if !t.locks.is_empty() {
+                    writeln!(out, "locks:     {}", t.locks.join(", "))?;
+                }
+                writeln!(out, "attempts:  {}/{}", t.attempts, t.max_attempts)?;
+                if let (Some(w), Some(exp)) = (&t.claimed_by, t.lease_expires_at) {
+                    writeln!(out, "lease:     {w}, token {}, until {exp}", t.token.unwrap_or_default())?;
+                }
+                if let Some(e) = &t.error {
+                    writeln!(out, "error:     {e}")?;
+                }
+                if let Some(r) = &t.result {
+                    writeln!(out, "result:    {r}")?;
+                }
+                if !t.prompt.is_empty() {
+                    writeln!(out, "prompt:\n{}", t.prompt)?;
+                }
+            }
+        }
+        TaskCommand::Claim { worker, ttl, max, json } => {
+            let claims = tasks.claim(&worker, ttl, max.max(1)).await?;
+            if json {
+                print_json(&claims)?;
+            } else if claims.is_empty() {
+                eprintln!("no task is ready");
+                return Ok(7);
+            } else {
+                for c in &claims {
+                    println!("{} {}", c.task.id, c.token);
+                }
+            }
+        }
+        TaskCommand::Start(l) => {
+            tasks.start(&resolve(tasks, &l.id).await?, l.token).await?;
+        }
+        TaskCommand::Heartbeat { lease, ttl } => {
+            let t = tasks.heartbeat(&resolve(tasks, &lease.id).await?, lease.token, ttl).await?;
+            if let Some(exp) = t.lease_expires_at {
+                println!("lease until {exp}");
+            }
+        }
+        TaskCommand::Complete { lease, result } => {
+            tasks.complete(&resolve(tasks, &lease.id).await?, lease.token, result).await?;
+        }
+        TaskCommand::Fail { lease, reason } => {
+            let t = tasks.fail(&resolve(tasks, &lease.id).await?, lease.token, &reason).await?;
+            println!("{}", t.status);
+        }
+        TaskCommand::Release(l) => {
+            tasks.release(&resolve(tasks, &l.id).await?, l.token).await?;
+        }
+        TaskCommand::Cancel { id } => {
+            tasks.cancel(&resolve(tasks, &id).await?).await?;
+        }
+        TaskCommand::Retry { id } => {
+            tasks.retry(&resolve(tasks, &id).await?).await?;
+        }
+        TaskCommand::Depend { id, dependency } => {
+            let dep = resolve(tasks, &dependency).await.map_err(|e| match e {
+                TaskError::NotFound(d) => TaskError::MissingDependency(d),
+                other => other,
+            })?;
+            tasks.add_dependency(&resolve(tasks, &id).await?, &dep).await?;
+        }
+        TaskCommand::Watch { all, json } => watch(events, all, json).await?,
+        TaskCommand::Graph { dot } => graph(tasks, dot).await?,
+    }
+    Ok(0)
+}
+
+async fn watch(events: &dyn EventStore, all: bool, json: bool) -> Result<()> {
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+    }
+    let mut cursor = if all { 0 } else { events.last_seq().await? };
+    loop {
+        let batch = events.read_all(cursor, 1000).await?;
+        {
+            let mut out = std::io::stdout().lock();
+            for e in &batch {
+                cursor = e.seq;
+                if !e.kind().starts_with("task_") {
+                    continue;
+                }
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(e)?)?;
+                } else {
+                    let title = match &e.data {
+                        EventData::TaskCreated(c) => format!(" \"{}\"", clip_line(&c.task.title, 60)),
+                        _ => String::new(),
+                    };
+                    writeln!(
+                        out,
+                        "{}  {}  {:<20} {}{title}",
+                        e.at.to_local("%H:%M:%S%.3f"),
+                        e.run_id,
+                        e.kind(),
+                        crate::output::event_summary(e)
+                    )?;
+                }
+            }
+            out.flush()?;
+        }
+        if batch.len() == 1000 {
+            continue;
+        }
+        tokio::select! {
+            _ = events.wait_for_events(cursor, Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn graph(tasks: &dyn TaskStore, dot: bool) -> Result<()> {
+    let all = tasks.list_tasks(&TaskFilter::default()).await?;
+    let mut out = std::io::stdout().lock();
+    if dot {
+        writeln!(out, "digraph tasks {{")?;
+        writeln!(out, "  rankdir=LR;")?;
+        for t in &all {
+            let color = match t.status {
+                TaskStatus::Done => "palegreen",
+                TaskStatus::Failed | TaskStatus::Cancelled => "lightpink",
+                TaskStatus::Blocked => "orange",
+                TaskStatus::Claimed | TaskStatus::Running => "lightblue",
+                TaskStatus::Queued => "white",
+            };
+            let label = format!("{}\\n{} ({})", t.title.replace('"', "'"), t.status, t.id);
+            writeln!(out, "  \"{}\" [label=\"{label}\", style=filled, fillcolor={color}];", t.id)?;
+        }
+        for t in &all {
+            for d in &t.depends_on {
+                writeln!(out, "  \"{d}\" -> \"{}\";", t.id)?;
+            }
+        }
+        writeln!(out, "}}")?;
+        return Ok(());
+    }
+    // Text: each root, then what depends on it, indented.
+    let by_id: std::collections::HashMap<&str, &Task> = all.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut children: std::collections::HashMap<&str, Vec<&Task>> = std::collections::HashMap::new();
+    for t in &all {
+        for d in &t.depends_on {
+            children.entry(d.as_str()).or_default().push(t);
+        }
+    }
+    fn walk(
+        out: &mut dyn Write,
+        t: &Task,
+        depth: usize,
+        children: &std::collections::HashMap<&str, Vec<&Task>>,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> std::io::Result<()> {
+        let again = !seen.insert(t.id.clone());
+        writeln!(
+            out,
+            "{}{} [{}] {}{}",
+            "  ".repeat(depth),
+            t.id,
+            t.status,
+            clip_line(&t.title, 60),
+            if again { " (see above)" } else { "" }
+        )?;
+        if !again {
+            for c in children.get(t.id.as_str()).into_iter().flatten() {
+                walk(out, c, depth + 1, children, seen)?;
+            }
+        }
+        Ok(())
+    }
+    let mut seen = std::collections::HashSet::new();
+    for t in
+        all.iter().filter(|t| t.depends_on.iter().all(|d| !by_id.contains_key(d.as_str())) || t.depends_on.is_empty())
+    {
+        walk(&mut out, t, 0, &children, &mut seen)?;
+    }
+    Ok(())
+}
