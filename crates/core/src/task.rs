@@ -121,6 +121,11 @@ pub trait TaskTxn {
     fn dependents(&mut self, id: &str) -> Result<Vec<String>, TaskError>;
     /// Tasks holding a lease (claimed or running).
     fn leased(&mut self) -> Result<Vec<Task>, TaskError>;
+    /// The lock globs of leased tasks that hold any (stores can answer this without decoding
+    /// whole tasks).
+    fn leased_locks(&mut self) -> Result<Vec<Vec<String>>, TaskError> {
+        Ok(self.leased()?.into_iter().filter(|t| !t.locks.is_empty()).map(|t| t.locks).collect())
+    }
     /// Queued tasks whose `not_before` has passed, highest priority first, oldest first among
     /// equals, at most `limit` (dependencies and locks are checked by the rules).
     fn queued(&mut self, now: Timestamp, limit: usize) -> Result<Vec<Task>, TaskError>;

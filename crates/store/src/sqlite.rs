@@ -100,6 +100,8 @@ CREATE TABLE tasks (
     created_at        INTEGER NOT NULL,
     not_before        INTEGER,
     lease_expires_at  INTEGER,
+    -- The lock globs as JSON, NULL when the task locks nothing.
+    locks             TEXT,
     data              TEXT NOT NULL
 );
 CREATE INDEX tasks_queue ON tasks(status, priority DESC, created_at, id);

@@ -50,11 +50,13 @@ impl TaskTxn for SqliteTxn<'_> {
 
     fn put(&mut self, task: &Task) -> Result<(), TaskError> {
         let data = serde_json::to_string(task).map_err(|e| TaskError::Invalid(format!("cannot encode task: {e}")))?;
+        let locks = if task.locks.is_empty() { None } else { serde_json::to_string(&task.locks).ok() };
         self.tx
             .prepare_cached(
-                "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (id) DO UPDATE SET status = ?2, priority = ?3, not_before = ?5, lease_expires_at = ?6, data = ?7",
+                "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, locks, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (id) DO UPDATE SET status = ?2, priority = ?3, not_before = ?5, lease_expires_at = ?6,
+                     locks = ?7, data = ?8",
             )
             .map_err(sql)?
             .execute(params![
@@ -64,6 +66,7 @@ impl TaskTxn for SqliteTxn<'_> {
                 task.created_at.as_micros(),
                 task.not_before.map(Timestamp::as_micros),
                 if task.status.is_leased() { task.lease_expires_at.map(Timestamp::as_micros) } else { None },
+                locks,
                 data
             ])
             .map_err(sql)?;
@@ -83,6 +86,24 @@ impl TaskTxn for SqliteTxn<'_> {
 
     fn leased(&mut self) -> Result<Vec<Task>, TaskError> {
         query_tasks(self.tx, "SELECT data FROM tasks WHERE status IN ('claimed', 'running')", [])
+    }
+
+    fn leased_locks(&mut self) -> Result<Vec<Vec<String>>, TaskError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT locks FROM tasks WHERE status IN ('claimed', 'running') AND locks IS NOT NULL")
+            .map_err(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let text = row.map_err(sql)?;
+            out.push(
+                serde_json::from_str(&text).map_err(|e| {
+                    TaskError::Store(StoreError::Corrupt { seq: 0, message: format!("task locks: {e}") })
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     fn queued(&mut self, now: Timestamp, limit: usize) -> Result<Vec<Task>, TaskError> {

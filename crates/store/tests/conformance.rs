@@ -255,3 +255,26 @@ async fn sqlite_task_store_follows_the_rules() {
     })
     .await;
 }
+
+fn sqlite_stores(clock: Arc<descartes_core::testing::ManualClock>) -> descartes_test_support::task_suite::Stores {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteEventStore::open(&dir.path().join("p.db"), SqliteOptions { sync: SyncMode::Normal })
+            .unwrap()
+            .with_clock(clock.clone()),
+    );
+    descartes_test_support::task_suite::Stores { tasks: store.clone(), events: store, clock, guard: Box::new(dir) }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+    #[test]
+    fn sqlite_random_interleavings_keep_leases_exclusive(ops in descartes_test_support::task_suite::ops()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let clock = Arc::new(descartes_core::testing::ManualClock::new(Timestamp(1_800_000_000_000_000)));
+            let s = sqlite_stores(clock);
+            descartes_test_support::task_suite::check_interleaving(&s, &ops).await;
+        });
+    }
+}

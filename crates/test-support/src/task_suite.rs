@@ -323,3 +323,134 @@ async fn concurrent_workers_complete_each_task_once(s: &Stores) {
     assert_eq!(completed.len(), n);
     assert!(completed.values().all(|&c| c == 1));
 }
+
+/// One step of a random interleaving (see [`check_interleaving`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// Worker `w` claims a task.
+    Claim(usize),
+    /// Worker `w` heartbeats its n-th held task.
+    Heartbeat(usize, usize),
+    /// Worker `w` completes its n-th held task.
+    Complete(usize, usize),
+    /// Worker `w` fails its n-th held task.
+    Fail(usize, usize),
+    /// Time passes (milliseconds).
+    Advance(u64),
+    /// Expired leases are reaped.
+    Reap,
+}
+
+/// Runs `ops` against a store with 3 tasks (2 of them locking overlapping paths) and 3 workers,
+/// checking after every step: a claim never hands out a task whose previous lease is still live,
+/// tokens strictly increase, a write succeeds only with the task's current live token, a task is
+/// completed at most once, and two tasks with overlapping locks are never leased at once.
+pub async fn check_interleaving(s: &Stores, ops: &[Op]) {
+    const WORKERS: usize = 3;
+    let ttl = Duration::from_millis(1000);
+    let mut ids = Vec::new();
+    for (i, locks) in [vec!["src/**".to_string()], vec!["src/a.rs".to_string()], vec![]].into_iter().enumerate() {
+        let t = s
+            .tasks
+            .create_task(NewTask { title: format!("t{i}"), locks, max_attempts: Some(3), ..Default::default() })
+            .await
+            .unwrap();
+        ids.push(t.id);
+    }
+    // Shadow: per task, the live lease (token, expiry in µs) as the test saw it, and completions.
+    let mut live: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut completed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut held: Vec<Vec<(String, i64)>> = vec![Vec::new(); WORKERS];
+    let mut last_token = i64::MIN;
+    let now = |s: &Stores| descartes_core::Clock::now(&*s.clock).as_micros();
+    let ttl_us = ttl.as_micros() as i64;
+    for (step, op) in ops.iter().enumerate() {
+        let ctx = format!("step {step}: {op:?}");
+        match *op {
+            Op::Claim(w) => {
+                for c in s.tasks.claim(&format!("w{w}"), ttl, 1).await.unwrap() {
+                    let t = now(s);
+                    if let Some((_, exp)) = live.get(&c.task.id) {
+                        assert!(*exp < t, "{ctx}: task claimed while its lease was live");
+                    }
+                    assert!(c.token > last_token, "{ctx}: token did not increase");
+                    last_token = c.token;
+                    assert_eq!(completed.get(&c.task.id), None, "{ctx}: a done task was claimed");
+                    live.insert(c.task.id.clone(), (c.token, t + ttl_us));
+                    held[w].push((c.task.id, c.token));
+                }
+            }
+            Op::Heartbeat(w, n) | Op::Complete(w, n) | Op::Fail(w, n) => {
+                let Some((id, token)) = held[w].get(n % held[w].len().max(1)).cloned() else { continue };
+                let t = now(s);
+                let valid = live.get(&id).is_some_and(|(tok, exp)| *tok == token && *exp >= t);
+                let result = match *op {
+                    Op::Heartbeat(..) => s.tasks.heartbeat(&id, token, ttl).await,
+                    Op::Complete(..) => s.tasks.complete(&id, token, None).await,
+                    _ => s.tasks.fail(&id, token, "boom").await,
+                };
+                assert_eq!(
+                    result.is_ok(),
+                    valid,
+                    "{ctx}: write with {} token: {result:?}",
+                    if valid { "a live" } else { "a dead" }
+                );
+                if result.is_ok() {
+                    match *op {
+                        Op::Heartbeat(..) => {
+                            live.insert(id.clone(), (token, t + ttl_us));
+                        }
+                        Op::Complete(..) => {
+                            *completed.entry(id.clone()).or_default() += 1;
+                            live.remove(&id);
+                        }
+                        _ => {
+                            live.remove(&id);
+                        }
+                    }
+                }
+                if !valid || !matches!(op, Op::Heartbeat(..)) {
+                    held[w].retain(|(i, _)| i != &id);
+                }
+            }
+            Op::Advance(ms) => s.clock.advance(Duration::from_millis(ms)),
+            Op::Reap => {
+                s.tasks.reap_expired().await.unwrap();
+            }
+        }
+        assert!(completed.values().all(|&c| c <= 1), "{ctx}: completed twice");
+        // Leased tasks in the store never have overlapping locks.
+        let leased: Vec<descartes_protocol::Task> = s
+            .tasks
+            .list_tasks(&TaskFilter::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.status.is_leased())
+            .collect();
+        for (i, a) in leased.iter().enumerate() {
+            for b in &leased[i + 1..] {
+                assert!(
+                    !descartes_core::task::locks_conflict(&a.locks, &b.locks),
+                    "{ctx}: {} and {} leased together",
+                    a.id,
+                    b.id
+                );
+            }
+        }
+    }
+}
+
+/// A proptest strategy for interleavings.
+pub fn ops() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        4 => (0..3usize).prop_map(Op::Claim),
+        2 => (0..3usize, 0..3usize).prop_map(|(w, n)| Op::Heartbeat(w, n)),
+        3 => (0..3usize, 0..3usize).prop_map(|(w, n)| Op::Complete(w, n)),
+        1 => (0..3usize, 0..3usize).prop_map(|(w, n)| Op::Fail(w, n)),
+        3 => (1..1500u64).prop_map(Op::Advance),
+        1 => Just(Op::Reap),
+    ];
+    proptest::collection::vec(op, 1..60)
+}
