@@ -75,11 +75,15 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             return init(cwd);
         }
         let rt = Runtime::load(cwd)?;
+        if let Command::Daemon { command } = cli.command {
+            // The daemon logs to its own file and runs its own (multi-threaded) tokio runtime.
+            return crate::daemon_cmd::run(rt, command);
+        }
         init_tracing(rt.config.log.format, rt.config.log.level.as_deref());
         let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         tokio.block_on(async move {
             match cli.command {
-                Command::Init => Ok(0),
+                Command::Init | Command::Daemon { .. } => Ok(0),
                 Command::Run(args) => run(rt, args).await,
                 Command::Resume(args) => resume(rt, args).await,
                 Command::List { json } => list(rt, json).await,

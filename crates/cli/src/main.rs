@@ -2,6 +2,7 @@
 //! library crates; `main` maps their errors to exit codes (see `EXIT CODES` in `--help`).
 
 mod commands;
+mod daemon_cmd;
 mod output;
 mod task_cmd;
 
@@ -61,6 +62,11 @@ enum Command {
     Task {
         #[command(subcommand)]
         command: task_cmd::TaskCommand,
+    },
+    /// The worker daemon: claims queued tasks and runs them (`daemon start|status|stop`).
+    Daemon {
+        #[command(subcommand)]
+        command: daemon_cmd::DaemonCommand,
     },
     /// Show or check the configuration.
     Config {

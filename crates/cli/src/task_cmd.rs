@@ -198,9 +198,17 @@ async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
 pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
     let store = rt.open_tasks()?;
     let tasks: Arc<dyn TaskStore> = store.clone();
+    // New or requeued work: a local daemon's idle workers are woken at once instead of at
+    // their next poll.
+    let wakes = matches!(command, TaskCommand::Create(_) | TaskCommand::Retry { .. } | TaskCommand::Release(_));
     let result = dispatch(&*tasks, &*store, command).await;
     match result {
-        Ok(code) => Ok(code),
+        Ok(code) => {
+            if wakes {
+                descartes_runtime::daemon::poke(&rt.places.state_dir);
+            }
+            Ok(code)
+        }
         Err(e) => match e.downcast::<TaskError>() {
             Ok(te) => {
                 eprintln!("descartes: error: {te}");
