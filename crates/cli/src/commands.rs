@@ -222,7 +222,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     if prompt.trim().is_empty() {
         return Err(user_error(2, "the prompt is empty; say what the agent should do"));
     }
-    let store = rt.open_store()?;
+    let store = rt.open_store().await?;
     let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
     let settings = RunSettings {
         provider: args.model.provider.clone(),
@@ -244,7 +244,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
 }
 
 async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
-    let store = rt.open_store()?;
+    let store = rt.open_store().await?;
     let run_id = rt.resolve_run(&*store, &args.id).await?;
     let lock = rt.lock_run(&run_id)?;
     let state = store.replay_run(&run_id).await?;
@@ -313,7 +313,7 @@ async fn finish(
 }
 
 async fn list(rt: Runtime, json: bool) -> Result<u8> {
-    let store = rt.open_store()?;
+    let store = rt.open_store().await?;
     let runs = store.list_runs().await?;
     if json {
         let items: Vec<_> = runs
@@ -357,7 +357,7 @@ fn local_time(micros: i64, fmt: &str) -> String {
 }
 
 async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Result<u8> {
-    let store = rt.open_store()?;
+    let store = rt.open_store().await?;
     let run = match &id {
         Some(prefix) => Some(rt.resolve_run(&*store, prefix).await?),
         None => None,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use descartes_core::{EventStore, SystemClock, TaskStore};
+use descartes_core::SystemClock;
 use descartes_runtime::Runtime;
 use descartes_runtime::config::LogFormat;
 use descartes_runtime::daemon::{
@@ -221,9 +221,8 @@ fn foreground(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
 }
 
 async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
-    let store = rt.open_tasks()?;
-    let tasks: Arc<dyn TaskStore> = store.clone();
-    let events: Arc<dyn EventStore> = store.clone();
+    let stores = rt.open_stores().await?;
+    let (tasks, events) = (stores.tasks, stores.events.clone());
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "descartes".into());
     let runner = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
         .with_env("DESCARTES_BIN", exe);
@@ -270,7 +269,7 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
         );
     }
     daemon.run().await;
-    store.flush().await?;
+    stores.events.flush().await?;
     Ok(0)
 }
 

@@ -1,7 +1,6 @@
 //! `descartes task ...`: the control plane from the command line.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -196,8 +195,8 @@ async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
 }
 
 pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
-    let store = rt.open_tasks()?;
-    let tasks: Arc<dyn TaskStore> = store.clone();
+    let stores = rt.open_stores().await?;
+    let (tasks, store) = (stores.tasks, stores.events);
     // New or requeued work: a local daemon's idle workers are woken at once instead of at
     // their next poll.
     let wakes = matches!(command, TaskCommand::Create(_) | TaskCommand::Retry { .. } | TaskCommand::Release(_));

@@ -15,4 +15,4 @@ mod wiring;
 pub use config::{Config, ConfigError, ProviderConfig};
 pub use locks::RunLock;
 pub use places::{Mode, Places};
-pub use wiring::{Runtime, RuntimeError, Selection};
+pub use wiring::{Runtime, RuntimeError, Selection, Stores};

@@ -43,6 +43,15 @@ pub enum RuntimeError {
     Io(#[from] std::io::Error),
 }
 
+/// The stores of a place: one database serving the event log and the task queue.
+#[derive(Clone)]
+pub struct Stores {
+    pub events: Arc<dyn EventStore>,
+    pub tasks: Arc<dyn descartes_core::TaskStore>,
+    /// Where they are (a file path, or a PostgreSQL URL without password).
+    pub location: String,
+}
+
 /// The provider and model a run uses, resolved from flags, environment and config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
@@ -92,19 +101,41 @@ impl Runtime {
         (self.env)(key).filter(|v| !v.is_empty())
     }
 
-    /// Opens the event store (creating and migrating it if needed).
-    pub fn open_store(&self) -> Result<Arc<SqliteEventStore>, RuntimeError> {
+    /// Opens the stores: the PostgreSQL database named by `DESCARTES_DATABASE_URL`
+    /// (`postgres://...`: how several machines share the work), else this place's SQLite file
+    /// (created and migrated if needed). One database serves the event log and the task queue.
+    pub async fn open_stores(&self) -> Result<Stores, RuntimeError> {
+        if let Some(url) = self.env("DESCARTES_DATABASE_URL") {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(RuntimeError::Config(ConfigError::Env {
+                    var: "DESCARTES_DATABASE_URL".into(),
+                    message: "expected a postgres:// URL (unset it to use the local SQLite database)".into(),
+                }));
+            }
+            let pg = tokio::task::spawn_blocking(move || descartes_store_pg::PgStore::connect(&url))
+                .await
+                .map_err(|e| StoreError::Io { message: format!("cannot connect: {e}"), busy: false })??;
+            let location = pg.target().to_owned();
+            let pg = Arc::new(pg);
+            return Ok(Stores { events: pg.clone(), tasks: pg, location });
+        }
+        let sqlite = self.open_sqlite()?;
+        Ok(Stores { events: sqlite.clone(), tasks: sqlite, location: self.places.db_path.display().to_string() })
+    }
+
+    /// The event log (see [`Runtime::open_stores`]).
+    pub async fn open_store(&self) -> Result<Arc<dyn EventStore>, RuntimeError> {
+        Ok(self.open_stores().await?.events)
+    }
+
+    /// This place's SQLite database.
+    pub fn open_sqlite(&self) -> Result<Arc<SqliteEventStore>, RuntimeError> {
         // DESCARTES_SYNC=normal trades power-loss durability for speed (tests, scratch work).
         let sync = match self.env("DESCARTES_SYNC").as_deref() {
             Some("normal") => SyncMode::Normal,
             _ => SyncMode::Full,
         };
         Ok(Arc::new(SqliteEventStore::open(&self.places.db_path, SqliteOptions { sync })?))
-    }
-
-    /// Opens the task store: the project's (or direct mode's) SQLite database.
-    pub fn open_tasks(&self) -> Result<Arc<SqliteEventStore>, RuntimeError> {
-        self.open_store()
     }
 
     /// Names of every known provider.
