@@ -418,11 +418,11 @@ pub fn claim(
         return Err(TaskError::Invalid("the lease TTL must be positive".into()));
     }
     reap_expired(txn, now)?;
-    let mut held: Vec<Vec<String>> =
-        txn.leased()?.into_iter().filter(|t| !t.locks.is_empty()).map(|t| t.locks).collect();
+    let mut held: Vec<Vec<String>> = txn.leased_locks()?;
     let mut claims = Vec::new();
-    // Scan the queue in priority order; look further than `max` since some are not ready.
-    let mut window = (max * 4).max(64);
+    // Scan the queue in priority order; look a little further than `max` since some may not be
+    // ready, and widen the window while too few are.
+    let mut window = max + max / 4 + 4;
     loop {
         let candidates = txn.queued(now, window)?;
         let exhausted = candidates.len() < window;

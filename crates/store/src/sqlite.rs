@@ -387,12 +387,12 @@ fn write_batch(conn: &mut Connection, queue: &mut Vec<Cmd>, notify: &watch::Send
                     else {
                         continue;
                     };
-                    tx.execute_batch("SAVEPOINT task_op")?;
+                    tx.prepare_cached("SAVEPOINT task_op")?.execute([])?;
                     let (ok, on_done) = op(&tx);
                     if !ok {
-                        tx.execute_batch("ROLLBACK TO task_op")?;
+                        tx.prepare_cached("ROLLBACK TO task_op")?.execute([])?;
                     }
-                    tx.execute_batch("RELEASE task_op")?;
+                    tx.prepare_cached("RELEASE task_op")?.execute([])?;
                     dones.push(on_done);
                     wrote_other = true;
                     written.push(Vec::new());
