@@ -95,11 +95,18 @@ pub fn dispatch(cli: Cli) -> ExitCode {
     })();
     match result {
         Ok(code) => ExitCode::from(code),
+        Err(err) if is_broken_pipe(&err) => ExitCode::from(141),
         Err(err) => {
             eprintln!("descartes: error: {err:#}");
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// The reader of our output went away (`descartes logs | head`): not an error to report.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain()
+        .any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 fn init_tracing(format: LogFormat, level: Option<&str>) {
@@ -428,7 +435,7 @@ fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {
                     descartes_runtime::Mode::Direct => "direct".to_owned(),
                 }
             )?;
-            writeln!(out, "# database: {}", rt.places.db_path.display())?;
+            writeln!(out, "# database: {}", rt.database_location())?;
             for f in [&rt.places.user_config, &rt.places.project_config].into_iter().flatten() {
                 let state = if rt.config_files.contains(f) { "read" } else { "not present" };
                 writeln!(out, "# config file: {} ({state})", f.display())?;

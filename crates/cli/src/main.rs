@@ -120,6 +120,22 @@ struct ResumeArgs {
 }
 
 fn main() -> ExitCode {
+    quiet_broken_pipe();
     let cli = Cli::parse();
     commands::dispatch(cli)
+}
+
+/// `descartes logs | head`: when the reader goes away, stop quietly like other Unix tools
+/// (`println!` panics on a closed stdout; errors are handled in `commands::dispatch`).
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg =
+            payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| m.contains("Broken pipe")) {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }

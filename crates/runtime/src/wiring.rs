@@ -112,7 +112,12 @@ impl Runtime {
                     message: "expected a postgres:// URL (unset it to use the local SQLite database)".into(),
                 }));
             }
-            let pg = tokio::task::spawn_blocking(move || descartes_store_pg::PgStore::connect(&url))
+            // DESCARTES_SYNC=normal: commits do not wait for the WAL flush (as SQLite's NORMAL).
+            let options = descartes_store_pg::PgOptions {
+                synchronous_commit: self.env("DESCARTES_SYNC").as_deref() != Some("normal"),
+                ..Default::default()
+            };
+            let pg = tokio::task::spawn_blocking(move || descartes_store_pg::PgStore::connect_with(&url, options))
                 .await
                 .map_err(|e| StoreError::Io { message: format!("cannot connect: {e}"), busy: false })??;
             let location = pg.target().to_owned();
@@ -126,6 +131,14 @@ impl Runtime {
     /// The event log (see [`Runtime::open_stores`]).
     pub async fn open_store(&self) -> Result<Arc<dyn EventStore>, RuntimeError> {
         Ok(self.open_stores().await?.events)
+    }
+
+    /// Where the stores are, for people: the PostgreSQL URL (without password) or the file.
+    pub fn database_location(&self) -> String {
+        match self.env("DESCARTES_DATABASE_URL") {
+            Some(url) => descartes_store_pg::redact_url(&url),
+            None => self.places.db_path.display().to_string(),
+        }
     }
 
     /// This place's SQLite database.
