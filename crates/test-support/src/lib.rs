@@ -36,6 +36,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 pub mod anthropic;
+pub mod event_suite;
 pub mod openai;
 pub mod task_suite;
 
