@@ -172,3 +172,47 @@ async fn a_killed_daemons_tasks_are_taken_over_and_only_they_run_twice() {
     assert!(done.values().all(|&n| n == 1), "completed once each");
     eprintln!("killed daemon held {} tasks; {} ran twice", held.len(), twice.len());
 }
+
+/// The database goes away under a running daemon (every connection to it is terminated by the
+/// server, repeatedly, for a while) and comes back: the daemon retries, nothing is lost, and
+/// no task runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_survives_the_database_going_away() {
+    let Some(s) = setup().await else { return };
+    let mut d = daemon(&s.dir.path().join("a"), &s.url, &s.out);
+    let t = Instant::now();
+    while runs_per_task(&s.out).len() < TASKS / 10 {
+        assert!(t.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // For about a second, terminate every other connection to this database every 50 ms.
+    let mut terminated = 0;
+    for _ in 0..20 {
+        terminated += s
+            ._db
+            .with_client(|c| {
+                c.query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .map(|rows| rows.len())
+                .unwrap_or(0)
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(terminated > 0, "the daemon's connections were cut");
+    wait_all_done(&*s.store, Duration::from_secs(120)).await;
+    common::signal(&d, "TERM");
+    assert!(d.wait().unwrap().success(), "the daemon kept running and stopped gracefully");
+    let runs = runs_per_task(&s.out);
+    assert_eq!(runs.len(), TASKS, "every task ran");
+    let done = completions_per_task(&*s.store).await;
+    assert!(done.values().all(|&n| n == 1) && done.len() == TASKS);
+    assert!(runs.values().all(|&n| n <= 2));
+    let twice = runs.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "{terminated} connections terminated; {twice} tasks ran twice (their completion was lost with a connection)"
+    );
+}
