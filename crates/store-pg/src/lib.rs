@@ -5,8 +5,9 @@
 //! (idempotent, under an advisory lock, so several processes may open a database at once),
 //! starts an event writer thread, and keeps a small pool of connections for reads and task
 //! operations. It implements [`descartes_core::EventStore`] and [`descartes_core::TaskStore`];
-//! the task rules are the shared ones of [`descartes_core::task`], run inside one PostgreSQL
-//! transaction per operation (see the `tasks` module for how concurrent workers are kept apart).
+//! the task rules are the shared ones of [`descartes_core::task`], run inside PostgreSQL
+//! transactions that group the concurrent operations of a process (see the `tasks` module for
+//! how concurrent workers are kept apart).
 //!
 //! # Event order
 //!
@@ -18,16 +19,16 @@
 //! is held until commit, so appenders take turns from their first event to their commit, and a
 //! seq is visible only once every lower one is.
 //!
-//! The cost: appends (and task operations, which append events) are serialized from their
-//! first event to the end of their commit, WAL flush included. With `synchronous_commit = on`
-//! that bounds the database to roughly one appending transaction per WAL flush, whatever the
-//! number of workers and machines: on the development machine (a flush takes ~0.3-0.5 ms under
-//! load) about 900 claim+complete per second with one task per claim, 2,000 with claims of 32,
-//! and 7,000 with claims of 32 completed by [`PgStore::complete_many`] (see the `pg_tasks`
-//! benchmark). What softens it: the event writer thread groups the concurrent appends of one
-//! process into one transaction (group commit); task operations do their reads and most of
-//! their writes before their first event; and a transaction's later events and row writes are
-//! buffered and sent in one statement just before the commit.
+//! The cost: appending transactions are serialized from their first event to the end of their
+//! commit, WAL flush included. With `synchronous_commit = on` that bounds the database to
+//! roughly one appending transaction per WAL flush, whatever the number of workers and
+//! machines. What softens it: group commit. The event writer thread groups the concurrent
+//! appends of one process into one transaction, and task operations are grouped likewise (each
+//! group writes its events in one statement just before its commit, so the counter is held only
+//! from there to the commit). On the development machine (2 CPUs, durable commits) that gives
+//! about 1,300-1,800 claim+complete per second with 4 workers and one task per claim,
+//! 2,300-3,700 with claims of 32, and 10,000-15,500 with claims of 32 completed by
+//! [`PgStore::complete_many`] (see the `pg_tasks` benchmark).
 //!
 //! The way past that bound is to let appenders commit in parallel and make *readers* wait
 //! instead: e.g. seqs derived from the transaction id (`xid8 << 20 | n`) and followers reading

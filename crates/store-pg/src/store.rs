@@ -54,6 +54,7 @@ pub struct PgStore {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     pub(crate) last: watch::Sender<Seq>,
+    pub(crate) tasks: crate::tasks::Grouper,
 }
 
 enum Cmd {
@@ -110,7 +111,9 @@ impl PgStore {
             .name("descartes-pg-writer".into())
             .spawn(move || writer_loop(Some(writer_conn), writer_pool, rx, notify))
             .map_err(|e| StoreError::Open { path: pool.target.display.clone(), message: e.to_string() })?;
+        let tasks = crate::tasks::Grouper::start(pool.clone(), last_tx.clone())?;
         Ok(PgStore {
+            tasks,
             pool,
             clock: Arc::new(SystemClock),
             tx: Mutex::new(Some(tx)),
@@ -133,6 +136,7 @@ impl PgStore {
     /// Stops the writer after it has written everything queued and closes idle connections.
     /// Later appends fail with `StoreError::Closed`.
     pub fn close(&self) {
+        self.tasks.close();
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }

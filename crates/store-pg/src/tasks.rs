@@ -1,5 +1,12 @@
-//! `TaskStore` on PostgreSQL: the shared rules of `descartes_core::task` run unchanged inside
-//! one PostgreSQL transaction per operation, through `PgTxn`.
+//! `TaskStore` on PostgreSQL: the shared rules of `descartes_core::task` run unchanged through
+//! `PgTxn`, inside group commits.
+//!
+//! **Group commit**: the task operations of one process are queued to a few threads (see
+//! `Grouper`); each takes every operation queued and runs them in one transaction, one after
+//! the other, and commits them together (one WAL flush, one hold of the `event_seq` lock). An
+//! operation that is refused (stale token, illegal transition, lost race) rolls back alone: the
+//! group first runs without savepoints (they cost a round trip each) and, if one operation is
+//! refused, runs again with a savepoint around each. A lost race is retried in a later group.
 //!
 //! Concurrency (several workers, several processes, one database), in READ COMMITTED:
 //! - **Claims** pick candidates with `FOR UPDATE SKIP LOCKED`: concurrent claimers never wait for
@@ -15,15 +22,14 @@
 //!   expiry of its lease then fails with `StaleToken`). `create` and `add_dependency` read with
 //!   `FOR SHARE`, so a dependency cannot fail (and block its dependents) while a new dependent is
 //!   being added; `add_dependency` also takes an advisory lock so cycle checks are race-free.
-//! - **Events** are appended in the same transaction, taking the `event_seq` row lock until
-//!   commit (see the crate docs). A transaction holding it never waits for another lock: after
-//!   its first event, its row locks are taken with `NOWAIT`, and a busy row means "retry the
-//!   operation". So no lock cycle can go through the counter.
+//! - **Events** are appended in the same transaction: an operation buffers its events, and the
+//!   group writes the events of all its operations in one statement just before its commit,
+//!   taking the `event_seq` row lock there (see the crate docs). So the lock is held only from
+//!   that statement to the end of the commit, and the transaction holding it waits for no other
+//!   lock: no lock cycle can go through the counter.
 //! - **Round trips** are what an operation costs, so a claim finds its expired leases and takes
 //!   its lock in one statement, fetches fencing tokens with its candidates, and buffers its
-//!   writes to rows it holds and its events after the first (their seqs follow from the first's
-//!   while the counter is held), sending them in one statement before the commit. A claim of 32
-//!   tasks costs six round trips; [`PgStore::complete_many`] completes a batch in as many.
+//!   writes to rows it holds, sending them in one statement at its end.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -36,7 +42,7 @@ use descartes_core::task::{self, TaskTxn};
 use descartes_core::{Clock, StoreError, TaskError, TaskFilter, TaskStore};
 use descartes_protocol::{Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp};
 use postgres::types::ToSql;
-use postgres::{Row, Transaction};
+use postgres::{Client, Row};
 
 use crate::PgStore;
 use crate::conn::{Conn, Pool, StmtCache, Target, is_conflict, is_connection_error};
@@ -47,9 +53,7 @@ const MAX_RETRIES: u32 = 30;
 
 const GET: &str = "SELECT version, data::text FROM tasks WHERE id = $1";
 const GET_SHARE: &str = "SELECT version, data::text FROM tasks WHERE id = $1 FOR SHARE";
-const GET_SHARE_NOWAIT: &str = "SELECT version, data::text FROM tasks WHERE id = $1 FOR SHARE NOWAIT";
 const LOCK_MANY: &str = "SELECT version, data::text FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
-const PROBE: &str = "SELECT version FROM tasks WHERE id = $1 FOR UPDATE NOWAIT";
 const UPDATE: &str = "UPDATE tasks SET status = $2, priority = $3, not_before = $4, lease_expires_at = $5,
         has_locks = $6, data = $7::text::jsonb, version = version + 1
     WHERE id = $1 AND version = $8 RETURNING version";
@@ -101,27 +105,17 @@ const CLAIM_BEGIN: &str = "WITH lk AS (
 SELECT (SELECT count(*) FROM lk), ex.version, ex.data
 FROM (SELECT 1) AS one LEFT JOIN ex ON TRUE
 ORDER BY ex.exp, ex.id";
-/// The first event of a transaction: takes the `event_seq` row lock (until commit).
-const APPEND: &str = "WITH c AS (UPDATE event_seq SET value = value + 1 RETURNING value)
-    INSERT INTO events (seq, id, run_id, type, v, at, data) SELECT c.value, $1, $2, $3, $4, $5, $6 FROM c
-    RETURNING seq";
-/// Everything buffered, in one round trip before the commit: the later events (their seqs were
-/// handed out under the `event_seq` lock this transaction holds), the counter, and the writes
-/// to task rows this transaction holds locked. Fails (division by zero) if a row did not match.
-const FLUSH: &str = "WITH ev AS (
-    INSERT INTO events (seq, id, run_id, type, v, at, data)
-    SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int8[], $7::text[])
-), ctr AS (
-    UPDATE event_seq SET value = $8 WHERE $8 > value
-), up AS (
+/// The buffered writes to task rows this transaction holds locked, in one round trip. Fails
+/// (division by zero) if a row did not match.
+const FLUSH: &str = "WITH up AS (
     UPDATE tasks t SET status = u.status, priority = u.priority, not_before = u.not_before,
         lease_expires_at = u.lease, has_locks = u.has_locks, data = u.data::jsonb, version = t.version + 1
-    FROM UNNEST($9::text[], $10::text[], $11::int4[], $12::int8[], $13::int8[], $14::bool[], $15::text[], $16::int8[])
+    FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::bool[], $7::text[], $8::int8[])
         AS u(id, status, priority, not_before, lease, has_locks, data, version)
     WHERE t.id = u.id AND t.version = u.version
     RETURNING 1
 )
-SELECT 1 / (CASE WHEN (SELECT count(*) FROM up) = $17 THEN 1 ELSE 0 END)";
+SELECT 1 / (CASE WHEN (SELECT count(*) FROM up) = $9 THEN 1 ELSE 0 END)";
 const NEXT_TOKEN: &str = "SELECT nextval('task_tokens')";
 const GRAPH_LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)::text";
 
@@ -199,9 +193,8 @@ impl<'p> Writes<'p> {
     }
 }
 
-/// An event whose seq is already fixed, sent with the flush.
+/// An event of an operation, written (and given its seq) by the group commit.
 struct PendingEvent {
-    seq: Seq,
     id: String,
     run_id: String,
     kind: String,
@@ -216,8 +209,8 @@ struct PendingEvent {
 /// so are the events after the first one (whose seqs follow from the first's, the counter being
 /// locked); all of that goes to the server in one statement before the commit, or before a
 /// query that could see those rows.
-struct PgTxn<'a, 'c> {
-    tx: &'a mut Transaction<'c>,
+struct PgTxn<'a> {
+    tx: &'a mut Client,
     stmts: &'a mut StmtCache,
     target: &'a Target,
     read_lock: ReadLock,
@@ -231,21 +224,18 @@ struct PgTxn<'a, 'c> {
     cache: HashMap<String, Task>,
     pending: Vec<PendingPut>,
     events: Vec<PendingEvent>,
-    /// The seq of the next event, once the first one took the counter.
-    next_seq: Option<Seq>,
     /// Fencing tokens fetched with the candidates of an unlocked claim.
     tokens: VecDeque<i64>,
     /// Expired leases found (and locked) by the claim's first statement.
     expired: Option<Vec<Task>>,
-    max_seq: Seq,
     /// The failure was a lost race: the operation may be retried.
     conflict: bool,
     /// The connection broke before the commit: the operation may be retried on another.
     broken: bool,
 }
 
-impl<'a, 'c> PgTxn<'a, 'c> {
-    fn new(tx: &'a mut Transaction<'c>, stmts: &'a mut StmtCache, target: &'a Target) -> Self {
+impl<'a> PgTxn<'a> {
+    fn new(tx: &'a mut Client, stmts: &'a mut StmtCache, target: &'a Target) -> Self {
         PgTxn {
             tx,
             stmts,
@@ -257,17 +247,11 @@ impl<'a, 'c> PgTxn<'a, 'c> {
             cache: HashMap::new(),
             pending: Vec::new(),
             events: Vec::new(),
-            next_seq: None,
             tokens: VecDeque::new(),
             expired: None,
-            max_seq: 0,
             conflict: false,
             broken: false,
         }
-    }
-
-    fn counter_held(&self) -> bool {
-        self.next_seq.is_some()
     }
 
     fn db(&mut self, e: postgres::Error) -> TaskError {
@@ -359,12 +343,12 @@ impl<'a, 'c> PgTxn<'a, 'c> {
         Ok(())
     }
 
-    /// Sends the buffered events and row writes.
+    /// Sends the buffered row writes (events stay buffered for the group commit).
     fn flush(&mut self) -> Result<(), TaskError> {
-        if self.pending.is_empty() && self.events.is_empty() {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        if self.events.is_empty() && self.pending.len() == 1 {
+        if self.pending.len() == 1 {
             // One row: the plain statement is the cheapest.
             let pending = std::mem::take(&mut self.pending);
             let p = &pending[0];
@@ -377,38 +361,11 @@ impl<'a, 'c> PgTxn<'a, 'c> {
             self.versions.insert(p.id.clone(), Some(new));
             return Ok(());
         }
-        let events = std::mem::take(&mut self.events);
         let pending = std::mem::take(&mut self.pending);
-        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-        let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-        let runs: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
-        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-        let vs: Vec<i32> = events.iter().map(|_| i32::from(EVENT_VERSION)).collect();
-        let ats: Vec<i64> = events.iter().map(|e| e.at).collect();
-        let datas: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
-        let counter: i64 = seqs.last().copied().unwrap_or(0);
         let w = Writes::of(&pending);
         let result = self.query_opt(
             FLUSH,
-            &[
-                &seqs,
-                &ids,
-                &runs,
-                &kinds,
-                &vs,
-                &ats,
-                &datas,
-                &counter,
-                &w.ids,
-                &w.statuses,
-                &w.prios,
-                &w.not_befores,
-                &w.leases,
-                &w.locks,
-                &w.data,
-                &w.versions,
-                &w.n,
-            ],
+            &[&w.ids, &w.statuses, &w.prios, &w.not_befores, &w.leases, &w.locks, &w.data, &w.versions, &w.n],
         );
         self.written(result, pending).map(|_| ())
     }
@@ -442,15 +399,14 @@ fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-impl TaskTxn for PgTxn<'_, '_> {
+impl TaskTxn for PgTxn<'_> {
     fn get(&mut self, id: &str) -> Result<Option<Task>, TaskError> {
         if let Some(t) = self.cache.get(id) {
             return Ok(Some(t.clone()));
         }
-        let sql = match (self.read_lock, self.counter_held()) {
-            (ReadLock::None, _) => GET,
-            (ReadLock::Share, false) => GET_SHARE,
-            (ReadLock::Share, true) => GET_SHARE_NOWAIT,
+        let sql = match self.read_lock {
+            ReadLock::None => GET,
+            ReadLock::Share => GET_SHARE,
         };
         match self.query_opt(sql, &[&id])? {
             Some(row) => Ok(Some(self.task_at(&row, 0, false)?)),
@@ -487,14 +443,6 @@ impl TaskTxn for PgTxn<'_, '_> {
                 }
             }
             Some(version) => {
-                if self.counter_held() {
-                    // Holding the event counter: never wait for a row lock (see the module docs).
-                    let row = self.query_opt(PROBE, &[&task.id])?;
-                    let current: Option<i64> = row.and_then(|r| r.try_get(0).ok());
-                    if current != Some(version) {
-                        return Err(self.lost_race(&task.id));
-                    }
-                }
                 let row = self.query_opt(
                     UPDATE,
                     &[&task.id, &status, &task.priority, &not_before, &lease, &has_locks, &data, &version],
@@ -594,39 +542,17 @@ impl TaskTxn for PgTxn<'_, '_> {
 
     fn append(&mut self, task_id: &str, data: EventData) -> Result<Seq, TaskError> {
         let json = data.to_json().map_err(|e| TaskError::Invalid(format!("cannot encode event: {e}")))?;
-        let id = EventId::generate();
-        let at = Timestamp::now().as_micros();
-        if let Some(seq) = self.next_seq {
-            // The counter is ours until commit: this event's seq is the next one.
-            self.events.push(PendingEvent {
-                seq,
-                id: id.0,
-                run_id: task_id.to_owned(),
-                kind: data.kind().to_owned(),
-                at,
-                data: json,
-            });
-            self.next_seq = Some(seq + 1);
-            self.max_seq = seq;
-            return Ok(seq);
-        }
-        // Writes buffered so far go first: the statement that takes the counter starts the
-        // serialized part of the transaction, which should hold as little as possible.
-        self.flush()?;
-        let row =
-            self.query_opt(APPEND, &[&id.as_str(), &task_id, &data.kind(), &i32::from(EVENT_VERSION), &at, &json])?;
-        let seq: Seq = match row {
-            Some(r) => r.try_get(0).map_err(|e| self.db(e))?,
-            None => {
-                return Err(TaskError::Store(StoreError::Io {
-                    message: "event_seq row is missing".into(),
-                    busy: false,
-                }));
-            }
-        };
-        self.next_seq = Some(seq + 1);
-        self.max_seq = self.max_seq.max(seq);
-        Ok(seq)
+        // Buffered: the group commit writes the events of all its operations in one statement
+        // just before its commit, so the `event_seq` lock is held only from there to the commit.
+        // The rules do not use the seq; 0 stands for "not known yet".
+        self.events.push(PendingEvent {
+            id: EventId::generate().0,
+            run_id: task_id.to_owned(),
+            kind: data.kind().to_owned(),
+            at: Timestamp::now().as_micros(),
+            data: json,
+        });
+        Ok(0)
     }
 
     fn next_token(&mut self) -> Result<i64, TaskError> {
@@ -653,48 +579,329 @@ enum Again {
     Reconnect,
 }
 
-/// One attempt: a transaction running the rules.
-fn attempt<T>(
-    conn: &mut Conn,
-    target: &Target,
-    op: &Op,
-    now: Timestamp,
-    rules: &Rules<T>,
-) -> Result<(T, Seq), (TaskError, Again)> {
-    let Conn { client, stmts, .. } = conn;
-    let mut tx = client.transaction().map_err(|e| {
-        let again = if is_connection_error(&e) { Again::Reconnect } else { Again::No };
-        (TaskError::Store(target.error(&e)), again)
-    })?;
-    let mut txn = PgTxn::new(&mut tx, stmts, target);
-    let result = txn.begin(op, now).and_then(|()| rules(&mut txn, now)).and_then(|v| txn.flush().map(|()| v));
-    let (conflict, broken, seq) = (txn.conflict, txn.broken, txn.max_seq);
-    match result {
-        Ok(value) => match tx.commit() {
-            Ok(()) => Ok((value, seq)),
-            Err(e) => {
-                let mut err = target.error(&e);
-                if is_connection_error(&e)
-                    && let StoreError::Io { message, .. } = &mut err
-                {
-                    message
-                        .push_str("; the connection broke while committing, so whether the change was made is unknown");
-                }
-                Err((TaskError::Store(err), if is_conflict(&e) { Again::Conflict } else { Again::No }))
+/// An attempt's result: the value and the last seq it appended, or why it failed.
+type Outcome<T> = Result<(T, Seq), (TaskError, Again)>;
+
+/// One attempt of a task operation, queued for a group commit.
+trait Job: Send {
+    /// Runs the operation in the group's transaction (under its own savepoint), keeping its
+    /// value until the group's commit.
+    fn run(&mut self, client: &mut Client, stmts: &mut StmtCache, target: &Target) -> Attempted;
+    /// Sends the result: `Ok(seq)` once the group committed, or the error.
+    fn finish(self: Box<Self>, outcome: Result<Seq, (TaskError, Again)>);
+}
+
+/// What running a job in the group's transaction did.
+struct Attempted {
+    result: Result<(), (TaskError, Again)>,
+    /// The events it appended, for the group to write.
+    events: Vec<PendingEvent>,
+}
+
+struct TaskJob<T> {
+    op: Op,
+    rules: Arc<Rules<T>>,
+    clock: Arc<dyn Clock>,
+    value: Option<T>,
+    reply: tokio::sync::oneshot::Sender<Outcome<T>>,
+}
+
+impl<T: Send + 'static> Job for TaskJob<T> {
+    fn run(&mut self, client: &mut Client, stmts: &mut StmtCache, target: &Target) -> Attempted {
+        let now = self.clock.now();
+        let mut txn = PgTxn::new(client, stmts, target);
+        let (op, rules) = (&self.op, &self.rules);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            txn.begin(op, now).and_then(|()| rules(&mut txn, now)).and_then(|v| txn.flush().map(|()| v))
+        }))
+        .unwrap_or_else(|_| {
+            Err(TaskError::Store(StoreError::Io { message: "task operation panicked".into(), busy: false }))
+        });
+        let (conflict, broken) = (txn.conflict, txn.broken);
+        let events = std::mem::take(&mut txn.events);
+        match result {
+            Ok(value) => {
+                self.value = Some(value);
+                Attempted { result: Ok(()), events }
             }
-        },
-        Err(e) => {
-            let _ = tx.rollback();
-            let again = if conflict {
-                Again::Conflict
-            } else if broken {
-                Again::Reconnect
-            } else {
-                Again::No
-            };
-            Err((e, again))
+            Err(e) => {
+                let again = if broken {
+                    Again::Reconnect
+                } else if conflict {
+                    Again::Conflict
+                } else {
+                    Again::No
+                };
+                Attempted { result: Err((e, again)), events: Vec::new() }
+            }
         }
     }
+
+    fn finish(self: Box<Self>, outcome: Result<Seq, (TaskError, Again)>) {
+        let out = match (outcome, self.value) {
+            (Ok(seq), Some(value)) => Ok((value, seq)),
+            (Ok(_), None) => Err((
+                TaskError::Store(StoreError::Io { message: "task operation has no result".into(), busy: false }),
+                Again::No,
+            )),
+            (Err(e), _) => Err(e),
+        };
+        let _ = self.reply.send(out);
+    }
+}
+
+/// Largest number of task operations in one group commit.
+const MAX_GROUP: usize = 64;
+/// How many threads run group commits of task operations. While one group commits (its WAL
+/// flush), the next one runs its reads on another connection.
+const GROUP_THREADS: usize = 2;
+
+/// The task operations' group commit: threads that each take every operation queued, run them
+/// in one transaction (each under its own savepoint) and commit them together.
+pub(crate) struct Grouper {
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Box<dyn Job>>>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Grouper {
+    pub(crate) fn start(pool: Arc<Pool>, last: tokio::sync::watch::Sender<Seq>) -> Result<Grouper, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn Job>>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let mut handles = Vec::new();
+        for i in 0..GROUP_THREADS {
+            let (pool, rx, last) = (pool.clone(), rx.clone(), last.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("descartes-pg-tasks-{i}"))
+                .spawn(move || group_loop(&pool, &rx, &last))
+                .map_err(|e| StoreError::Open { path: String::new(), message: e.to_string() })?;
+            handles.push(h);
+        }
+        Ok(Grouper { tx: std::sync::Mutex::new(Some(tx)), threads: std::sync::Mutex::new(handles) })
+    }
+
+    fn send(&self, job: Box<dyn Job>) -> Result<(), StoreError> {
+        let guard = self.tx.lock().map_err(|_| StoreError::Closed)?;
+        guard.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops the threads after the queued operations.
+    pub(crate) fn close(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        let handles = self.threads.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn group_loop(
+    pool: &Pool,
+    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<Box<dyn Job>>>,
+    last: &tokio::sync::watch::Sender<Seq>,
+) {
+    loop {
+        let jobs = {
+            let Ok(rx) = rx.lock() else { return };
+            let mut jobs = match rx.recv() {
+                Ok(j) => vec![j],
+                Err(_) => return,
+            };
+            // No waiting for more: waiting for late joiners measured slower than letting the
+            // other thread take them.
+            while jobs.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        let mut conn = match pool.get() {
+            Ok(c) => c,
+            Err(e) => {
+                for job in jobs {
+                    let err = match &e {
+                        StoreError::Io { message, busy } => StoreError::Io { message: message.clone(), busy: *busy },
+                        _ => StoreError::Closed,
+                    };
+                    job.finish(Err((TaskError::Store(err), Again::No)));
+                }
+                continue;
+            }
+        };
+        let mut jobs = jobs;
+        let (results, broken) = run_group(&mut conn, &pool.target, &mut jobs);
+        if broken {
+            conn.discard();
+        } else {
+            conn.last_used = std::time::Instant::now();
+        }
+        let max = results.iter().filter_map(|r| r.as_ref().ok()).copied().max().unwrap_or(0);
+        if max > 0 {
+            crate::store::notify(last, max);
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            job.finish(result);
+        }
+    }
+}
+
+fn store_err(target: &Target, e: &postgres::Error) -> TaskError {
+    TaskError::Store(target.error(e))
+}
+
+type GroupResult = (Vec<Result<Seq, (TaskError, Again)>>, bool);
+
+/// Runs `jobs` in one transaction and commits the lot; each job's refusal (stale token, lost
+/// race, ...) rolls back that job alone. Returns each job's outcome, and whether the connection
+/// broke.
+///
+/// Refusals are rare, so the group first runs without savepoints (each costs a round trip);
+/// if a job is refused, that transaction is rolled back and the group runs again with a
+/// savepoint around each job.
+fn run_group(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>]) -> GroupResult {
+    if jobs.len() > 1 {
+        match run_group_as(conn, target, jobs, false) {
+            Some(done) => return done,
+            None => tracing::trace!("a task operation was refused; running its group again with savepoints"),
+        }
+    }
+    run_group_as(conn, target, jobs, true).unwrap_or_else(|| (Vec::new(), false))
+}
+
+/// [`run_group`], with or without savepoints. Without, `None` when a job was refused (then
+/// nothing was written).
+fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], savepoints: bool) -> Option<GroupResult> {
+    let Conn { client, stmts, .. } = conn;
+    let all = |e: &postgres::Error, n: usize| -> GroupResult {
+        let broken = is_connection_error(e) || client_closed(e);
+        let again = if broken {
+            Again::Reconnect
+        } else if is_conflict(e) {
+            Again::Conflict
+        } else {
+            Again::No
+        };
+        ((0..n).map(|_| Err((store_err(target, e), again))).collect(), broken)
+    };
+    if let Err(e) = client.batch_execute(if savepoints { "BEGIN; SAVEPOINT t" } else { "BEGIN" }) {
+        return Some(all(&e, jobs.len()));
+    }
+    let mut results: Vec<Result<Seq, (TaskError, Again)>> = Vec::with_capacity(jobs.len());
+    let mut events: Vec<PendingEvent> = Vec::new();
+    // Per job: how many events were appended before it and by it.
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(jobs.len());
+    let mut any_ok = false;
+    for (i, job) in jobs.iter_mut().enumerate() {
+        if savepoints
+            && i > 0
+            && let Err(e) = client.batch_execute("RELEASE SAVEPOINT t; SAVEPOINT t")
+        {
+            let _ = client.batch_execute("ROLLBACK");
+            return Some(all(&e, jobs.len()));
+        }
+        let done = job.run(client, stmts, target);
+        match done.result {
+            Ok(()) => {
+                any_ok = true;
+                spans.push((events.len(), done.events.len()));
+                events.extend(done.events);
+                results.push(Ok(0));
+            }
+            Err((e, Again::Reconnect)) => {
+                // The connection broke: nothing of the group is committed; all may be retried.
+                let _ = client.batch_execute("ROLLBACK");
+                let n = jobs.len();
+                let mut out: Vec<_> = (0..n)
+                    .map(|_| {
+                        Err((
+                            TaskError::Store(StoreError::Io {
+                                message: "the connection broke before the commit".into(),
+                                busy: true,
+                            }),
+                            Again::Reconnect,
+                        ))
+                    })
+                    .collect();
+                out[i] = Err((e, Again::Reconnect));
+                return Some((out, true));
+            }
+            Err(_) if !savepoints => {
+                let _ = client.batch_execute("ROLLBACK");
+                return None;
+            }
+            Err(err) => {
+                if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT t") {
+                    let _ = client.batch_execute("ROLLBACK");
+                    return Some(all(&e, jobs.len()));
+                }
+                spans.push((events.len(), 0));
+                results.push(Err(err));
+            }
+        }
+    }
+    if !events.is_empty() {
+        // The events of the whole group, in one statement: it takes the `event_seq` lock, which
+        // is held from here to the commit only (seqs are visible in commit order).
+        match insert_events(client, stmts, &events) {
+            Ok(base) => {
+                for (r, (before, n)) in results.iter_mut().zip(&spans) {
+                    if let Ok(seq) = r
+                        && *n > 0
+                    {
+                        *seq = base + Seq::try_from(before + n).unwrap_or(0);
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK");
+                return Some(all(&e, jobs.len()));
+            }
+        }
+    }
+    let end = if any_ok { "COMMIT" } else { "ROLLBACK" };
+    match client.batch_execute(end) {
+        Ok(()) => Some((results, false)),
+        Err(e) => {
+            let (mut out, broken) = all(&e, jobs.len());
+            if any_ok && is_connection_error(&e) {
+                // Whether the group was committed is unknown: do not retry.
+                for (o, r) in out.iter_mut().zip(&results) {
+                    if r.is_ok() {
+                        let mut err = target.error(&e);
+                        if let StoreError::Io { message, .. } = &mut err {
+                            message.push_str(
+                                "; the connection broke while committing, so whether the change was made is unknown",
+                            );
+                        }
+                        *o = Err((TaskError::Store(err), Again::No));
+                    }
+                }
+            }
+            Some((out, broken))
+        }
+    }
+}
+
+/// Inserts `events` with consecutive seqs; returns the seq before the first.
+fn insert_events(client: &mut Client, stmts: &mut StmtCache, events: &[PendingEvent]) -> Result<Seq, postgres::Error> {
+    let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    let runs: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let vs: Vec<i32> = events.iter().map(|_| i32::from(EVENT_VERSION)).collect();
+    let ats: Vec<i64> = events.iter().map(|e| e.at).collect();
+    let keys: Vec<Option<&str>> = events.iter().map(|_| None).collect();
+    let datas: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+    let s = stmts.get(client, crate::store::INSERT_EVENTS)?;
+    let row = client.query_one(&s, &[&n, &ids, &runs, &kinds, &vs, &ats, &keys, &datas])?;
+    row.try_get(0)
+}
+
+fn client_closed(e: &postgres::Error) -> bool {
+    e.is_closed()
 }
 
 /// A short random pause before retry `n` (1 ms, 2 ms, ... at most 64 ms, plus jitter).
@@ -704,51 +911,39 @@ fn pause(n: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
-fn run<T>(pool: &Pool, clock: &dyn Clock, op: &Op, rules: &Rules<T>) -> Result<(T, Seq), TaskError> {
-    let mut conn = pool.get()?;
-    let (mut conflicts, mut reconnects) = (0, 0);
-    loop {
-        let now = clock.now();
-        match attempt(&mut conn, &pool.target, op, now, rules) {
-            Ok(done) => {
-                conn.last_used = std::time::Instant::now();
-                return Ok(done);
-            }
-            Err((_, Again::Conflict)) if conflicts < MAX_RETRIES => {
-                conflicts += 1;
-                std::thread::sleep(pause(conflicts));
-            }
-            Err((e, Again::Reconnect)) if reconnects < 2 => {
-                reconnects += 1;
-                tracing::debug!(error = %e, "PostgreSQL connection lost; retrying the task operation");
-                conn.discard();
-                conn = pool.get()?;
-            }
-            Err((e, _)) => return Err(e),
-        }
-    }
-}
-
 impl PgStore {
-    /// Runs a task operation: one transaction on the blocking pool, retried when it loses a
-    /// race with another transaction.
+    /// Runs a task operation in the next group commit, retried when it loses a race with
+    /// another transaction.
     async fn task_op<T: Send + 'static>(
         &self,
         op: Op,
         rules: impl Fn(&mut dyn TaskTxn, Timestamp) -> Result<T, TaskError> + Send + Sync + 'static,
     ) -> Result<T, TaskError> {
-        let pool = self.pool.clone();
-        let clock: Arc<dyn Clock> = self.clock.clone();
-        let (value, seq) =
-            tokio::task::spawn_blocking(move || run(&pool, &*clock, &op, &rules)).await.map_err(|e| {
-                TaskError::Store(StoreError::Io { message: format!("database task failed: {e}"), busy: false })
-            })??;
-        if seq > 0 {
-            self.notify(seq);
+        let rules: Arc<Rules<T>> = Arc::new(rules);
+        let (mut conflicts, mut reconnects) = (0, 0);
+        loop {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let job = TaskJob { op: op.clone(), rules: rules.clone(), clock: self.clock.clone(), value: None, reply };
+            self.tasks.send(Box::new(job))?;
+            match rx.await.map_err(|_| TaskError::Store(StoreError::Closed))? {
+                Ok((value, seq)) => {
+                    if seq > 0 {
+                        self.notify(seq);
+                    }
+                    return Ok(value);
+                }
+                Err((_, Again::Conflict)) if conflicts < MAX_RETRIES => {
+                    conflicts += 1;
+                    tokio::time::sleep(pause(conflicts)).await;
+                }
+                Err((e, Again::Reconnect)) if reconnects < 2 => {
+                    reconnects += 1;
+                    tracing::debug!(error = %e, "PostgreSQL connection lost; retrying the task operation");
+                }
+                Err((e, _)) => return Err(e),
+            }
         }
-        Ok(value)
     }
-
     async fn read_tasks(
         &self,
         sql: &'static str,
