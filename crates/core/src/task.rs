@@ -103,6 +103,22 @@ pub trait TaskStore: Send + Sync {
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError>;
     async fn heartbeat(&self, id: &str, token: i64, ttl: Duration) -> Result<Task, TaskError>;
     async fn complete(&self, id: &str, token: i64, result: Option<String>) -> Result<Task, TaskError>;
+    /// Completes several leased tasks, in one commit where the store can. Each task's own
+    /// refusal (stale token, expired lease, ...) is in its place in the result and does not
+    /// stop the others; the outer error is the store's.
+    async fn complete_many(
+        &self,
+        items: Vec<(String, i64, Option<String>)>,
+    ) -> Result<Vec<Result<Task, TaskError>>, TaskError> {
+        let mut out = Vec::with_capacity(items.len());
+        for (id, token, result) in items {
+            match self.complete(&id, token, result).await {
+                Err(e @ TaskError::Store(_)) => return Err(e),
+                other => out.push(other),
+            }
+        }
+        Ok(out)
+    }
     async fn fail(&self, id: &str, token: i64, reason: &str) -> Result<Task, TaskError>;
     /// Gives a leased task back without charging an attempt (graceful shutdown).
     async fn release(&self, id: &str, token: i64) -> Result<Task, TaskError>;

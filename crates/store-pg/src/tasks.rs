@@ -1002,6 +1002,13 @@ fn new_id(new: &NewTask) -> String {
 
 #[async_trait]
 impl TaskStore for PgStore {
+    async fn complete_many(
+        &self,
+        items: Vec<(String, i64, Option<String>)>,
+    ) -> Result<Vec<Result<Task, TaskError>>, TaskError> {
+        PgStore::complete_many(self, items).await
+    }
+
     async fn create_task(&self, new: NewTask) -> Result<Task, TaskError> {
         task::validate_new(&new)?;
         let id = new_id(&new);

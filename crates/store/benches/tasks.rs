@@ -50,12 +50,9 @@ fn main() {
                             if claims.is_empty() {
                                 break done;
                             }
-                            // Completing a batch's tasks concurrently lets them share commits.
-                            let results = futures::future::join_all(
-                                claims.iter().map(|c| store.complete(&c.task.id, c.token, None)),
-                            )
-                            .await;
-                            for r in results {
+                            // A batch is completed in one operation (one commit).
+                            let items = claims.iter().map(|c| (c.task.id.clone(), c.token, None)).collect();
+                            for r in store.complete_many(items).await.unwrap() {
                                 r.unwrap();
                                 done += 1;
                             }

@@ -253,6 +253,26 @@ impl TaskStore for SqliteEventStore {
         self.task_op(move |txn| task::complete(txn, &id, token, result, now)).await
     }
 
+    async fn complete_many(
+        &self,
+        items: Vec<(String, i64, Option<String>)>,
+    ) -> Result<Vec<Result<Task, TaskError>>, TaskError> {
+        let now = self.clock.now();
+        // One operation for the lot: `complete` refuses (stale token, ...) before it writes
+        // anything, so a refused task leaves nothing behind and the others go on.
+        self.task_op(move |txn| {
+            let mut out = Vec::with_capacity(items.len());
+            for (id, token, result) in items {
+                match task::complete(txn, &id, token, result, now) {
+                    Err(e @ TaskError::Store(_)) => return Err(e),
+                    other => out.push(other),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn fail(&self, id: &str, token: i64, reason: &str) -> Result<Task, TaskError> {
         let (id, reason, now) = (id.to_owned(), reason.to_owned(), self.clock.now());
         self.task_op(move |txn| task::fail(txn, &id, token, &reason, now)).await

@@ -54,6 +54,7 @@ where
     case!(batch_claims_are_distinct_with_increasing_tokens);
     case!(expiry_after_the_last_attempt_fails_for_good);
     case!(every_transition_is_an_event);
+    case!(complete_many_completes_each_and_refuses_stale_tokens);
     case!(concurrent_workers_complete_each_task_once);
 }
 
@@ -259,6 +260,33 @@ async fn expiry_after_the_last_attempt_fails_for_good(s: &Stores) {
     let by_label = s.tasks.list_tasks(&TaskFilter { status: None, label: Some("x".into()) }).await.unwrap();
     assert_eq!(by_label.len(), 1);
     assert!(s.tasks.list_tasks(&TaskFilter { status: None, label: Some("y".into()) }).await.unwrap().is_empty());
+}
+
+async fn complete_many_completes_each_and_refuses_stale_tokens(s: &Stores) {
+    for i in 0..5 {
+        s.tasks.create_task(new(&format!("t{i}"))).await.unwrap();
+    }
+    let claims = s.tasks.claim("w", TTL, 5).await.unwrap();
+    assert_eq!(claims.len(), 5);
+    let mut items: Vec<(String, i64, Option<String>)> =
+        claims.iter().map(|c| (c.task.id.clone(), c.token, Some(format!("r{}", c.task.title)))).collect();
+    items[2].1 -= 1_000; // a stale token
+    let results = s.tasks.complete_many(items.clone()).await.unwrap();
+    assert_eq!(results.len(), 5);
+    for (i, r) in results.iter().enumerate() {
+        if i == 2 {
+            assert!(matches!(r, Err(TaskError::StaleToken { .. })), "{r:?}");
+        } else {
+            assert_eq!(r.as_ref().unwrap().status, TaskStatus::Done);
+        }
+    }
+    assert_eq!(
+        s.tasks.get_task(&items[2].0).await.unwrap().status,
+        TaskStatus::Claimed,
+        "the refused one is untouched"
+    );
+    let events = s.events.read_run(&RunId::from(items[0].0.as_str()), 0).await.unwrap();
+    assert_eq!(events.last().unwrap().kind(), "task_completed");
 }
 
 async fn every_transition_is_an_event(s: &Stores) {
