@@ -20,7 +20,8 @@ EXIT CODES:
   2    usage error (bad arguments)
   3    configuration error (bad config file, missing API key, unknown provider)
   4    store error (database cannot be opened or written)
-  5    not found / not resumable (unknown run or task id, run already completed or running elsewhere)
+  5    not found / wrong state (unknown run or task id, run already completed or running
+       elsewhere, daemon not running or already running)
   6    stale lease (the fencing token is no longer current; another worker holds the task)
   7    nothing to do (`task claim` found no ready task)
   130  cancelled (SIGINT/SIGTERM); `descartes resume ID` continues the run";
