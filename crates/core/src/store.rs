@@ -90,3 +90,30 @@ pub trait EventStore: Send + Sync {
     /// Writes every deferred event durably.
     async fn flush(&self) -> Result<(), StoreError>;
 }
+
+/// What a run lifecycle event changes in a store's runs projection (`list_runs`). The one
+/// definition every store follows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RunChange<'a> {
+    /// `run_started`: a new row, status `running`.
+    Insert { prompt: &'a str, provider: &'a str, model: &'a str },
+    /// A new status (and, on resume, the provider and model now in use).
+    Status { status: &'static str, provider: Option<(&'a str, &'a str)> },
+}
+
+/// The projection change of an event, if it is a run lifecycle event.
+pub fn run_change(data: &descartes_protocol::EventData) -> Option<RunChange<'_>> {
+    use descartes_protocol::EventData;
+    match data {
+        EventData::RunStarted(s) => {
+            Some(RunChange::Insert { prompt: &s.prompt, provider: &s.provider, model: &s.model })
+        }
+        EventData::RunResumed(r) => {
+            Some(RunChange::Status { status: "running", provider: Some((&r.provider, &r.model)) })
+        }
+        EventData::RunCompleted(_) => Some(RunChange::Status { status: "completed", provider: None }),
+        EventData::RunFailed(_) => Some(RunChange::Status { status: "failed", provider: None }),
+        EventData::RunCancelled(_) => Some(RunChange::Status { status: "cancelled", provider: None }),
+        _ => None,
+    }
+}

@@ -260,28 +260,6 @@ fn to_event(r: &Row, target: &Target) -> Result<Event, StoreError> {
     Ok(Event { seq, id: EventId(id), run_id: RunId(run_id), at: Timestamp(at), v, data })
 }
 
-/// What a run lifecycle event changes in the `runs` projection (the same rules as the SQLite
-/// store's).
-enum RunChange<'a> {
-    Insert { prompt: &'a str, provider: &'a str, model: &'a str },
-    Status { status: &'static str, provider: Option<(&'a str, &'a str)> },
-}
-
-fn run_change(data: &EventData) -> Option<RunChange<'_>> {
-    match data {
-        EventData::RunStarted(s) => {
-            Some(RunChange::Insert { prompt: &s.prompt, provider: &s.provider, model: &s.model })
-        }
-        EventData::RunResumed(r) => {
-            Some(RunChange::Status { status: "running", provider: Some((&r.provider, &r.model)) })
-        }
-        EventData::RunCompleted(_) => Some(RunChange::Status { status: "completed", provider: None }),
-        EventData::RunFailed(_) => Some(RunChange::Status { status: "failed", provider: None }),
-        EventData::RunCancelled(_) => Some(RunChange::Status { status: "cancelled", provider: None }),
-        _ => None,
-    }
-}
-
 fn project(
     c: &mut impl GenericClient,
     stmts: &mut crate::conn::StmtCache,
@@ -289,8 +267,8 @@ fn project(
 ) -> Result<(), postgres::Error> {
     let at = event.at.as_micros();
     let run = event.run_id.as_str();
-    match run_change(&event.data) {
-        Some(RunChange::Insert { prompt, provider, model }) => {
+    match descartes_core::store::run_change(&event.data) {
+        Some(descartes_core::store::RunChange::Insert { prompt, provider, model }) => {
             let s = stmts.get(
                 c,
                 "INSERT INTO runs (run_id, status, prompt, provider, model, started_at, updated_at)
@@ -298,7 +276,7 @@ fn project(
             )?;
             c.execute(&s, &[&run, &prompt, &provider, &model, &at])?;
         }
-        Some(RunChange::Status { status, provider }) => {
+        Some(descartes_core::store::RunChange::Status { status, provider }) => {
             let s = stmts.get(c, "UPDATE runs SET status = $2, updated_at = $3 WHERE run_id = $1")?;
             c.execute(&s, &[&run, &status, &at])?;
             if let Some((p, m)) = provider {
@@ -454,7 +432,7 @@ fn write(conn: &mut Conn, cmds: &[Cmd]) -> Result<Vec<Vec<Event>>, postgres::Err
         })
         .collect();
     let keyed = all.iter().any(|p| p.event.key.is_some());
-    let lifecycle = all.iter().any(|p| run_change(&p.event.data).is_some());
+    let lifecycle = all.iter().any(|p| descartes_core::store::run_change(&p.event.data).is_some());
     let Conn { client, stmts, .. } = conn;
     if all.is_empty() {
         return Ok(cmds.iter().map(|_| Vec::new()).collect());

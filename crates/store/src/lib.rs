@@ -7,7 +7,6 @@
 //! projection of lifecycle events, written in the same transaction as the events it reflects.
 
 mod memory;
-mod projection;
 mod sqlite;
 mod sqlite_tasks;
 

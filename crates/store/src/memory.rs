@@ -8,7 +8,7 @@ use descartes_core::{EventStore, RunSummary, StoreError};
 use descartes_protocol::{EVENT_VERSION, Event, NewEvent, RunId, Seq};
 use tokio::sync::watch;
 
-use crate::projection::{RunChange, run_change};
+use descartes_core::store::{RunChange, run_change};
 
 /// An event store in memory, for tests and embedding. Same semantics as SQLite, no durability.
 pub struct MemoryEventStore {
@@ -62,7 +62,7 @@ impl MemoryEventStore {
 }
 
 fn apply_projection(runs: &mut Vec<RunSummary>, event: &Event) {
-    match run_change(event) {
+    match run_change(&event.data) {
         Some(RunChange::Insert { prompt, provider, model }) => runs.push(RunSummary {
             run_id: event.run_id.clone(),
             status: "running".into(),

@@ -18,7 +18,7 @@ use descartes_protocol::{EVENT_VERSION, Event, EventData, EventId, NewEvent, Run
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{oneshot, watch};
 
-use crate::projection::{RunChange, run_change};
+use descartes_core::store::{RunChange, run_change};
 
 /// Longest time a deferred event waits before it is written on its own.
 pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
@@ -526,7 +526,7 @@ fn index_runs(tx: &rusqlite::Transaction<'_>, last: Seq) -> rusqlite::Result<()>
 }
 
 fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()> {
-    match run_change(event) {
+    match run_change(&event.data) {
         Some(RunChange::Insert { prompt, provider, model }) => {
             tx.prepare_cached(
                 "INSERT INTO runs (run_id, status, prompt, provider, model, started_at, updated_at)
