@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use descartes_core::agent::goal_message;
+use descartes_core::external::{ExternalAgent, ExternalOutcome};
 use descartes_core::permission::NoPrompter;
-use descartes_core::state::RunStatus;
-use descartes_core::{Agent, AgentConfig, CoreError, EventStore, OutputSink, Prompter, RunOutcome, StoreError};
+use descartes_core::state::{RunState, RunStatus};
+use descartes_core::{Agent, AgentConfig, Budget, CoreError, EventStore, OutputSink, Prompter, RunOutcome, StoreError};
 use descartes_protocol::{Event, EventData, RunId};
 use descartes_runtime::config::{self, LogFormat};
 use descartes_runtime::{Runtime, RuntimeError};
@@ -44,7 +45,6 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             RuntimeError::Config(_)
             | RuntimeError::UnknownProvider { .. }
             | RuntimeError::UnknownKind { .. }
-            | RuntimeError::NoProvider
             | RuntimeError::MissingApiKey { .. }
             | RuntimeError::Provider(_) => 3,
             RuntimeError::Store(_) => 4,
@@ -89,7 +89,10 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::List { json } => list(rt, json).await,
                 Command::Logs { id, follow, json } => logs(rt, id, follow, json).await,
                 Command::Config { command } => config_command(rt, command),
+                Command::Model { command } => crate::model_cmd::run(rt, command).await,
+                Command::Providers { check, json } => crate::providers_cmd::run(rt, check, json).await,
                 Command::Task { command } => crate::task_cmd::run(rt, command).await,
+                Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),
             }
         })
     })();
@@ -166,9 +169,78 @@ fn install_signals(cancel: CancellationToken) {
     });
 }
 
+/// What drives a run: Descartes' own agent loop on a model, or an agent CLI.
+enum Driver {
+    Model(Agent),
+    Cli(ExternalAgent),
+}
+
 struct Prepared {
-    agent: Agent,
+    driver: Driver,
+    /// Provider and model, for messages.
+    label: String,
     human: Option<Arc<HumanSink>>,
+}
+
+impl Prepared {
+    async fn start(
+        &self,
+        run_id: RunId,
+        prompt: String,
+        goal: descartes_protocol::Message,
+    ) -> Result<RunOutcome, CoreError> {
+        match &self.driver {
+            Driver::Model(a) => a.start(run_id, prompt, goal).await,
+            Driver::Cli(a) => {
+                let outcome = a.start(run_id.clone(), prompt, goal).await?;
+                self.after_cli(a, run_id, outcome).await
+            }
+        }
+    }
+
+    async fn resume(&self, state: RunState, previous: &str) -> Result<RunOutcome, CoreError> {
+        match &self.driver {
+            Driver::Model(a) => a.resume(state, previous).await,
+            Driver::Cli(a) => {
+                let run_id = state.run_id.clone();
+                let outcome = a.resume(state, previous).await?;
+                self.after_cli(a, run_id, outcome).await
+            }
+        }
+    }
+
+    /// Maps a CLI run's outcome; a rate-limited CLI is parked until its limit resets, then
+    /// its session is resumed (cancellable; a crash meanwhile leaves the run `parked`).
+    async fn after_cli(
+        &self,
+        a: &ExternalAgent,
+        run_id: RunId,
+        mut outcome: ExternalOutcome,
+    ) -> Result<RunOutcome, CoreError> {
+        loop {
+            return Ok(match outcome {
+                ExternalOutcome::Completed { result } => RunOutcome::Completed { result },
+                ExternalOutcome::Failed { error, kind } => RunOutcome::Failed { error, kind },
+                ExternalOutcome::Cancelled => RunOutcome::Cancelled,
+                ExternalOutcome::BudgetExceeded { error } => RunOutcome::BudgetExceeded { error },
+                ExternalOutcome::Parked { until, reason } => {
+                    let wait = until.since(descartes_protocol::Timestamp::now());
+                    eprintln!(
+                        "descartes: {} is rate-limited ({reason}); run {run_id} is parked until {} and continues then",
+                        a.backend.name(),
+                        until.to_local("%H:%M:%S")
+                    );
+                    tokio::select! {
+                        _ = a.cancel.cancelled() => return Ok(RunOutcome::Cancelled),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    let state = a.store.replay_run(&run_id).await?;
+                    outcome = a.resume(state, "parked").await?;
+                    continue;
+                }
+            });
+        }
+    }
 }
 
 /// What a run (new or resumed) is driven with.
@@ -179,12 +251,22 @@ struct RunSettings {
     max_turns: u32,
     cwd: PathBuf,
     system_prompt: Option<String>,
+    budget: Budget,
 }
 
-fn prepare(rt: &Runtime, store: Arc<dyn EventStore>, args: &ModelArgs, settings: RunSettings) -> Result<Prepared> {
-    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt } = settings;
+async fn prepare(
+    rt: &Runtime,
+    store: Arc<dyn EventStore>,
+    args: &ModelArgs,
+    settings: RunSettings,
+) -> Result<Prepared> {
+    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
+    for (flag, v) in [("--max-tokens", budget.max_tokens.map(|t| t as f64)), ("--max-cost-usd", budget.max_cost_usd)] {
+        if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
+            return Err(user_error(2, format!("{flag} must be a positive number")));
+        }
+    }
     let sel = rt.select(provider.as_deref(), model.as_deref())?;
-    let provider = rt.build_provider(&sel)?;
     let cancel = CancellationToken::new();
     install_signals(cancel.clone());
     let human = (!args.json).then(|| Arc::new(HumanSink::new()));
@@ -194,34 +276,62 @@ fn prepare(rt: &Runtime, store: Arc<dyn EventStore>, args: &ModelArgs, settings:
     };
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
-    let system_prompt = system_prompt.or_else(|| {
-        Some(
+    // An agent CLI has its own system prompt; ours is added only when configured.
+    let system_prompt = match system_prompt {
+        Some(p) => Some(p),
+        None if sel.is_agent_cli() => rt.config.system_prompt.clone(),
+        None => Some(
             rt.config
                 .system_prompt
                 .clone()
                 .unwrap_or_else(|| format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display())),
-        )
-    });
+        ),
+    };
+    let label = if sel.model.is_empty() { sel.provider.clone() } else { format!("{}/{}", sel.provider, sel.model) };
+    let config = AgentConfig {
+        provider: sel.provider.clone(),
+        model: sel.model.clone(),
+        max_turns,
+        auto_approve,
+        system_prompt,
+        max_tokens: sel.max_tokens,
+        cwd,
+        spool_root: rt.places.spool_dir(),
+        budget,
+    };
+    if sel.is_agent_cli() {
+        if !args.fallback.is_empty() {
+            return Err(user_error(2, "--fallback applies to model providers, not to agent CLIs"));
+        }
+        let backend = rt.build_agent_cli(&sel)?;
+        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, sink, cancel, config });
+        return Ok(Prepared { driver, label, human });
+    }
+    if sel.kind == "local" && sel.model == descartes_local::DEFAULT_MODEL && !rt.local_model_present(&sel.model) {
+        // The default local model is fetched on first use, so `descartes run` works on a fresh
+        // machine without an API key.
+        eprintln!("descartes: the local model {} is not installed yet; fetching it once (about 100 MB)", sel.model);
+        crate::model_cmd::pull(rt, &sel.model).await?;
+    }
+    let provider = rt.build_provider(&sel)?;
+    let (resilience, warnings) = rt.resilience(&*store, &sel, &args.fallback).await?;
+    for w in warnings {
+        eprintln!("descartes: warning: {w}");
+    }
+    let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
     let agent = Agent {
         store,
         provider,
+        policy,
         tools: rt.tools(),
         prompter,
         sink,
         cancel,
         tool_specs: Default::default(),
-        config: AgentConfig {
-            provider: sel.provider,
-            model: sel.model,
-            max_turns,
-            auto_approve,
-            system_prompt,
-            max_tokens: sel.max_tokens,
-            cwd,
-            spool_root: rt.places.spool_dir(),
-        },
+        resilience,
+        config,
     };
-    Ok(Prepared { agent, human })
+    Ok(Prepared { driver: Driver::Model(agent), label, human })
 }
 
 async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
@@ -238,15 +348,19 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
         max_turns,
         cwd: rt.cwd.clone(),
         system_prompt: None,
+        budget: Budget {
+            max_tokens: args.model.max_tokens.or(rt.config.budget.max_tokens),
+            max_cost_usd: args.model.max_cost_usd.or(rt.config.budget.max_cost_usd),
+        },
     };
-    let p = prepare(&rt, store.clone(), &args.model, settings)?;
+    let p = prepare(&rt, store.clone(), &args.model, settings).await?;
     let piped = read_piped_stdin()?;
     let run_id = RunId::generate();
     let lock = rt.lock_run(&run_id)?;
     if !args.model.json {
-        eprintln!("descartes: run {run_id} · {}/{}", p.agent.config.provider, p.agent.config.model);
+        eprintln!("descartes: run {run_id} · {}", p.label);
     }
-    let outcome = p.agent.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
+    let outcome = p.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
     finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
 }
 
@@ -279,15 +393,17 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
         max_turns,
         cwd: PathBuf::from(&started.cwd),
         system_prompt: started.system_prompt.clone(),
+        // A resume keeps the run's caps unless new ones are given.
+        budget: Budget {
+            max_tokens: args.model.max_tokens.or(state.budget.max_tokens),
+            max_cost_usd: args.model.max_cost_usd.or(state.budget.max_cost_usd),
+        },
     };
-    let p = prepare(&rt, store.clone(), &args.model, settings)?;
+    let p = prepare(&rt, store.clone(), &args.model, settings).await?;
     if !args.model.json {
-        eprintln!(
-            "descartes: resuming run {run_id} ({previous}, {} events) · {}/{}",
-            state.events, p.agent.config.provider, p.agent.config.model
-        );
+        eprintln!("descartes: resuming run {run_id} ({previous}, {} events) · {}", state.events, p.label);
     }
-    let outcome = p.agent.resume(state, previous).await;
+    let outcome = p.resume(state, previous).await;
     finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
 }
 
@@ -313,6 +429,10 @@ async fn finish(
             eprintln!("descartes: run {run_id} cancelled; continue it with `descartes resume {run_id}`");
             130
         }
+        RunOutcome::BudgetExceeded { error } => {
+            eprintln!("descartes: run {run_id} stopped: {error} (`descartes resume {run_id} ...`)");
+            8
+        }
     };
     rt.clean_spool(run_id);
     lock.release();
@@ -334,6 +454,8 @@ async fn list(rt: Runtime, json: bool) -> Result<u8> {
                     "model": r.model,
                     "started_at": r.started_at,
                     "updated_at": r.updated_at,
+                    "tokens": r.tokens,
+                    "cost_usd": r.cost_usd,
                 })
             })
             .collect();
@@ -345,15 +467,17 @@ async fn list(rt: Runtime, json: bool) -> Result<u8> {
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<26}  {:<11}  {:<19}  PROMPT", "ID", "STATUS", "STARTED")?;
+    writeln!(out, "{:<26}  {:<15}  {:<19}  {:>9}  {:>9}  PROMPT", "ID", "STATUS", "STARTED", "TOKENS", "COST")?;
     for r in &runs {
         writeln!(
             out,
-            "{:<26}  {:<11}  {:<19}  {}",
+            "{:<26}  {:<15}  {:<19}  {:>9}  {:>9}  {}",
             r.run_id,
             rt.run_status(r),
             local_time(r.started_at.as_micros(), "%Y-%m-%d %H:%M:%S"),
-            crate::output::clip_line(&r.prompt, 60)
+            crate::output::human_tokens(r.tokens),
+            crate::output::money(r.cost_usd),
+            crate::output::clip_line(&r.prompt, 50)
         )?;
     }
     Ok(0)
@@ -379,6 +503,7 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
     }
     let mut cursor = 0;
     let mut printed = 0usize;
+    let mut totals = (0u32, descartes_protocol::Usage::default(), 0.0f64);
     loop {
         let batch: Vec<Event> = match &run {
             Some(r) => store.read_run(r, cursor).await?,
@@ -390,6 +515,11 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
             for e in &batch {
                 cursor = e.seq;
                 printed += 1;
+                if let EventData::ModelCallCompleted(c) = &e.data {
+                    totals.0 += 1;
+                    totals.1.add(&c.usage);
+                    totals.2 += c.cost_usd.unwrap_or(0.0);
+                }
                 if json {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 } else {
@@ -401,8 +531,13 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
                     };
                     writeln!(out, "{:>6}  {time}  {who}{:<21} {}", e.seq, e.kind(), event_summary(e))?;
                 }
-                ended =
-                    matches!(e.data, EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_));
+                ended = matches!(
+                    e.data,
+                    EventData::RunCompleted(_)
+                        | EventData::RunFailed(_)
+                        | EventData::RunCancelled(_)
+                        | EventData::BudgetExceeded(_)
+                );
             }
             out.flush()?;
         }
@@ -419,6 +554,16 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
     }
     if printed == 0 && !json && !follow {
         eprintln!("no events yet");
+    } else if run.is_some() && !json {
+        let (calls, usage, cost) = totals;
+        println!(
+            "total: {calls} model calls, {} tokens ({} in, {} out, {} cached), {}",
+            usage.all_tokens(),
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_tokens + usage.cache_write_tokens,
+            if cost > 0.0 { format!("${cost:.4}") } else { "no known cost".into() }
+        );
     }
     Ok(0)
 }

@@ -3,7 +3,10 @@
 
 mod commands;
 mod daemon_cmd;
+mod model_cmd;
 mod output;
+mod permissions_cmd;
+mod providers_cmd;
 mod task_cmd;
 
 use std::process::ExitCode;
@@ -24,6 +27,8 @@ EXIT CODES:
        elsewhere, daemon not running or already running)
   6    stale lease (the fencing token is no longer current; another worker holds the task)
   7    nothing to do (`task claim` found no ready task)
+  8    budget exceeded (the run stopped before crossing --max-tokens / --max-cost-usd);
+       `descartes resume ID --max-cost-usd X` continues it with a higher cap
   130  cancelled (SIGINT/SIGTERM); `descartes resume ID` continues the run";
 
 #[derive(Parser, Debug)]
@@ -69,6 +74,25 @@ enum Command {
         #[command(subcommand)]
         command: daemon_cmd::DaemonCommand,
     },
+    /// The local models the in-process `local` provider runs (`model pull`, `model list`).
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
+    },
+    /// List the model providers and agent CLIs with their health (circuit breaker, recent
+    /// calls); `--check` probes each one that is configured.
+    Providers {
+        /// Make the cheapest authenticated call to each configured provider.
+        #[arg(long)]
+        check: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The effective permission rules, in precedence order, with the file each came from.
+    Permissions {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show or check the configuration.
     Config {
         #[command(subcommand)]
@@ -86,9 +110,21 @@ enum ConfigCommand {
 
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// Model provider (openai, anthropic, or one from the config).
+    /// Model provider or agent CLI: openai, openai-responses, anthropic, gemini, xai, ollama,
+    /// local, claude-code, codex, gemini-cli, command, or one declared in config
+    /// (`descartes providers` lists them).
     #[arg(short, long)]
     provider: Option<String>,
+    /// Continue on this provider when the provider fails after its retries (repeatable; tried
+    /// in order, before the config's `fallback` list).
+    #[arg(long = "fallback", value_name = "PROVIDER")]
+    fallback: Vec<String>,
+    /// Stop the run before a model call that would take its tokens (input + output) past N.
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<u64>,
+    /// Stop the run before a model call that would take its cost past X US dollars.
+    #[arg(long, value_name = "X")]
+    max_cost_usd: Option<f64>,
     /// Model name.
     #[arg(short, long)]
     model: Option<String>,
@@ -121,6 +157,10 @@ struct ResumeArgs {
 }
 
 fn main() -> ExitCode {
+    // The sandbox helper: restricts this (still single-threaded) process, then runs the command.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("__sandbox")) {
+        return sandbox_helper();
+    }
     quiet_broken_pipe();
     let cli = Cli::parse();
     commands::dispatch(cli)
@@ -139,4 +179,20 @@ fn quiet_broken_pipe() {
         }
         default(info);
     }));
+}
+
+/// `descartes __sandbox ...`: see `descartes_tools::sandbox::helper_main`. Returns only for a
+/// probe or an error (125: the sandbox could not be set up; 127: the command could not start).
+fn sandbox_helper() -> ExitCode {
+    use descartes_tools::sandbox::{HelperOutcome, SandboxError, helper_main};
+    match helper_main(std::env::args_os().skip(2)) {
+        Ok(HelperOutcome::Probed(status)) => {
+            println!("{}", serde_json::to_string(&status).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("descartes: sandbox: {e}");
+            ExitCode::from(if matches!(e, SandboxError::Exec { .. }) { 127 } else { 125 })
+        }
+    }
 }

@@ -70,7 +70,10 @@ impl OutputSink for HumanSink {
                 let mark = if t.is_error { "✗" } else { "✓" };
                 eprintln!("{}", dim(&format!("  {mark} {}", clip_line(first, 120))));
             }
-            EventData::RunCompleted(_) | EventData::RunFailed(_) | EventData::RunCancelled(_) => self.end_line(),
+            EventData::RunCompleted(_)
+            | EventData::RunFailed(_)
+            | EventData::RunCancelled(_)
+            | EventData::BudgetExceeded(_) => self.end_line(),
             _ => {}
         }
     }
@@ -134,6 +137,26 @@ impl Prompter for TerminalPrompter {
     }
 }
 
+/// Tokens for a table: `812`, `12.3k`, `4.56M`.
+pub fn human_tokens(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.2}M", n as f64 / 1e6),
+    }
+}
+
+/// Dollars for a table: `-` for nothing, `<$0.01`, `$1.23`.
+pub fn money(usd: f64) -> String {
+    if usd <= 0.0 {
+        "-".into()
+    } else if usd < 0.01 {
+        "<$0.01".into()
+    } else {
+        format!("${usd:.2}")
+    }
+}
+
 pub fn clip_line(s: &str, max: usize) -> String {
     let one: String = s.replace(['\n', '\r'], " ");
     if one.chars().count() <= max {
@@ -169,13 +192,35 @@ pub fn event_summary(e: &Event) -> String {
         }
         EventData::ModelCallStarted(c) => format!("turn {} {}/{}", c.turn, c.provider, c.model),
         EventData::ModelCallCompleted(c) => format!(
-            "{} in / {} out tokens, {} ms{}",
+            "{} in / {} out tokens{}, {} ms{}",
             c.usage.input_tokens,
             c.usage.output_tokens,
+            c.cost_usd.map(|usd| format!(", ${usd:.4}")).unwrap_or_default(),
             c.duration_ms,
             c.stop_reason.as_ref().map(|r| format!(", stop: {r}")).unwrap_or_default()
         ),
-        EventData::ModelCallFailed(f) => clip_line(&f.error, 120),
+        EventData::ModelCallFailed(f) => format!(
+            "{}{}",
+            clip_line(&f.error, 120),
+            match (f.attempt, f.retry_in_ms) {
+                (Some(a), Some(ms)) => format!(" (attempt {a}, retry in {:.1}s)", ms as f64 / 1000.0),
+                (Some(a), None) => format!(" (attempt {a}, not retried)"),
+                _ => String::new(),
+            }
+        ),
+        EventData::RunParked(p) => {
+            format!(
+                "{} rate-limited; continues at {}: {}",
+                p.provider,
+                p.until.to_local("%H:%M:%S"),
+                clip_line(&p.reason, 80)
+            )
+        }
+        EventData::BudgetExceeded(b) => descartes_core::cost::budget_message(b),
+        EventData::ProviderSwitched(p) => {
+            format!("{} -> {}/{}: {}", p.from, p.to, p.model, clip_line(&p.reason, 100))
+        }
+        EventData::BackendSession(b) => format!("{} session {}", b.backend, b.session_id),
         EventData::ToolCallStarted(t) => summarize(&t.tool, &t.input),
         EventData::ToolCallCompleted(t) => format!(
             "{} {}{}: {}",

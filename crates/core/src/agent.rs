@@ -18,16 +18,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use descartes_protocol::{
-    ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted, ModelCallFailed,
-    ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunResumed,
-    RunStarted, ToolCallCompleted, ToolCallStarted,
+    BudgetExceeded, ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted,
+    ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
+    RunFailed, RunId, RunParked, RunResumed, RunStarted, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::permission::{PermissionRequest, PromptAnswer, Prompter};
+use crate::policy::{Action, BUILTIN_ASK, Policy};
 use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
+use crate::resilience::ChainEntry;
 use crate::state::{NextStep, PermissionOutcome, RunState};
 use crate::store::{DeferredAppend, EventStore};
 use crate::tool::{Recovery, Tool, ToolContext, ToolOutput, ToolRegistry};
@@ -62,14 +64,25 @@ pub struct AgentConfig {
     pub cwd: PathBuf,
     /// Root of per-call spool directories (`<spool_root>/<run_id>/<call_id>`).
     pub spool_root: PathBuf,
+    /// Caps on the run's tokens and cost (a resume replaces them).
+    pub budget: descartes_protocol::Budget,
 }
 
 /// How a run ended (this time).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {
-    Completed { result: String },
-    Failed { error: String, kind: String },
+    Completed {
+        result: String,
+    },
+    Failed {
+        error: String,
+        kind: String,
+    },
     Cancelled,
+    /// Stopped before a call that would cross the run's token or cost cap.
+    BudgetExceeded {
+        error: String,
+    },
 }
 
 /// Runs goals on a model with tools, recording everything.
@@ -81,8 +94,23 @@ pub struct Agent {
     pub sink: Arc<dyn OutputSink>,
     pub cancel: CancellationToken,
     pub config: AgentConfig,
+    /// Retries, fallbacks, breakers, prices.
+    pub resilience: crate::resilience::Resilience,
     /// The tool specs offered to the model, computed once.
     pub tool_specs: std::sync::OnceLock<Arc<Vec<descartes_protocol::ToolSpec>>>,
+    /// The permission rules from config (see [`crate::policy`]).
+    pub policy: Policy,
+}
+
+/// A tool call that was decided and may run.
+struct ReadyCall {
+    id: String,
+    name: String,
+    input: Value,
+    tool: Arc<dyn Tool>,
+    ctx: ToolContext,
+    /// Its intent is not in the log yet (false: an interrupted call run again on resume).
+    fresh: bool,
 }
 
 /// Events not yet handed to the store, and deferred appends not yet known to be written.
@@ -112,6 +140,7 @@ impl Agent {
                 tools: self.tools.names(),
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                budget: c.budget,
             },
         );
         self.push(&mut st, &mut ob, MessageAdded { message: goal, model_call_id: None });
@@ -134,6 +163,7 @@ impl Agent {
                 auto_approve: c.auto_approve,
                 max_turns: c.max_turns,
                 pid: std::process::id(),
+                budget: c.budget,
             },
         );
         self.commit(&mut st, &mut ob).await?;
@@ -167,84 +197,217 @@ impl Agent {
                         return Ok(outcome);
                     }
                 }
-                NextStep::RunTools(calls) => {
-                    for (id, name, input) in calls {
-                        if self.cancel.is_cancelled() {
-                            break;
-                        }
-                        match self.run_tool(&mut st, &mut ob, id, name, input).await {
-                            // Stopped at a permission prompt: recorded like any other cancellation.
-                            Err(CoreError::Cancelled) => return self.cancelled(&mut st, &mut ob).await,
-                            r => r?,
-                        }
-                    }
-                }
+                NextStep::RunTools(calls) => match self.run_tools(&mut st, &mut ob, calls).await {
+                    // Stopped at a permission prompt: recorded like any other cancellation.
+                    Err(CoreError::Cancelled) => return self.cancelled(&mut st, &mut ob).await,
+                    r => r?,
+                },
             }
         }
     }
 
-    /// Makes one model call. Returns `Some(outcome)` when the run ends here.
+    /// Makes one model call, with retries, fallback and the budget check. Returns
+    /// `Some(outcome)` when the run ends here.
     async fn call_model(&self, st: &mut RunState, ob: &mut Outbox) -> Result<Option<RunOutcome>> {
-        let call_id = RunId::generate().0;
-        self.push(
-            st,
-            ob,
-            ModelCallStarted {
-                call_id: call_id.clone(),
-                provider: self.provider.name().to_owned(),
-                model: self.config.model.clone(),
-                turn: st.turns + 1,
-            },
-        );
-        self.send_deferred(ob);
-        let request = ModelRequest {
-            model: self.config.model.clone(),
-            system: self.config.system_prompt.clone(),
-            messages: st.conversation(),
-            tools: self.tool_specs.get_or_init(|| Arc::new(self.tools.specs())).clone(),
-            max_tokens: self.config.max_tokens,
-            temperature: None,
-        };
-        let started = Instant::now();
-        let result = tokio::select! {
-            biased;
-            _ = self.cancel.cancelled() => Err(ProviderError::Cancelled),
-            r = self.stream_model(request) => r,
-        };
-        match result {
-            Ok(assembled) => {
-                let usage = assembled.usage;
-                let stop_reason = assembled.stop_reason.clone();
-                let content = assembled.finish();
-                self.push(
-                    st,
-                    ob,
-                    ModelCallCompleted {
-                        call_id: call_id.clone(),
-                        usage,
-                        stop_reason,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    },
-                );
-                self.push(
-                    st,
-                    ob,
-                    MessageAdded { message: Message::new(Role::Assistant, content), model_call_id: Some(call_id) },
-                );
-                Ok(None)
+        let r = &self.resilience;
+        let chain = self.chain();
+        let mut attempt = 0u32;
+        loop {
+            let at = chain.iter().position(|e| e.provider.name() == st.provider && e.model == st.model).unwrap_or(0);
+            let entry = &chain[at];
+            let name = entry.provider.name().to_owned();
+            let now = r.clock.now();
+            if !r.breakers.allows(&name, now)
+                && let Some(next) = chain.get(at + 1)
+            {
+                let reason = format!("the circuit breaker of `{name}` is open after repeated failures");
+                self.switch(st, ob, &name, next, reason);
+                attempt = 0;
+                continue;
             }
-            Err(ProviderError::Cancelled) => self.cancelled(st, ob).await.map(Some),
-            Err(e) => {
-                let retryable = e.is_retryable();
-                self.push(st, ob, ModelCallFailed { call_id, error: e.to_string(), retryable });
-                let hint = format!("; the run can be continued with `descartes resume {}`", st.run_id);
-                self.fail(st, ob, format!("{e}{hint}"), "provider", retryable).await.map(Some)
+            if let Some(exceeded) = self.over_budget(st, entry) {
+                self.sink.notice(&crate::cost::budget_message(&exceeded));
+                let error = crate::cost::budget_message(&exceeded);
+                self.push(st, ob, exceeded);
+                self.commit(st, ob).await?;
+                return Ok(Some(RunOutcome::BudgetExceeded { error }));
             }
+            attempt += 1;
+            let call_id = RunId::generate().0;
+            self.push(
+                st,
+                ob,
+                ModelCallStarted {
+                    call_id: call_id.clone(),
+                    provider: name.clone(),
+                    model: entry.model.clone(),
+                    turn: st.turns + 1,
+                },
+            );
+            self.send_deferred(ob);
+            let request = ModelRequest {
+                model: entry.model.clone(),
+                system: self.config.system_prompt.clone(),
+                messages: st.conversation(),
+                tools: self.tool_specs.get_or_init(|| Arc::new(self.tools.specs())).clone(),
+                max_tokens: self.config.max_tokens,
+                temperature: None,
+            };
+            let started = Instant::now();
+            let result = tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => Err(ProviderError::Cancelled),
+                r = self.stream_model(entry.provider.as_ref(), request) => r,
+            };
+            let e = match result {
+                Ok(assembled) => {
+                    r.breakers.record(&name, true, r.clock.now());
+                    let usage = assembled.usage;
+                    let stop_reason = assembled.stop_reason.clone();
+                    let content = assembled.finish();
+                    self.push(
+                        st,
+                        ob,
+                        ModelCallCompleted {
+                            call_id: call_id.clone(),
+                            usage,
+                            cost_usd: r.prices.cost(&entry.model, &usage),
+                            stop_reason,
+                            duration_ms: started.elapsed().as_millis() as u64,
+                        },
+                    );
+                    self.push(
+                        st,
+                        ob,
+                        MessageAdded { message: Message::new(Role::Assistant, content), model_call_id: Some(call_id) },
+                    );
+                    return Ok(None);
+                }
+                Err(ProviderError::Cancelled) => return self.cancelled(st, ob).await.map(Some),
+                Err(e) => e,
+            };
+            let retryable = e.is_retryable();
+            if retryable {
+                r.breakers.record(&name, false, r.clock.now());
+            }
+            let wait = (retryable && attempt <= r.retry.max_retries)
+                .then(|| r.retry.delay(attempt, e.retry_after(), fastrand::f64()))
+                .filter(|d| *d <= r.retry.max_park);
+            self.push(
+                st,
+                ob,
+                ModelCallFailed {
+                    call_id,
+                    error: e.to_string(),
+                    retryable,
+                    attempt: Some(attempt),
+                    retry_in_ms: wait.map(|d| d.as_millis() as u64),
+                },
+            );
+            if let Some(wait) = wait {
+                if wait > r.retry.park_after {
+                    // A rate limit that resets later: park the run (durably, so a crash meanwhile
+                    // leaves it `parked`, to be resumed) and continue when it resets.
+                    let until = r.clock.now().plus(wait);
+                    self.push(st, ob, RunParked { until, provider: name.clone(), reason: e.to_string() });
+                    self.commit(st, ob).await?;
+                    self.sink.notice(&format!(
+                        "{name} is rate-limited; the run is parked until {} and continues then",
+                        until.to_local("%H:%M:%S")
+                    ));
+                } else {
+                    self.sink.notice(&format!("{e}; retrying in {:.1}s (attempt {attempt})", wait.as_secs_f64()));
+                }
+                tokio::select! {
+                    biased;
+                    _ = self.cancel.cancelled() => return self.cancelled(st, ob).await.map(Some),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            if let Some(next) = chain.get(at + 1) {
+                self.switch(st, ob, &name, next, e.to_string());
+                attempt = 0;
+                continue;
+            }
+            let hint = format!("; the run can be continued with `descartes resume {}`", st.run_id);
+            return self.fail(st, ob, format!("{e}{hint}"), "provider", retryable).await.map(Some);
         }
     }
 
-    async fn stream_model(&self, request: ModelRequest) -> Result<ResponseAssembler, ProviderError> {
-        let mut stream = self.provider.stream(request).await?;
+    /// The primary provider, then the fallbacks.
+    fn chain(&self) -> Vec<ChainEntry> {
+        let mut chain = vec![ChainEntry { provider: self.provider.clone(), model: self.config.model.clone() }];
+        chain.extend(self.resilience.fallbacks.iter().cloned());
+        chain
+    }
+
+    fn switch(&self, st: &mut RunState, ob: &mut Outbox, from: &str, to: &ChainEntry, reason: String) {
+        let to_name = to.provider.name().to_owned();
+        self.sink.notice(&format!("{from} failed ({reason}); continuing on {to_name} ({})", to.model));
+        self.push(st, ob, ProviderSwitched { from: from.to_owned(), to: to_name, model: to.model.clone(), reason });
+    }
+
+    /// Whether the next call (to `entry`) would cross the run's token or cost cap. The call is
+    /// estimated as the last call's input plus what was added since, and as output the
+    /// request's `max_tokens` (or, without one, the run's average output per call).
+    fn over_budget(&self, st: &RunState, entry: &ChainEntry) -> Option<BudgetExceeded> {
+        let budget = st.budget;
+        if budget.is_unlimited() {
+            return None;
+        }
+        let counter = self.resilience.counter.as_ref();
+        let messages = st.messages();
+        let input = if st.turns > 0 && st.last_call_messages <= messages.len() {
+            st.last_call_input_tokens + counter.count_messages(&messages[st.last_call_messages..])
+        } else {
+            counter.count_messages(messages) + self.config.system_prompt.as_deref().map_or(0, |s| counter.count(s))
+        };
+        let output = match self.config.max_tokens {
+            Some(m) => u64::from(m),
+            None => st.usage.output_tokens.checked_div(u64::from(st.turns)).unwrap_or(0),
+        };
+        if let Some(max) = budget.max_tokens {
+            let spent = st.usage.all_tokens();
+            if spent + input + output > max {
+                return Some(BudgetExceeded {
+                    kind: "tokens".into(),
+                    limit: max as f64,
+                    spent: spent as f64,
+                    next_estimate: (input + output) as f64,
+                });
+            }
+        }
+        if let Some(max) = budget.max_cost_usd {
+            let next = match self.resilience.prices.price(&entry.model) {
+                Some(p) => p.cost(&Usage { input_tokens: input, output_tokens: output, ..Default::default() }),
+                None => {
+                    self.sink.notice(&format!(
+                        "no price is known for model `{}`; its calls count as $0 against --max-cost-usd (add one under \
+                         [prices] in config)",
+                        entry.model
+                    ));
+                    0.0
+                }
+            };
+            if st.cost_usd + next > max {
+                return Some(BudgetExceeded {
+                    kind: "cost_usd".into(),
+                    limit: max,
+                    spent: st.cost_usd,
+                    next_estimate: next,
+                });
+            }
+        }
+        None
+    }
+
+    async fn stream_model(
+        &self,
+        provider: &dyn Provider,
+        request: ModelRequest,
+    ) -> Result<ResponseAssembler, ProviderError> {
+        let mut stream = provider.stream(request).await?;
         let mut assembler = ResponseAssembler::default();
         while let Some(item) = stream.next().await {
             let event = item?;
@@ -258,18 +421,57 @@ impl Agent {
         }
         if !assembler.stopped {
             return Err(ProviderError::Protocol {
-                provider: self.provider.name().to_owned(),
+                provider: provider.name().to_owned(),
                 message: "the response stream ended before the model finished".into(),
             });
         }
         Ok(assembler)
     }
 
-    async fn run_tool(&self, st: &mut RunState, ob: &mut Outbox, id: String, name: String, input: Value) -> Result<()> {
+    /// Runs the tool calls of one model answer: first every decision (and prompt) in call
+    /// order, then the calls. Consecutive read-only calls run concurrently (their intents are
+    /// committed together before, their results recorded in call order after); every other
+    /// call runs alone, in order, with the durability rules of a single call.
+    async fn run_tools(&self, st: &mut RunState, ob: &mut Outbox, calls: Vec<(String, String, Value)>) -> Result<()> {
+        let mut ready = Vec::new();
+        for (id, name, input) in calls {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            if let Some(call) = self.prepare_tool(st, ob, id, name, input).await? {
+                ready.push(call);
+            }
+        }
+        let mut ready = ready.into_iter().peekable();
+        while let Some(first) = ready.next() {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let mut batch = vec![first];
+            if batch[0].tool.read_only() {
+                while let Some(next) = ready.next_if(|c| c.tool.read_only()) {
+                    batch.push(next);
+                }
+            }
+            self.execute(st, ob, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Decides one call and settles what needs no execution (unknown tool, denied, invalid
+    /// arguments, an interrupted call recovered on resume). Returns the call if it is to run.
+    async fn prepare_tool(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        id: String,
+        name: String,
+        input: Value,
+    ) -> Result<Option<ReadyCall>> {
         let Some(tool) = self.tools.get(&name).cloned() else {
             let output = format!("unknown tool `{name}`; available tools: {}", self.tools.names().join(", "));
             self.complete_tool(st, ob, &id, &name, ToolOutput::error(output), 0, false);
-            return Ok(());
+            return Ok(None);
         };
         let ctx = ToolContext {
             cwd: self.config.cwd.clone(),
@@ -288,7 +490,8 @@ impl Agent {
                         self.sink
                             .notice(&format!("recovered the result of interrupted `{name}` call {id} (not run again)"));
                         self.complete_tool(st, ob, &id, &name, output, 0, true);
-                        return self.commit(st, ob).await;
+                        self.commit(st, ob).await?;
+                        return Ok(None);
                     }
                     Recovery::Unknown => {
                         self.sink.notice(&format!(
@@ -299,49 +502,82 @@ impl Agent {
                              known whether it took effect. It was not run again: check its effects before retrying."
                         ));
                         self.complete_tool(st, ob, &id, &name, output, 0, true);
-                        return self.commit(st, ob).await;
+                        self.commit(st, ob).await?;
+                        return Ok(None);
                     }
                 }
             } else {
                 self.sink.notice(&format!("re-running interrupted `{name}` call {id} (idempotent)"));
             }
-        } else {
-            let decision = match record.permission {
-                Some(p) => p,
-                None => {
-                    let p = self.decide(st, ob, &id, &name, tool.as_ref(), &input).await?;
-                    let outcome = PermissionOutcome { decision: p.decision, reason: p.reason.clone() };
-                    self.push(st, ob, p);
-                    outcome
-                }
-            };
-            if decision.decision == Decision::Deny {
-                self.sink.notice(&format!("denied `{name}`: {}", decision.reason));
-                let output = ToolOutput::error(format!("Permission denied: {}", decision.reason));
-                self.complete_tool(st, ob, &id, &name, output, 0, false);
-                return Ok(());
+            return Ok(Some(ReadyCall { id, name, input, tool, ctx, fresh: false }));
+        }
+        // Arguments that do not match the tool's schema never reach permission or execution
+        // (unparsable JSON arrives as a string and is reported below).
+        if !input.is_string()
+            && let Err(message) = self.tools.validate(&name, &input)
+        {
+            self.tools.record(&name, false, std::time::Duration::ZERO);
+            self.complete_tool(st, ob, &id, &name, ToolOutput::error(message), 0, false);
+            return Ok(None);
+        }
+        let decision = match record.permission {
+            Some(p) => p,
+            None => {
+                let p = self.decide(st, ob, &id, &name, tool.as_ref(), &input).await?;
+                let outcome = PermissionOutcome { decision: p.decision, reason: p.reason.clone() };
+                self.push(st, ob, p);
+                outcome
             }
-            if let Value::String(raw) = &input {
-                let output = ToolOutput::error(format!("the arguments are not valid JSON: {raw}"));
-                self.complete_tool(st, ob, &id, &name, output, 0, false);
-                return Ok(());
-            }
+        };
+        if decision.decision == Decision::Deny {
+            self.sink.notice(&format!("denied `{name}`: {}", decision.reason));
+            let output = ToolOutput::error(format!("Permission denied: {}", decision.reason));
+            self.complete_tool(st, ob, &id, &name, output, 0, false);
+            return Ok(None);
+        }
+        if let Value::String(raw) = &input {
+            let output = ToolOutput::error(format!("the arguments are not valid JSON: {raw}"));
+            self.complete_tool(st, ob, &id, &name, output, 0, false);
+            return Ok(None);
+        }
+        Ok(Some(ReadyCall { id, name, input, tool, ctx, fresh: true }))
+    }
+
+    /// Executes calls that may run together: their intents are committed first, their results
+    /// recorded in call order; a non-idempotent result is committed before anything else.
+    async fn execute(&self, st: &mut RunState, ob: &mut Outbox, batch: Vec<ReadyCall>) -> Result<()> {
+        let mut fresh = false;
+        for c in batch.iter().filter(|c| c.fresh) {
+            fresh = true;
             self.push(
                 st,
                 ob,
                 ToolCallStarted {
-                    call_id: id.clone(),
-                    tool: name.clone(),
-                    input: input.clone(),
-                    idempotent: tool.idempotent(),
+                    call_id: c.id.clone(),
+                    tool: c.name.clone(),
+                    input: c.input.clone(),
+                    idempotent: c.tool.idempotent(),
+                    executed_by: None,
                 },
             );
+        }
+        if fresh {
             self.commit(st, ob).await?;
         }
-        let started = Instant::now();
-        let output = tool.call(input, &ctx).await;
-        self.complete_tool(st, ob, &id, &name, output, started.elapsed().as_millis() as u64, false);
-        if !tool.idempotent() {
+        let outputs = futures::future::join_all(batch.iter().map(|c| async move {
+            let started = Instant::now();
+            let output =
+                crate::tool::call_with_timeout(c.tool.as_ref(), c.input.clone(), &c.ctx, c.tool.timeout()).await;
+            self.tools.record(&c.name, !output.is_error, started.elapsed());
+            (output, started.elapsed().as_millis() as u64)
+        }))
+        .await;
+        let mut durable = false;
+        for (c, (output, ms)) in batch.iter().zip(outputs) {
+            self.complete_tool(st, ob, &c.id, &c.name, output, ms, false);
+            durable |= !c.tool.idempotent();
+        }
+        if durable {
             self.commit(st, ob).await?;
         }
         Ok(())
@@ -373,9 +609,10 @@ impl Agent {
         );
     }
 
-    /// Decides whether a tool call may run: read-only tools are allowed, a tool the user
-    /// allowed for the run is allowed, `-y` allows, anything else asks a human (and is denied
-    /// when nobody can be asked).
+    /// Decides whether a tool call may run: the permission policy (configured rules, the most
+    /// specific first, then the built-in defaults: read-only tools allowed, others ask). An ask
+    /// is answered by an earlier "allow for this run" of the tool, by `-y`, or by a human (and
+    /// is denied when nobody can be asked). A deny is final.
     async fn decide(
         &self,
         st: &mut RunState,
@@ -394,14 +631,15 @@ impl Agent {
             actor: actor.to_owned(),
             reason,
         };
-        if tool.read_only() {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "builtin:read-only",
-                "policy",
-                "read-only tool".into(),
-            ));
+        let verdict = self.policy.evaluate(name, input, &self.config.cwd, tool.read_only());
+        match verdict.action {
+            Action::Allow => {
+                return Ok(decided(Decision::Allow, DecisionScope::Once, &verdict.rule, "policy", verdict.reason));
+            }
+            Action::Deny => {
+                return Ok(decided(Decision::Deny, DecisionScope::Once, &verdict.rule, "policy", verdict.reason));
+            }
+            Action::Ask => {}
         }
         if st.run_allowed.contains(name) {
             return Ok(decided(
@@ -418,7 +656,7 @@ impl Agent {
                 DecisionScope::Once,
                 "flag:--yes",
                 "flag",
-                "-y/--yes allows every ask in this run".into(),
+                format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule),
             ));
         }
         // Everything so far must be on disk before we wait for a human.
@@ -435,7 +673,7 @@ impl Agent {
                 DecisionScope::Once,
                 "user:allow-once",
                 "user",
-                "allowed once by the user".into(),
+                format!("allowed once by the user (asked by {})", verdict.rule),
             ),
             PromptAnswer::AllowForRun => decided(
                 Decision::Allow,
@@ -444,15 +682,22 @@ impl Agent {
                 "user",
                 format!("`{name}` allowed for this run by the user"),
             ),
-            PromptAnswer::Deny => {
-                decided(Decision::Deny, DecisionScope::Once, "user:deny", "user", "denied by the user".into())
-            }
+            PromptAnswer::Deny => decided(
+                Decision::Deny,
+                DecisionScope::Once,
+                "user:deny",
+                "user",
+                format!("denied by the user (asked by {})", verdict.rule),
+            ),
             PromptAnswer::Unavailable => decided(
                 Decision::Deny,
                 DecisionScope::Once,
-                "builtin:ask-without-terminal",
+                if verdict.rule == BUILTIN_ASK { "builtin:ask-without-terminal" } else { &verdict.rule },
                 "policy",
-                format!("`{name}` needs approval and there is no terminal to ask; rerun with -y/--yes to allow it"),
+                format!(
+                    "`{name}` needs approval ({}) and there is no terminal to ask; rerun with -y/--yes to allow it",
+                    verdict.reason
+                ),
             ),
         })
     }

@@ -72,6 +72,27 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// How long the server asked us to wait before trying again.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The provider that failed (empty for cancellation).
+    pub fn provider(&self) -> &str {
+        match self {
+            ProviderError::MissingApiKey { provider, .. }
+            | ProviderError::Config { provider, .. }
+            | ProviderError::Http { provider, .. }
+            | ProviderError::Network { provider, .. }
+            | ProviderError::Protocol { provider, .. }
+            | ProviderError::Stream { provider, .. } => provider,
+            ProviderError::Cancelled => "",
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             ProviderError::MissingApiKey { .. } | ProviderError::Config { .. } | ProviderError::Cancelled => false,

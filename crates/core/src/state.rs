@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use descartes_protocol::{
-    ContentPart, Decision, DecisionScope, Event, EventData, Message, Role, RunId, RunStarted, Seq, Usage,
+    BackendSession, Budget, ContentPart, Decision, DecisionScope, Event, EventData, Message, Role, RunId, RunStarted,
+    Seq, Timestamp, Usage,
 };
 use serde_json::Value;
 
@@ -19,6 +20,10 @@ pub enum RunStatus {
     Completed,
     Failed,
     Cancelled,
+    /// Waiting for a provider's rate limit to reset.
+    Parked,
+    /// Stopped before a call that would cross the run's token or cost cap.
+    BudgetExceeded,
 }
 
 impl RunStatus {
@@ -28,6 +33,8 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Parked => "parked",
+            RunStatus::BudgetExceeded => "budget_exceeded",
         }
     }
 }
@@ -86,10 +93,22 @@ pub struct RunState {
     /// A model call started without a result yet (it is made again on resume).
     pub open_model_call: Option<String>,
     pub usage: Usage,
+    /// Money spent on model calls (those with a known price).
+    pub cost_usd: f64,
+    /// Caps in force (from `run_started`, replaced by each `run_resumed`).
+    pub budget: Budget,
+    /// Input tokens of the last completed model call, and how many messages it was sent.
+    pub last_call_input_tokens: u64,
+    pub last_call_messages: usize,
+    /// When a parked run continues.
+    pub parked_until: Option<Timestamp>,
     pub result: Option<String>,
     pub error: Option<String>,
     pub last_seq: Seq,
     pub events: usize,
+    /// The coding-agent CLI session of the run (the latest `backend_session`), which a resume
+    /// continues.
+    pub backend_session: Option<BackendSession>,
 }
 
 impl RunState {
@@ -108,10 +127,16 @@ impl RunState {
             turns: 0,
             open_model_call: None,
             usage: Usage::default(),
+            cost_usd: 0.0,
+            budget: Budget::default(),
+            last_call_input_tokens: 0,
+            last_call_messages: 0,
+            parked_until: None,
             result: None,
             error: None,
             last_seq: 0,
             events: 0,
+            backend_session: None,
         }
     }
 
@@ -162,23 +187,37 @@ impl RunState {
                 self.model = s.model.clone();
                 self.max_turns = s.max_turns;
                 self.auto_approve = s.auto_approve;
+                self.budget = s.budget;
                 self.started = Some(s);
                 self.status = RunStatus::Running;
             }
             EventData::RunResumed(r) => {
+                if !self.provider.is_empty() && self.provider != r.provider {
+                    self.drop_thinking();
+                }
                 self.provider = r.provider;
                 self.model = r.model;
                 self.max_turns = r.max_turns;
                 self.auto_approve = r.auto_approve;
+                self.budget = r.budget;
                 self.status = RunStatus::Running;
                 self.error = None;
+                self.parked_until = None;
             }
             EventData::MessageAdded(m) => Arc::make_mut(&mut self.messages).push(m.message),
             EventData::ModelCallStarted(c) => self.open_model_call = Some(c.call_id),
             EventData::ModelCallCompleted(c) => {
                 self.turns += 1;
                 self.usage.add(&c.usage);
+                self.cost_usd += c.cost_usd.unwrap_or(0.0);
+                self.last_call_input_tokens =
+                    c.usage.input_tokens + c.usage.cache_read_tokens + c.usage.cache_write_tokens;
+                self.last_call_messages = self.messages.len();
                 self.open_model_call = None;
+                if self.status == RunStatus::Parked {
+                    self.status = RunStatus::Running;
+                    self.parked_until = None;
+                }
             }
             EventData::ModelCallFailed(_) => self.open_model_call = None,
             EventData::ToolCallStarted(t) => {
@@ -217,8 +256,37 @@ impl RunState {
                 self.error = Some(f.error);
             }
             EventData::RunCancelled(_) => self.status = RunStatus::Cancelled,
+            EventData::RunParked(p) => {
+                self.status = RunStatus::Parked;
+                self.parked_until = Some(p.until);
+            }
+            EventData::BudgetExceeded(b) => {
+                self.status = RunStatus::BudgetExceeded;
+                self.error = Some(crate::cost::budget_message(&b));
+            }
+            EventData::ProviderSwitched(p) => {
+                if self.provider != p.to {
+                    self.drop_thinking();
+                }
+                self.provider = p.to;
+                self.model = p.model;
+            }
+            EventData::BackendSession(b) => self.backend_session = Some(b),
             // Other streams' events (tasks, ...) say nothing about a run.
             _ => {}
+        }
+    }
+
+    /// Removes reasoning blocks from the conversation: their signatures (Anthropic's, Gemini's
+    /// thought signatures, OpenAI's encrypted reasoning) are only valid for the provider that
+    /// made them, and another provider refuses them. Done when a run changes provider.
+    fn drop_thinking(&mut self) {
+        let has_thinking =
+            self.messages.iter().any(|m| m.content.iter().any(|p| matches!(p, ContentPart::Thinking { .. })));
+        if has_thinking {
+            for m in Arc::make_mut(&mut self.messages) {
+                m.content.retain(|p| !matches!(p, ContentPart::Thinking { .. }));
+            }
         }
     }
 
@@ -283,6 +351,7 @@ mod tests {
             tools: vec![],
             pid: 1,
             version: "0".into(),
+            budget: Default::default(),
         }
     }
 
@@ -302,6 +371,7 @@ mod tests {
                 ModelCallCompleted {
                     call_id: "m1".into(),
                     usage: Usage { input_tokens: 5, output_tokens: 2, ..Default::default() },
+                    cost_usd: None,
                     stop_reason: None,
                     duration_ms: 1,
                 },
@@ -314,7 +384,13 @@ mod tests {
 
         events.push(ev(
             6,
-            ToolCallStarted { call_id: "c1".into(), tool: "shell".into(), input: json!({}), idempotent: false },
+            ToolCallStarted {
+                call_id: "c1".into(),
+                tool: "shell".into(),
+                input: json!({}),
+                idempotent: false,
+                executed_by: None,
+            },
         ));
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert!(matches!(s.next_step(), NextStep::RunTools(_)), "started without completion still runs (reconciled)");
@@ -344,6 +420,29 @@ mod tests {
         let s = RunState::fold(RunId::from("r"), &events).unwrap();
         assert_eq!(s.next_step(), NextStep::Complete("done".into()));
         assert_eq!(s.conversation().len(), 4);
+    }
+
+    #[test]
+    fn a_provider_switch_drops_signed_reasoning() {
+        let thinking = ContentPart::Thinking { text: "hmm".into(), signature: Some("sig".into()) };
+        let events = vec![
+            ev(1, started()),
+            ev(2, msg(Role::User, vec![ContentPart::text("hi")])),
+            ev(3, msg(Role::Assistant, vec![thinking.clone(), ContentPart::text("answer")])),
+        ];
+        let mut st = RunState::fold(RunId::from("r"), &events).unwrap();
+        assert_eq!(st.messages()[1].content.len(), 2);
+        st.apply(
+            4,
+            &EventData::ProviderSwitched(descartes_protocol::ProviderSwitched {
+                from: "openai".into(),
+                to: "anthropic".into(),
+                model: "c".into(),
+                reason: "down".into(),
+            }),
+        );
+        assert_eq!(st.messages()[1].content, vec![ContentPart::text("answer")]);
+        assert_eq!((st.provider.as_str(), st.model.as_str()), ("anthropic", "c"));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct RunSummary {
     pub model: String,
     pub started_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Tokens of all model calls (input, output and cached).
+    pub tokens: u64,
+    /// Money spent on model calls with a known price.
+    pub cost_usd: f64,
 }
 
 /// An append-only event log.
@@ -99,6 +103,9 @@ pub enum RunChange<'a> {
     Insert { prompt: &'a str, provider: &'a str, model: &'a str },
     /// A new status (and, on resume, the provider and model now in use).
     Status { status: &'static str, provider: Option<(&'a str, &'a str)> },
+    /// A model call finished: its tokens and cost add to the run's totals, and a parked run
+    /// is running again.
+    Usage { tokens: u64, cost_usd: f64 },
 }
 
 /// The projection change of an event, if it is a run lifecycle event.
@@ -114,6 +121,14 @@ pub fn run_change(data: &descartes_protocol::EventData) -> Option<RunChange<'_>>
         EventData::RunCompleted(_) => Some(RunChange::Status { status: "completed", provider: None }),
         EventData::RunFailed(_) => Some(RunChange::Status { status: "failed", provider: None }),
         EventData::RunCancelled(_) => Some(RunChange::Status { status: "cancelled", provider: None }),
+        EventData::RunParked(_) => Some(RunChange::Status { status: "parked", provider: None }),
+        EventData::BudgetExceeded(_) => Some(RunChange::Status { status: "budget_exceeded", provider: None }),
+        EventData::ProviderSwitched(p) => {
+            Some(RunChange::Status { status: "running", provider: Some((&p.to, &p.model)) })
+        }
+        EventData::ModelCallCompleted(c) => {
+            Some(RunChange::Usage { tokens: c.usage.all_tokens(), cost_usd: c.cost_usd.unwrap_or(0.0) })
+        }
         _ => None,
     }
 }

@@ -173,6 +173,11 @@ impl Usage {
     pub fn total(&self) -> u64 {
         self.input_tokens + self.output_tokens
     }
+    /// Every token the call processed: input, output, and cache reads and writes (what
+    /// `--max-tokens` caps and `descartes list` shows).
+    pub fn all_tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+    }
 }
 
 /// A tool as offered to a model.

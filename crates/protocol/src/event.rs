@@ -132,6 +132,16 @@ event_types! {
     RunFailed = "run_failed",
     /// The run was stopped by the user (SIGINT/SIGTERM); it can be resumed.
     RunCancelled = "run_cancelled",
+    /// The run waits for a provider's rate limit to reset; it continues at `until`.
+    RunParked = "run_parked",
+    /// The run stopped before a model call that would cross its token or cost cap; it can be
+    /// resumed with a higher cap.
+    BudgetExceeded = "budget_exceeded",
+    /// The run continues on another provider of its fallback chain.
+    ProviderSwitched = "provider_switched",
+    /// An agent CLI backend (Claude Code, Codex, Gemini CLI) reported its own session id; a
+    /// resume continues that session.
+    BackendSession = "backend_session",
     /// A task was created (its stream id is the task id).
     TaskCreated = "task_created",
     /// A dependency was added to a task.
@@ -174,6 +184,25 @@ pub struct RunStarted {
     pub pid: u32,
     #[serde(default)]
     pub version: String,
+    /// Caps on tokens and cost.
+    #[serde(default, skip_serializing_if = "Budget::is_unlimited")]
+    pub budget: Budget,
+}
+
+/// A run's caps. A model call that would cross one is not made: the run stops with status
+/// `budget_exceeded` and can be resumed with a higher cap.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl Budget {
+    pub fn is_unlimited(&self) -> bool {
+        self.max_tokens.is_none() && self.max_cost_usd.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,6 +216,9 @@ pub struct RunResumed {
     pub max_turns: u32,
     #[serde(default)]
     pub pid: u32,
+    /// Caps on tokens and cost from now on.
+    #[serde(default, skip_serializing_if = "Budget::is_unlimited")]
+    pub budget: Budget,
 }
 
 /// A message; serialized flat: `{"role", "content", "model_call_id"?}`.
@@ -244,6 +276,10 @@ pub struct ModelCallStarted {
 pub struct ModelCallCompleted {
     pub call_id: String,
     pub usage: Usage,
+    /// What the call cost, from the backend's own report or the price table (`None` when the
+    /// model has no known price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
     pub duration_ms: u64,
@@ -254,6 +290,12 @@ pub struct ModelCallFailed {
     pub call_id: String,
     pub error: String,
     pub retryable: bool,
+    /// 1-based attempt of this call (retries make the same call again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The call is made again after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +307,10 @@ pub struct ToolCallStarted {
     /// Whether executing the call twice is harmless (decides what resume does with an
     /// intent that has no result).
     pub idempotent: bool,
+    /// The backend that executed the call itself (an agent CLI such as `claude-code`); `None`
+    /// when Descartes executed it. Such calls are records, never executed on resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executed_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +382,43 @@ pub struct RunFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunCancelled {
     pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunParked {
+    /// When the run continues.
+    pub until: Timestamp,
+    pub provider: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetExceeded {
+    /// `tokens` or `cost_usd`.
+    pub kind: String,
+    /// The cap.
+    pub limit: f64,
+    /// Spent so far in the run.
+    pub spent: f64,
+    /// What the next call was estimated to add.
+    pub next_estimate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderSwitched {
+    pub from: String,
+    pub to: String,
+    pub model: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendSession {
+    /// `claude-code`, `codex`, `gemini-cli`, ...
+    pub backend: String,
+    pub session_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -63,6 +63,14 @@ impl Timestamp {
     pub fn as_micros(self) -> i64 {
         self.0
     }
+    /// This time plus `d` (saturating).
+    pub fn plus(self, d: std::time::Duration) -> Self {
+        Self(self.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+    }
+    /// How long after `earlier` this is (zero if it is not later).
+    pub fn since(self, earlier: Timestamp) -> std::time::Duration {
+        std::time::Duration::from_micros(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
     pub fn to_rfc3339(self) -> String {
         match chrono::DateTime::from_timestamp_micros(self.0) {
             Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),

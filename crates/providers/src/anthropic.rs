@@ -3,11 +3,11 @@
 use async_trait::async_trait;
 use descartes_core::{ModelRequest, ModelStream, Provider, ProviderError, StreamEvent};
 use descartes_protocol::{ContentPart, Role, Usage};
-use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::http::{Endpoint, SseEventParser, excerpt, header_value, insert_header, response_stream};
+use crate::http::{Auth, Endpoint, SseEventParser, excerpt, insert_header, response_stream};
 use crate::sse::SseEvent;
 use crate::{ANTHROPIC_DEFAULT_MAX_TOKENS, ANTHROPIC_VERSION, ProviderSettings};
 
@@ -42,6 +42,20 @@ impl AnthropicProvider {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// Probe: `GET {base}/v1/models` with the key (the cheapest authenticated call).
+    pub async fn check(&self) -> Result<(), ProviderError> {
+        self.list_models().await.map(|_| ())
+    }
+
+    /// The model ids of `GET {base}/v1/models` (first page).
+    pub async fn list_models(&self) -> Result<Vec<String>, ProviderError> {
+        let mut headers = self.endpoint.auth_headers(Auth::Header("x-api-key"))?;
+        insert_header(&mut headers, "anthropic-version", HeaderValue::from_static(ANTHROPIC_VERSION));
+        let url = format!("{}/v1/models", self.endpoint.settings.base_url);
+        let listing = self.endpoint.get_json(&url, headers).await?;
+        Ok(crate::openai::model_ids(&listing, "data", "id"))
+    }
 }
 
 #[async_trait]
@@ -52,15 +66,9 @@ impl Provider for AnthropicProvider {
 
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ProviderError> {
         let name = self.endpoint.name();
-        let mut headers = HeaderMap::new();
-        if let Some(key) = self.endpoint.api_key()? {
-            insert_header(&mut headers, "x-api-key", header_value(name, key)?);
-        }
+        let mut headers = self.endpoint.auth_headers(Auth::Header("x-api-key"))?;
         insert_header(&mut headers, "anthropic-version", HeaderValue::from_static(ANTHROPIC_VERSION));
-        let body = serde_json::to_vec(&build_anthropic_body(&request)).map_err(|e| ProviderError::Config {
-            provider: name.to_owned(),
-            message: format!("cannot encode the request: {e}"),
-        })?;
+        let body = self.endpoint.encode(&build_anthropic_body(&request))?;
         let response = self.endpoint.post(&self.url, headers, body).await?;
         Ok(response_stream(response, AnthropicStreamParser::new(name)))
     }

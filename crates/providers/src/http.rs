@@ -66,9 +66,37 @@ impl Endpoint {
         }
     }
 
+    /// The auth header of `auth` with the key (none for keyless servers), or the missing-key
+    /// error.
+    pub fn auth_headers(&self, auth: Auth) -> Result<HeaderMap, ProviderError> {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = self.api_key()? {
+            let name = self.name();
+            match auth {
+                Auth::Bearer => {
+                    insert_header(&mut headers, "authorization", header_value(name, &format!("Bearer {key}"))?)
+                }
+                Auth::Header(header) => insert_header(&mut headers, header, header_value(name, key)?),
+            }
+        }
+        Ok(headers)
+    }
+
     /// POSTs a JSON body and returns the response if its status is 2xx; otherwise the mapped
-    /// error. `headers` must already hold the auth header.
+    /// error. `headers` must already hold the auth header. Expects an event stream.
     pub async fn post(&self, url: &str, headers: HeaderMap, body: Vec<u8>) -> Result<reqwest::Response, ProviderError> {
+        self.post_stream(url, headers, body, "text/event-stream").await
+    }
+
+    /// [`post`](Self::post) expecting the stream type `accept` (`text/event-stream`,
+    /// `application/x-ndjson`). A 200 `application/json` body is an error either way.
+    pub async fn post_stream(
+        &self,
+        url: &str,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        accept: &'static str,
+    ) -> Result<reqwest::Response, ProviderError> {
         let name = self.name();
         tracing::debug!(provider = name, url, bytes = body.len(), "model request");
         let response = self
@@ -76,7 +104,7 @@ impl Endpoint {
             .post(url)
             .headers(headers)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::ACCEPT, accept)
             .body(body)
             .send()
             .await
@@ -102,7 +130,48 @@ impl Endpoint {
         }
         Ok(response)
     }
+
+    /// GETs `url` and parses the JSON answer (a probe or a listing: `GET /models`, ...).
+    pub async fn get_json(&self, url: &str, headers: HeaderMap) -> Result<Value, ProviderError> {
+        let name = self.name();
+        let response = self
+            .client
+            .get(url)
+            .headers(headers)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|e| request_error(name, &e))?;
+        if !response.status().is_success() {
+            return Err(http_error(name, response).await);
+        }
+        let body = read_bounded_to(response, MAX_LISTING_BYTES).await;
+        serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
+            provider: name.to_owned(),
+            message: format!("invalid JSON answer ({e}): {}", excerpt(body.trim(), 200)),
+        })
+    }
+
+    /// Serialises a request body.
+    pub fn encode(&self, body: &Value) -> Result<Vec<u8>, ProviderError> {
+        serde_json::to_vec(body).map_err(|e| ProviderError::Config {
+            provider: self.name().to_owned(),
+            message: format!("cannot encode the request: {e}"),
+        })
+    }
 }
+
+/// How a provider sends its key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Auth {
+    /// `Authorization: Bearer KEY`.
+    Bearer,
+    /// `NAME: KEY` (`x-api-key`, `x-goog-api-key`).
+    Header(&'static str),
+}
+
+/// Model listings are read up to this many bytes.
+const MAX_LISTING_BYTES: usize = 8 * 1024 * 1024;
 
 pub(crate) fn header_value(name: &str, value: &str) -> Result<HeaderValue, ProviderError> {
     let mut v = HeaderValue::from_str(value).map_err(|_| ProviderError::Config {
@@ -145,8 +214,9 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// the provider's error message and code, and the retry delay headers.
 pub(crate) async fn http_error(provider: &str, response: reqwest::Response) -> ProviderError {
     let status = response.status();
-    let retry_after = parse_retry_after(response.headers());
+    let header_delay = parse_retry_after(response.headers());
     let text = read_bounded(response).await;
+    let retry_after = header_delay.or_else(|| retry_after_from_body(&text));
     let (message, code) = parse_error_body(&text);
     let message = message.unwrap_or_else(|| {
         let raw = excerpt(text.trim(), 500);
@@ -157,16 +227,66 @@ pub(crate) async fn http_error(provider: &str, response: reqwest::Response) -> P
 }
 
 /// The body as text, at most [`MAX_ERROR_BODY_BYTES`]; a broken body gives what came.
-async fn read_bounded(mut response: reqwest::Response) -> String {
+async fn read_bounded(response: reqwest::Response) -> String {
+    read_bounded_to(response, MAX_ERROR_BODY_BYTES).await
+}
+
+async fn read_bounded_to(mut response: reqwest::Response, max: usize) -> String {
     let mut body = Vec::new();
-    while body.len() < MAX_ERROR_BODY_BYTES {
+    while body.len() < max {
         match response.chunk().await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk),
             Ok(None) | Err(_) => break,
         }
     }
-    body.truncate(MAX_ERROR_BODY_BYTES);
+    body.truncate(max);
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// A retry delay written in an error body: a Google `RetryInfo` detail (`"retryDelay": "24s"`),
+/// else a sentence such as "Please retry in 24.4s." / "try again in 20ms" (Gemini, OpenAI).
+pub fn retry_after_from_body(text: &str) -> Option<Duration> {
+    if let Ok(value) = serde_json::from_str::<Value>(text) {
+        let error = match &value {
+            Value::Array(items) => items.first().and_then(|v| v.get("error")),
+            other => other.get("error"),
+        };
+        let details = error.and_then(|e| e.get("details")).and_then(Value::as_array);
+        for detail in details.into_iter().flatten() {
+            if let Some(delay) = detail.get("retryDelay").and_then(Value::as_str)
+                && let Some(d) = parse_duration_text(delay.trim())
+            {
+                return Some(d);
+            }
+        }
+    }
+    let lower = text.to_ascii_lowercase();
+    for marker in ["retry in ", "try again in ", "retry after "] {
+        let mut rest = lower.as_str();
+        while let Some(pos) = rest.find(marker) {
+            rest = &rest[pos + marker.len()..];
+            let token: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '.').take(24).collect();
+            if let Some(d) = parse_duration_text(token.trim_end_matches('.')) {
+                return Some(d);
+            }
+        }
+    }
+    None
+}
+
+/// `24s`, `24.4s`, `20ms`, `1.5 seconds`-less forms: a number followed by `ms`, `s`, `m` or `h`.
+fn parse_duration_text(token: &str) -> Option<Duration> {
+    let split = token.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = token.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "sec" | "secs" | "seconds" => n,
+        "m" | "min" | "mins" | "minutes" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    if secs.is_finite() && secs >= 0.0 { Duration::try_from_secs_f64(secs).ok() } else { None }
 }
 
 /// Extracts `(message, code)` from an error body of either provider:
@@ -363,13 +483,132 @@ impl<P: SseEventParser> SseStreamDecoder<P> {
     }
 }
 
+/// A pure bytes → [`StreamEvent`]s decoder ([`SseStreamDecoder`], [`NdjsonStreamDecoder`]).
+pub trait BodyDecoder {
+    /// Feeds bytes from the body. On error, `out` holds the events decoded before it.
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamEvent>) -> Result<(), ProviderError>;
+    /// The body ended cleanly.
+    fn finish(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError>;
+    /// The body broke.
+    fn abort(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError>;
+    /// `Stop` was emitted.
+    fn is_done(&self) -> bool;
+    /// The provider name, for errors.
+    fn provider(&self) -> &str;
+}
+
+impl<P: SseEventParser> BodyDecoder for SseStreamDecoder<P> {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        SseStreamDecoder::feed(self, bytes, out)
+    }
+    fn finish(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        SseStreamDecoder::finish(self, out)
+    }
+    fn abort(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        SseStreamDecoder::abort(self, out)
+    }
+    fn is_done(&self) -> bool {
+        SseStreamDecoder::is_done(self)
+    }
+    fn provider(&self) -> &str {
+        self.parser.provider()
+    }
+}
+
+/// A parser of newline-delimited JSON lines (Ollama's native stream).
+pub trait LineParser {
+    /// Handles one non-empty line (without its line ending).
+    fn on_line(&mut self, line: &str, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError>;
+    /// The body ended (cleanly or not).
+    fn on_end(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError>;
+    fn is_done(&self) -> bool;
+    fn provider(&self) -> &str;
+}
+
+/// Bytes in, [`StreamEvent`]s out, for NDJSON bodies: splits lines (any chunking, `\r\n`
+/// tolerated, blank lines skipped) and hands them to a [`LineParser`]. Lines longer than
+/// [`MAX_EVENT_BYTES`](crate::sse::MAX_EVENT_BYTES) are an error.
+#[derive(Debug)]
+pub struct NdjsonStreamDecoder<P> {
+    line: Vec<u8>,
+    parser: P,
+}
+
+impl<P: LineParser> NdjsonStreamDecoder<P> {
+    pub fn new(parser: P) -> Self {
+        Self { line: Vec::new(), parser }
+    }
+
+    pub fn parser(&self) -> &P {
+        &self.parser
+    }
+
+    fn line(&mut self, bytes: &[u8], out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let text = std::str::from_utf8(bytes).map_err(|_| ProviderError::Protocol {
+            provider: self.parser.provider().to_owned(),
+            message: "stream line is not valid UTF-8".into(),
+        })?;
+        if text.trim().is_empty() { Ok(()) } else { self.parser.on_line(text, out) }
+    }
+}
+
+impl<P: LineParser> BodyDecoder for NdjsonStreamDecoder<P> {
+    fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        while !bytes.is_empty() && !self.parser.is_done() {
+            let Some(pos) = bytes.iter().position(|&b| b == b'\n') else {
+                if self.line.len() + bytes.len() > crate::sse::MAX_EVENT_BYTES {
+                    return Err(ProviderError::Protocol {
+                        provider: self.parser.provider().to_owned(),
+                        message: format!("stream line larger than {} bytes", crate::sse::MAX_EVENT_BYTES),
+                    });
+                }
+                self.line.extend_from_slice(bytes);
+                break;
+            };
+            if self.line.is_empty() {
+                self.line(&bytes[..pos], out)?;
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&bytes[..pos]);
+                let result = self.line(&line, out);
+                line.clear();
+                self.line = line;
+                result?;
+            }
+            bytes = &bytes[pos + 1..];
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        if !self.line.is_empty() && !self.parser.is_done() {
+            let line = std::mem::take(&mut self.line);
+            self.line(&line, out)?;
+        }
+        if self.parser.is_done() { Ok(()) } else { self.parser.on_end(out) }
+    }
+
+    fn abort(&mut self, out: &mut Vec<StreamEvent>) -> Result<(), ProviderError> {
+        if self.parser.is_done() { Ok(()) } else { self.parser.on_end(out) }
+    }
+
+    fn is_done(&self) -> bool {
+        self.parser.is_done()
+    }
+
+    fn provider(&self) -> &str {
+        self.parser.provider()
+    }
+}
+
 type BodyStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
 /// The [`ModelStream`] over a streamed response body. Dropping it drops the body, which closes
 /// the connection (or resets the HTTP/2 stream).
-struct ResponseStream<P> {
+struct ResponseStream<D> {
     body: Option<BodyStream>,
-    decoder: SseStreamDecoder<P>,
+    decoder: D,
     pending: VecDeque<Result<StreamEvent, ProviderError>>,
     scratch: Vec<StreamEvent>,
 }
@@ -378,15 +617,23 @@ pub(crate) fn response_stream<P>(response: reqwest::Response, parser: P) -> Mode
 where
     P: SseEventParser + Send + Unpin + 'static,
 {
+    decoded_stream(response, SseStreamDecoder::new(parser))
+}
+
+/// The [`ModelStream`] of a response body through any [`BodyDecoder`].
+pub(crate) fn decoded_stream<D>(response: reqwest::Response, decoder: D) -> ModelStream
+where
+    D: BodyDecoder + Send + Unpin + 'static,
+{
     Box::pin(ResponseStream {
         body: Some(Box::pin(response.bytes_stream())),
-        decoder: SseStreamDecoder::new(parser),
+        decoder,
         pending: VecDeque::new(),
         scratch: Vec::new(),
     })
 }
 
-impl<P: SseEventParser + Unpin> ResponseStream<P> {
+impl<D: BodyDecoder + Unpin> ResponseStream<D> {
     fn absorb(&mut self, result: Result<(), ProviderError>) {
         self.pending.extend(self.scratch.drain(..).map(Ok));
         match result {
@@ -400,7 +647,7 @@ impl<P: SseEventParser + Unpin> ResponseStream<P> {
     }
 }
 
-impl<P: SseEventParser + Unpin> Stream for ResponseStream<P> {
+impl<D: BodyDecoder + Unpin> Stream for ResponseStream<D> {
     type Item = Result<StreamEvent, ProviderError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -420,7 +667,7 @@ impl<P: SseEventParser + Unpin> Stream for ResponseStream<P> {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.body = None;
-                    let provider = this.decoder.parser().provider().to_owned();
+                    let provider = this.decoder.provider().to_owned();
                     let result = if e.is_timeout() {
                         Err(ProviderError::Network {
                             provider,

@@ -3,13 +3,13 @@
 use async_trait::async_trait;
 use descartes_core::{ModelRequest, ModelStream, Provider, ProviderError, StreamEvent};
 use descartes_protocol::{ContentPart, Role, Usage};
-use reqwest::header::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::ProviderSettings;
-use crate::http::{Endpoint, SseEventParser, excerpt, header_value, insert_header, response_stream};
+use crate::http::{Auth, Endpoint, SseEventParser, excerpt, response_stream};
 use crate::sse::SseEvent;
+use crate::text_tools::filter_text_tool_calls;
 
 /// OpenAI Chat Completions backend (`POST {base_url}/chat/completions`, bearer auth).
 #[derive(Clone)]
@@ -42,6 +42,31 @@ impl OpenAiProvider {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// Probe: `GET {base}/models` with the key (the cheapest authenticated call).
+    pub async fn check(&self) -> Result<(), ProviderError> {
+        self.list_models().await.map(|_| ())
+    }
+
+    /// The model ids of `GET {base}/models` (`{"data":[{"id":...}]}`).
+    pub async fn list_models(&self) -> Result<Vec<String>, ProviderError> {
+        let headers = self.endpoint.auth_headers(Auth::Bearer)?;
+        let url = format!("{}/models", self.endpoint.settings.base_url);
+        let listing = self.endpoint.get_json(&url, headers).await?;
+        Ok(model_ids(&listing, "data", "id"))
+    }
+}
+
+/// `listing[list_key][*][id_key]` as strings.
+pub(crate) fn model_ids(listing: &Value, list_key: &str, id_key: &str) -> Vec<String> {
+    listing
+        .get(list_key)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get(id_key).and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[async_trait]
@@ -52,16 +77,15 @@ impl Provider for OpenAiProvider {
 
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream, ProviderError> {
         let name = self.endpoint.name();
-        let mut headers = HeaderMap::new();
-        if let Some(key) = self.endpoint.api_key()? {
-            insert_header(&mut headers, "authorization", header_value(name, &format!("Bearer {key}"))?);
-        }
-        let body = serde_json::to_vec(&build_openai_body(&request)).map_err(|e| ProviderError::Config {
-            provider: name.to_owned(),
-            message: format!("cannot encode the request: {e}"),
-        })?;
+        let headers = self.endpoint.auth_headers(Auth::Bearer)?;
+        let body = self.endpoint.encode(&build_openai_body(&request))?;
         let response = self.endpoint.post(&self.url, headers, body).await?;
-        Ok(response_stream(response, OpenAiStreamParser::new(name)))
+        let stream = response_stream(response, OpenAiStreamParser::new(name));
+        if self.endpoint.settings.text_tool_calls {
+            let names = request.tools.iter().map(|t| t.name.clone()).collect();
+            return Ok(filter_text_tool_calls(stream, names));
+        }
+        Ok(stream)
     }
 }
 
@@ -146,7 +170,7 @@ pub fn build_openai_body(request: &ModelRequest) -> Value {
     Value::Object(body)
 }
 
-fn join_text(parts: &[ContentPart]) -> String {
+pub(crate) fn join_text(parts: &[ContentPart]) -> String {
     let mut texts = parts.iter().filter_map(|p| match p {
         ContentPart::Text { text } => Some(text.as_str()),
         _ => None,
@@ -392,7 +416,7 @@ fn start_tool(slot: usize, tool: &mut ToolSlot, out: &mut Vec<StreamEvent>) {
 }
 
 /// `{"error":{...}}` inside the stream.
-fn stream_error(provider: &str, error: &Value) -> ProviderError {
+pub(crate) fn stream_error(provider: &str, error: &Value) -> ProviderError {
     let (kind, message) = match error {
         Value::Object(e) => {
             let field = |k: &str| match e.get(k) {

@@ -78,6 +78,8 @@ fn main() {
         sink: Arc::new(NullSink),
         cancel: Default::default(),
         tool_specs: Default::default(),
+        resilience: Default::default(),
+        policy: Default::default(),
         config: AgentConfig {
             provider: "scripted".into(),
             model: "instant".into(),
@@ -87,6 +89,7 @@ fn main() {
             max_tokens: None,
             cwd: dir.path().to_owned(),
             spool_root: dir.path().join("spool"),
+            budget: Default::default(),
         },
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

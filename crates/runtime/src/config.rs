@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use descartes_core::policy::{PermissionRules, Policy, RuleError, Source};
 use serde::{Deserialize, Serialize};
 
 /// The effective configuration.
@@ -28,8 +29,70 @@ pub struct Config {
     /// Model providers by name. `openai` and `anthropic` are built in; entries here change them
     /// or add OpenAI- or Anthropic-compatible servers (`kind = "openai"`).
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// Providers that continue a run when its provider fails after its retries, in order
+    /// (`--fallback` adds to the front).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
+    pub retry: RetryConfig,
+    pub budget: BudgetConfig,
+    /// Prices in USD per million tokens by model-name prefix, over the built-in table.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, descartes_core::Price>,
     pub tools: ToolsConfig,
+    /// How `shell` commands are confined (Landlock + seccomp on Linux).
+    pub sandbox: descartes_tools::SandboxPolicy,
     pub log: LogConfig,
+    /// Permission rules: `allow`, `ask`, `deny` lists of `TOOL` or `TOOL(PATTERN)` (see
+    /// `descartes_core::policy`). The rules of every file are kept (the project's are added
+    /// to the user's), here all together; [`Config::permission_layers`] says which file has which.
+    #[serde(skip_serializing_if = "PermissionRules::is_empty")]
+    pub permissions: PermissionRules,
+    /// The `[permissions]` rules of each file read, in the order read.
+    #[serde(skip)]
+    pub permission_layers: Vec<(PathBuf, PermissionRules)>,
+}
+
+/// Retries, parking and circuit breakers of model calls.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries of a failed model call before falling back or failing.
+    pub max_retries: u32,
+    /// First backoff, doubled by each retry (with jitter); `retry-after` wins.
+    pub base_delay_ms: u64,
+    pub max_delay_secs: u64,
+    /// A rate limit that resets later than this parks the run until it resets.
+    pub park_after_secs: u64,
+    /// The longest a run stays parked; a later reset fails the call.
+    pub max_park_secs: u64,
+    /// Consecutive failures that open a provider's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses calls.
+    pub breaker_open_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 4,
+            base_delay_ms: 500,
+            max_delay_secs: 30,
+            park_after_secs: 60,
+            max_park_secs: 6 * 3600,
+            breaker_failures: 5,
+            breaker_open_secs: 60,
+        }
+    }
+}
+
+/// Default caps of every run (`--max-tokens` / `--max-cost-usd` win).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
 }
 
 impl Default for Config {
@@ -40,8 +103,15 @@ impl Default for Config {
             max_turns: 50,
             system_prompt: None,
             providers: BTreeMap::new(),
+            fallback: Vec::new(),
+            retry: RetryConfig::default(),
+            budget: BudgetConfig::default(),
+            prices: BTreeMap::new(),
             tools: ToolsConfig::default(),
+            sandbox: descartes_tools::SandboxPolicy::default(),
             log: LogConfig::default(),
+            permissions: PermissionRules::default(),
+            permission_layers: Vec::new(),
         }
     }
 }
@@ -49,8 +119,10 @@ impl Default for Config {
 #[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProviderConfig {
-    /// Wire format: `openai` (Chat Completions) or `anthropic` (Messages). Defaults to the
-    /// provider's name for the built-in ones.
+    /// What the provider is: an API wire format (`openai` for Chat Completions and every
+    /// OpenAI-compatible server, `openai-responses`, `anthropic`, `gemini`, `ollama`), the
+    /// in-process `local` model, or an agent CLI (`claude-code`, `codex`, `gemini-cli`,
+    /// `command`). Built-in providers have theirs; a new entry defaults to `openai`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,6 +139,16 @@ pub struct ProviderConfig {
     pub max_tokens: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// The models the server offers (shown by `descartes providers`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Recognise tool calls that the model writes as text (JSON or XML in its answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_tool_calls: Option<bool>,
+    /// `command` kind (and to override an agent CLI's binary): the program and its arguments;
+    /// `{prompt}` in an argument is replaced by the prompt, else the prompt goes to stdin.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
 }
 
 impl fmt::Debug for ProviderConfig {
@@ -127,11 +209,36 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
-/// The built-in providers: (name, wire kind, default base URL, key variable, base URL variable,
-/// default model).
-pub const BUILTIN_PROVIDERS: &[(&str, &str, &str, &str, &str, &str)] = &[
-    ("openai", "openai", "https://api.openai.com/v1", "OPENAI_API_KEY", "OPENAI_BASE_URL", "gpt-4o-mini"),
-    (
+/// A built-in provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Builtin {
+    pub name: &'static str,
+    pub kind: &'static str,
+    /// Default base URL (empty for providers that are not HTTP APIs).
+    pub base_url: &'static str,
+    /// The variable holding the API key (empty: no key).
+    pub key_env: &'static str,
+    /// The variable overriding the base URL (empty: none).
+    pub base_env: &'static str,
+    pub model: &'static str,
+}
+
+const fn builtin(
+    name: &'static str,
+    kind: &'static str,
+    base_url: &'static str,
+    key_env: &'static str,
+    base_env: &'static str,
+    model: &'static str,
+) -> Builtin {
+    Builtin { name, kind, base_url, key_env, base_env, model }
+}
+
+/// The built-in providers. When no provider is chosen, the first API provider (in this order)
+/// whose key is set is used, else the in-process `local` model.
+pub const BUILTIN_PROVIDERS: &[Builtin] = &[
+    builtin("openai", "openai", "https://api.openai.com/v1", "OPENAI_API_KEY", "OPENAI_BASE_URL", "gpt-4o-mini"),
+    builtin(
         "anthropic",
         "anthropic",
         "https://api.anthropic.com",
@@ -139,6 +246,46 @@ pub const BUILTIN_PROVIDERS: &[(&str, &str, &str, &str, &str, &str)] = &[
         "ANTHROPIC_BASE_URL",
         "claude-sonnet-4-5",
     ),
+    builtin(
+        "gemini",
+        "gemini",
+        "https://generativelanguage.googleapis.com",
+        "GEMINI_API_KEY",
+        "GOOGLE_GEMINI_BASE_URL",
+        "gemini-2.5-flash",
+    ),
+    builtin("xai", "openai", "https://api.x.ai/v1", "XAI_API_KEY", "XAI_BASE_URL", "grok-3-mini"),
+    builtin(
+        "openai-responses",
+        "openai-responses",
+        "https://api.openai.com/v1",
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "gpt-4o-mini",
+    ),
+    builtin("ollama", "ollama", "http://localhost:11434", "", "OLLAMA_HOST", "llama3.2"),
+    builtin("local", "local", "", "", "", "smollm2-135m"),
+    builtin("claude-code", "claude-code", "", "", "", ""),
+    builtin("codex", "codex", "", "", "", ""),
+    builtin("gemini-cli", "gemini-cli", "", "", "", ""),
+    builtin("command", "command", "", "", "", ""),
+];
+
+/// Other names of built-in providers.
+pub const PROVIDER_ALIASES: &[(&str, &str)] = &[("headless", "claude-code"), ("claude", "claude-code")];
+
+/// The kinds a provider can have.
+pub const PROVIDER_KINDS: &[&str] = &[
+    "openai",
+    "openai-responses",
+    "anthropic",
+    "gemini",
+    "ollama",
+    "local",
+    "claude-code",
+    "codex",
+    "gemini-cli",
+    "command",
 ];
 
 /// Checks one config file and returns its table.
@@ -187,8 +334,19 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 pub fn load(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<(Config, Vec<PathBuf>), ConfigError> {
     let mut merged = toml::Table::new();
     let mut read = Vec::new();
+    let mut layers = Vec::new();
     for f in files {
-        if let Some(table) = read_file(f)? {
+        if let Some(mut table) = read_file(f)? {
+            // Permission rules add up across files instead of replacing each other.
+            if let Some(p) = table.remove("permissions") {
+                let rules: PermissionRules = p.try_into().map_err(|e: toml::de::Error| ConfigError::File {
+                    file: f.clone(),
+                    line: 1,
+                    column: 1,
+                    message: e.message().to_owned(),
+                })?;
+                layers.push((f.clone(), rules));
+            }
             merge(&mut merged, table);
             read.push(f.clone());
         }
@@ -199,6 +357,10 @@ pub fn load(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<(
         column: 1,
         message: e.message().to_owned(),
     })?;
+    for (_, rules) in &layers {
+        config.permissions.extend(rules);
+    }
+    config.permission_layers = layers;
     apply_env(&mut config, env)?;
     Ok((config, read))
 }
@@ -229,12 +391,28 @@ fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Resul
             }
         };
     }
-    for (name, _, _, _, base_var, _) in BUILTIN_PROVIDERS {
-        if let Some(url) = get(base_var) {
-            config.providers.entry((*name).to_owned()).or_default().base_url = Some(url);
+    for b in BUILTIN_PROVIDERS.iter().filter(|b| !b.base_env.is_empty()) {
+        if let Some(url) = get(b.base_env) {
+            config.providers.entry(b.name.to_owned()).or_default().base_url = Some(url);
         }
     }
     Ok(())
+}
+
+impl Config {
+    /// The permission policy: the rules of `user_config` are the user's, those of every other
+    /// file the project's.
+    pub fn policy(&self, user_config: Option<&Path>) -> Result<Policy, RuleError> {
+        let layers: Vec<(Source, PermissionRules)> = self
+            .permission_layers
+            .iter()
+            .map(|(file, rules)| {
+                let source = if Some(file.as_path()) == user_config { Source::User } else { Source::Project };
+                (source, rules.clone())
+            })
+            .collect();
+        Policy::new(&layers)
+    }
 }
 
 /// The effective configuration as TOML, with secrets redacted.
@@ -253,10 +431,37 @@ pub const TEMPLATE: &str = r#"# Descartes project configuration.
 # Precedence: built-in defaults < user config < this file < environment < command-line flags.
 # `descartes config show` prints the effective configuration; `descartes config check` checks it.
 
-# provider = "openai"        # or "anthropic"; -p on the command line wins
+# provider = "openai"        # openai, openai-responses, anthropic, gemini, xai, ollama, local,
+#                            # claude-code, codex, gemini-cli, command; -p on the command line wins.
+#                            # Unset: the first of OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY,
+#                            # XAI_API_KEY that is set, else the in-process local model.
 # model = "gpt-4o-mini"      # -m on the command line wins
 # max_turns = 50             # most model calls in one run
 # system_prompt = "You are a careful software engineer."
+# fallback = ["anthropic", "local"]   # continue a run on these when its provider fails
+
+# [retry]
+# max_retries = 4            # per model call, with exponential backoff and jitter
+# base_delay_ms = 500        # a server's retry-after wins
+# park_after_secs = 60       # a longer rate-limit wait parks the run until the limit resets
+# breaker_failures = 5       # consecutive failures that open a provider's circuit breaker
+# breaker_open_secs = 60
+
+# [budget]                   # caps per run; --max-tokens / --max-cost-usd win
+# max_tokens = 200000
+# max_cost_usd = 1.0
+
+# [prices."my-model"]        # USD per million tokens, over the built-in table
+# input = 1.0
+# output = 2.0
+
+# An OpenAI-compatible server, declared without code:
+# [providers.groq]
+# kind = "openai"
+# base_url = "https://api.groq.com/openai/v1"
+# api_key_env = "GROQ_API_KEY"
+# model = "llama-3.3-70b-versatile"
+# models = ["llama-3.3-70b-versatile", "qwen-qwq-32b"]
 
 # [providers.openai]
 # base_url = "https://api.openai.com/v1"   # or set OPENAI_BASE_URL
@@ -268,12 +473,25 @@ pub const TEMPLATE: &str = r#"# Descartes project configuration.
 # api_key_env = "ANTHROPIC_API_KEY"
 # model = "claude-sonnet-4-5"
 
+# [sandbox]                  # how `shell` commands are confined (Linux: Landlock + seccomp)
+# mode = "workspace-write"   # read-only | workspace-write | full-access
+# network = false            # IP sockets for commands
+# writable_roots = []        # more writable directories (e.g. a cache)
+# require = false            # refuse commands when the kernel cannot enforce the sandbox
+
 # [tools]
 # shell_timeout_secs = 120
 # max_output_bytes = 65536
 
 # [log]
 # format = "human"   # or "json"; diagnostics go to stderr
+
+# [permissions]      # added to the user's rules; `descartes permissions` lists them all
+# allow = ["shell(cargo test*)", "shell(git status)", "mcp__github__get_*"]
+# ask = ["shell(git push*)"]
+# deny = ["write_file(/etc/**)", "shell(rm -rf *)", "http_request(*.internal)"]
+# The most specific rule wins (a command/path/host pattern over a tool name, more literal
+# characters over fewer); on a tie deny > ask > allow. -y answers asks, never denies.
 "#;
 
 #[cfg(test)]

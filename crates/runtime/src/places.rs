@@ -23,6 +23,9 @@ pub struct Places {
     pub db_path: PathBuf,
     /// The user config file (may not exist).
     pub user_config: Option<PathBuf>,
+    /// Local model files, shared by every project: `$DESCARTES_MODEL_DIR`, else
+    /// `$DESCARTES_HOME/models`, else the platform data directory's `models`.
+    pub models_dir: PathBuf,
     /// The project config file (project mode).
     pub project_config: Option<PathBuf>,
 }
@@ -37,6 +40,12 @@ impl Places {
             (None, Some(d)) => Some(d.config_dir().join("config.toml")),
             (None, None) => None,
         };
+        let data_dir = home.clone().or_else(|| dirs.as_ref().map(|d| d.data_dir().to_owned()));
+        let models_dir = env("DESCARTES_MODEL_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| data_dir.as_ref().map(|d| d.join("models")))
+            .unwrap_or_else(|| cwd.join(PROJECT_DIR).join("models"));
         if let Some(root) = find_project(cwd) {
             let state_dir = root.join(PROJECT_DIR);
             return Self {
@@ -45,15 +54,17 @@ impl Places {
                 project_config: Some(state_dir.join("config.toml")),
                 state_dir,
                 user_config,
+                models_dir,
             };
         }
-        let state_dir = home.or_else(|| dirs.map(|d| d.data_dir().to_owned())).unwrap_or_else(|| cwd.join(PROJECT_DIR));
+        let state_dir = data_dir.unwrap_or_else(|| cwd.join(PROJECT_DIR));
         Self {
             mode: Mode::Direct,
             db_path: state_dir.join("descartes.db"),
             state_dir,
             user_config,
             project_config: None,
+            models_dir,
         }
     }
 
@@ -64,6 +75,7 @@ impl Places {
             mode: Mode::Project { root: dir.to_owned() },
             db_path: state_dir.join("descartes.db"),
             project_config: Some(state_dir.join("config.toml")),
+            models_dir: state_dir.join("models"),
             state_dir,
             user_config,
         }

@@ -2,13 +2,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use descartes_core::{EventStore, Provider, RunSummary, StoreError, ToolRegistry};
+use descartes_core::{
+    BreakerFold, BreakerPolicy, Breakers, ChainEntry, EventStore, PriceTable, Provider, Resilience, RetryPolicy,
+    RunSummary, StoreError, SystemClock, ToolRegistry,
+};
 use descartes_protocol::RunId;
-use descartes_providers::{AnthropicProvider, OpenAiProvider, ProviderSettings};
+use descartes_providers::{AnyProvider, ProviderSettings};
 use descartes_store::{SqliteEventStore, SqliteOptions, SyncMode};
-use descartes_tools::{ToolLimits, builtin_registry};
+use descartes_tools::{Sandbox, SandboxHelper, ToolLimits, builtin_registry_with_sandbox};
 
-use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError};
+use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError, PROVIDER_ALIASES, PROVIDER_KINDS};
 use crate::locks::RunLock;
 use crate::places::Places;
 
@@ -24,16 +27,14 @@ pub enum RuntimeError {
     Store(#[from] StoreError),
     #[error("unknown provider `{name}`; known providers: {known}")]
     UnknownProvider { name: String, known: String },
-    #[error("provider `{name}` has an unknown kind `{kind}`; use `openai` or `anthropic`")]
-    UnknownKind { name: String, kind: String },
     #[error(
-        "no model provider is configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for a compatible server) or \
-         ANTHROPIC_API_KEY, or choose one with -p"
+        "provider `{name}` has an unknown kind `{kind}`; use openai, openai-responses, anthropic, gemini, ollama, \
+         local, claude-code, codex, gemini-cli or command"
     )]
-    NoProvider,
+    UnknownKind { name: String, kind: String },
     #[error("{provider}: no API key; set {var}")]
     MissingApiKey { provider: String, var: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Provider(#[from] descartes_core::ProviderError),
     #[error("no run matches `{0}`; `descartes list` shows the runs")]
     RunNotFound(String),
@@ -62,6 +63,17 @@ pub struct Selection {
     pub api_key_env: String,
     pub max_tokens: Option<u32>,
     pub timeout: Option<Duration>,
+    /// Recognise tool calls written as text.
+    pub text_tool_calls: bool,
+    /// The program (and arguments) of a `command` provider, or an agent CLI's binary override.
+    pub command: Vec<String>,
+}
+
+impl Selection {
+    /// Whether the provider is a whole agent CLI (run by its own loop) rather than a model.
+    pub fn is_agent_cli(&self) -> bool {
+        matches!(self.kind.as_str(), "claude-code" | "codex" | "gemini-cli" | "command")
+    }
 }
 
 /// Everything a command needs: places, configuration, and factories for the rest.
@@ -151,9 +163,9 @@ impl Runtime {
         Ok(Arc::new(SqliteEventStore::open(&self.places.db_path, SqliteOptions { sync })?))
     }
 
-    /// Names of every known provider.
+    /// Names of every known provider: the built-in ones, then those declared in config.
     pub fn provider_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = BUILTIN_PROVIDERS.iter().map(|p| p.0.to_owned()).collect();
+        let mut names: Vec<String> = BUILTIN_PROVIDERS.iter().map(|p| p.name.to_owned()).collect();
         for k in self.config.providers.keys() {
             if !names.contains(k) {
                 names.push(k.clone());
@@ -162,86 +174,303 @@ impl Runtime {
         names
     }
 
-    /// Resolves the provider and model: flag > environment > config > first built-in provider
-    /// whose API key is set.
+    /// The provider used when none is chosen: config (or `DESCARTES_PROVIDER`), else the first
+    /// API provider whose key is set, else the in-process local model.
+    pub fn default_provider(&self) -> String {
+        if let Some(p) = &self.config.provider {
+            return p.clone();
+        }
+        BUILTIN_PROVIDERS
+            .iter()
+            .filter(|b| !b.key_env.is_empty())
+            .find(|b| self.env(b.key_env).is_some())
+            .map(|b| b.name.to_owned())
+            .unwrap_or_else(|| "local".to_owned())
+    }
+
+    /// Resolves the provider and model: flag > environment > config > default (see
+    /// [`Runtime::default_provider`]).
     pub fn select(&self, provider: Option<&str>, model: Option<&str>) -> Result<Selection, RuntimeError> {
-        let name = match provider.map(str::to_owned).or_else(|| self.config.provider.clone()) {
-            Some(n) => n,
-            None => BUILTIN_PROVIDERS
-                .iter()
-                .find(|p| self.env(p.3).is_some())
-                .map(|p| p.0.to_owned())
-                .ok_or(RuntimeError::NoProvider)?,
-        };
-        let builtin = BUILTIN_PROVIDERS.iter().find(|p| p.0 == name);
+        let name = provider.map(str::to_owned).unwrap_or_else(|| self.default_provider());
+        let name = PROVIDER_ALIASES.iter().find(|(a, _)| *a == name).map(|(_, n)| (*n).to_owned()).unwrap_or(name);
+        let builtin = BUILTIN_PROVIDERS.iter().find(|p| p.name == name);
         let custom = self.config.providers.get(&name);
         if builtin.is_none() && custom.is_none() {
             return Err(RuntimeError::UnknownProvider { name, known: self.provider_names().join(", ") });
         }
         let custom = custom.cloned().unwrap_or_default();
-        let kind = custom.kind.clone().or_else(|| builtin.map(|b| b.1.to_owned())).unwrap_or_else(|| "openai".into());
-        let default_base = match kind.as_str() {
-            "openai" => BUILTIN_PROVIDERS[0].2,
-            "anthropic" => BUILTIN_PROVIDERS[1].2,
-            _ => return Err(RuntimeError::UnknownKind { name, kind }),
-        };
+        let kind =
+            custom.kind.clone().or_else(|| builtin.map(|b| b.kind.to_owned())).unwrap_or_else(|| "openai".into());
+        if !PROVIDER_KINDS.contains(&kind.as_str()) {
+            return Err(RuntimeError::UnknownKind { name, kind });
+        }
+        // A declared provider of a built-in kind inherits that kind's defaults.
+        let kind_default = BUILTIN_PROVIDERS.iter().find(|b| b.kind == kind);
+        let defaults = builtin.or(kind_default);
+        let agent_cli = matches!(kind.as_str(), "claude-code" | "codex" | "gemini-cli" | "command");
         let model = model
             .map(str::to_owned)
             .or_else(|| self.env("DESCARTES_MODEL"))
             .or_else(|| custom.model.clone())
-            .or_else(|| self.config.model.clone())
-            .or_else(|| builtin.map(|b| b.5.to_owned()))
-            .ok_or_else(|| {
-                RuntimeError::Provider(descartes_core::ProviderError::Config {
+            .or_else(|| custom.models.first().cloned())
+            .or_else(|| if agent_cli || builtin.is_none() { None } else { self.config.model.clone() })
+            .or_else(|| defaults.map(|b| b.model.to_owned()).filter(|m| !m.is_empty()));
+        let model = match model {
+            Some(m) => m,
+            // Agent CLIs use their own default model when none is given.
+            None if agent_cli => String::new(),
+            None => {
+                return Err(RuntimeError::Provider(descartes_core::ProviderError::Config {
                     provider: name.clone(),
                     message: format!("no model configured; pass -m or set providers.{name}.model"),
-                })
-            })?;
+                }));
+            }
+        };
+        let api_key_env = match (&custom.api_key_env, builtin) {
+            (Some(v), _) => v.clone(),
+            (None, Some(b)) => b.key_env.to_owned(),
+            (None, None) if agent_cli || matches!(kind.as_str(), "ollama" | "local") => String::new(),
+            (None, None) => format!("{}_API_KEY", name.to_uppercase().replace('-', "_")),
+        };
         Ok(Selection {
-            base_url: custom
-                .base_url
-                .clone()
-                .or_else(|| builtin.map(|b| b.2.to_owned()))
-                .unwrap_or_else(|| default_base.to_owned()),
-            api_key_env: custom
-                .api_key_env
-                .clone()
-                .or_else(|| builtin.map(|b| b.3.to_owned()))
-                .unwrap_or_else(|| format!("{}_API_KEY", name.to_uppercase().replace('-', "_"))),
+            base_url: custom.base_url.clone().or_else(|| defaults.map(|b| b.base_url.to_owned())).unwrap_or_default(),
+            api_key_env,
             max_tokens: custom.max_tokens,
             timeout: custom.timeout_secs.map(Duration::from_secs),
+            text_tool_calls: custom.text_tool_calls.unwrap_or(false),
+            command: custom.command.clone(),
             provider: name,
             kind,
             model,
         })
     }
 
-    /// Builds the provider of a selection. Fails if its API key is missing.
+    /// Builds the provider of a selection. Fails if its API key is missing, and for agent CLIs
+    /// (they are run by [`Runtime::build_agent_cli`] instead).
     pub fn build_provider(&self, sel: &Selection) -> Result<Arc<dyn Provider>, RuntimeError> {
+        if sel.kind == "local" {
+            return self.build_local(sel);
+        }
+        Ok(self.build_api_provider(sel)?.into_provider())
+    }
+
+    fn build_api_provider(&self, sel: &Selection) -> Result<AnyProvider, RuntimeError> {
         let custom = self.config.providers.get(&sel.provider);
         let api_key = custom.and_then(|c| c.api_key.clone()).or_else(|| self.env(&sel.api_key_env));
         if api_key.is_none() && !sel.api_key_env.is_empty() {
             return Err(RuntimeError::MissingApiKey { provider: sel.provider.clone(), var: sel.api_key_env.clone() });
         }
+        let base_url = if sel.kind == "ollama" {
+            descartes_providers::ollama_base_url(&sel.base_url)
+        } else {
+            sel.base_url.clone()
+        };
         let settings = ProviderSettings {
             name: sel.provider.clone(),
-            base_url: sel.base_url.clone(),
+            base_url,
             api_key,
             api_key_env: sel.api_key_env.clone(),
             timeout: None,
             read_timeout: sel.timeout,
+            text_tool_calls: sel.text_tool_calls,
         };
-        Ok(match sel.kind.as_str() {
-            "anthropic" => Arc::new(AnthropicProvider::new(settings)?),
-            _ => Arc::new(OpenAiProvider::new(settings)?),
-        })
+        if sel.is_agent_cli() {
+            return Err(RuntimeError::Provider(descartes_core::ProviderError::Config {
+                provider: sel.provider.clone(),
+                message: format!("`{}` is an agent CLI, not a model API", sel.kind),
+            }));
+        }
+        Ok(AnyProvider::new(&sel.kind, settings)?)
+    }
+
+    /// The agent CLI of a selection (`claude-code`, `codex`, `gemini-cli`, `command`).
+    /// `providers.NAME.command` overrides the CLI's binary (and, for `command`, is the whole
+    /// command line, with `{prompt}` where the prompt goes, else it goes to stdin).
+    pub fn build_agent_cli(
+        &self,
+        sel: &Selection,
+    ) -> Result<Arc<dyn descartes_core::external::AgentCli>, RuntimeError> {
+        let config_error = |message: String| {
+            RuntimeError::Provider(descartes_core::ProviderError::Config { provider: sel.provider.clone(), message })
+        };
+        let mut options = descartes_agent_cli::CliOptions::default();
+        if sel.kind == "command" {
+            let Some((program, args)) = sel.command.split_first() else {
+                return Err(config_error(format!(
+                    "a `command` provider needs its command line: set providers.{}.command = [\"prog\", \"{{prompt}}\"]",
+                    sel.provider
+                )));
+            };
+            return Ok(Arc::new(descartes_agent_cli::CommandCli::new(program.clone(), args.to_vec(), options)));
+        }
+        if let Some((program, args)) = sel.command.split_first() {
+            options.program = Some(PathBuf::from(program));
+            options.extra_args = args.to_vec();
+        }
+        descartes_agent_cli::backend(&sel.kind, options)
+            .ok_or_else(|| config_error(format!("`{}` is not an agent CLI", sel.kind)))
+    }
+
+    /// The in-process local model (see `descartes model pull`): `sel.model` is a name in the
+    /// models directory or a path to a GGUF file.
+    fn build_local(&self, sel: &Selection) -> Result<Arc<dyn Provider>, RuntimeError> {
+        let path = descartes_local::resolve_model(&sel.model, &self.places.models_dir).map_err(|e| {
+            RuntimeError::Provider(descartes_core::ProviderError::Config {
+                provider: sel.provider.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        let options = descartes_local::LocalOptions { max_tokens: sel.max_tokens.unwrap_or(512), ..Default::default() };
+        Ok(Arc::new(descartes_local::LocalProvider::with_options(path, options)))
+    }
+
+    /// Whether the local model `name` is in the models directory.
+    pub fn local_model_present(&self, name: &str) -> bool {
+        descartes_local::resolve_model(name, &self.places.models_dir).is_ok()
+    }
+
+    /// Retries, fallbacks, circuit breakers (seeded from the log's recent model calls), prices
+    /// and the token counter for a run whose primary is `primary`. `fallbacks` are provider
+    /// names (from `--fallback`, then config); a fallback whose key is missing is skipped with a
+    /// warning rather than failing the run.
+    pub async fn resilience(
+        &self,
+        store: &dyn EventStore,
+        primary: &Selection,
+        fallbacks: &[String],
+    ) -> Result<(Resilience, Vec<String>), RuntimeError> {
+        let r = &self.config.retry;
+        let retry = RetryPolicy {
+            max_retries: r.max_retries,
+            base_delay: Duration::from_millis(r.base_delay_ms.max(1)),
+            max_delay: Duration::from_secs(r.max_delay_secs.max(1)),
+            park_after: Duration::from_secs(r.park_after_secs),
+            max_park: Duration::from_secs(r.max_park_secs),
+        };
+        let policy = BreakerPolicy {
+            failure_threshold: r.breaker_failures.max(1),
+            open_for: Duration::from_secs(r.breaker_open_secs),
+        };
+        let fold = self.provider_health(store, policy).await?;
+        let mut prices = PriceTable::with_defaults();
+        for (model, price) in &self.config.prices {
+            prices.set(model.clone(), *price);
+        }
+        let mut names: Vec<String> = Vec::new();
+        for n in fallbacks.iter().chain(self.config.fallback.iter()) {
+            if n != &primary.provider && !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        let mut chain = Vec::new();
+        let mut warnings = Vec::new();
+        for name in names {
+            let sel = self.select(Some(&name), None)?;
+            match self.build_provider(&sel) {
+                Ok(provider) => chain.push(ChainEntry { provider, model: sel.model }),
+                Err(e) => warnings.push(format!("fallback `{name}` is not usable: {e}")),
+            }
+        }
+        Ok((
+            Resilience {
+                retry,
+                fallbacks: chain,
+                breakers: Arc::new(Breakers::from_fold(policy, &fold)),
+                prices: Arc::new(prices),
+                counter: descartes_providers::token_counter(&primary.kind, &primary.model),
+                clock: Arc::new(SystemClock),
+            },
+            warnings,
+        ))
+    }
+
+    /// Circuit breakers and call statistics of every provider, folded from the most recent
+    /// model call events in the log (the last 20,000 events).
+    pub async fn provider_health(
+        &self,
+        store: &dyn EventStore,
+        policy: BreakerPolicy,
+    ) -> Result<BreakerFold, RuntimeError> {
+        let last = store.last_seq().await?;
+        let mut fold = BreakerFold::new(policy);
+        let mut after = last.saturating_sub(20_000);
+        loop {
+            let events = store.read_all(after, 5_000).await?;
+            let Some(tail) = events.last() else { break };
+            after = tail.seq;
+            for e in &events {
+                fold.apply(e.at, &e.data);
+            }
+        }
+        Ok(fold)
+    }
+
+    /// Whether a provider can be used as configured: `Ok(what it uses)` or `Err(what is missing)`.
+    pub fn provider_status(&self, sel: &Selection) -> Result<String, String> {
+        if sel.is_agent_cli() {
+            let program = sel.command.first().cloned().unwrap_or_else(|| match sel.kind.as_str() {
+                "claude-code" => "claude".into(),
+                "gemini-cli" => "gemini".into(),
+                other => other.to_owned(),
+            });
+            if sel.kind == "command" && sel.command.is_empty() {
+                return Err(format!("no command: set providers.{}.command = [\"prog\", \"{{prompt}}\"]", sel.provider));
+            }
+            return match find_program(&program) {
+                Some(path) => Ok(format!("CLI {}", path.display())),
+                None => Err(format!("`{program}` is not installed (not on PATH)")),
+            };
+        }
+        if sel.kind == "local" {
+            return Ok(format!("in-process model {}", sel.model));
+        }
+        if sel.api_key_env.is_empty() {
+            return Ok(format!("no key needed ({})", sel.base_url));
+        }
+        let configured = self.config.providers.get(&sel.provider).is_some_and(|c| c.api_key.is_some());
+        if configured || self.env(&sel.api_key_env).is_some() {
+            Ok(format!("key from {}", if configured { "config" } else { &sel.api_key_env }))
+        } else {
+            Err(format!("no key: set {}", sel.api_key_env))
+        }
+    }
+
+    /// Probes a provider with its cheapest authenticated call.
+    pub async fn check_provider(&self, sel: &Selection) -> Result<(), RuntimeError> {
+        if sel.is_agent_cli() || sel.kind == "local" {
+            self.provider_status(sel).map_err(|message| {
+                RuntimeError::Provider(descartes_core::ProviderError::Config {
+                    provider: sel.provider.clone(),
+                    message,
+                })
+            })?;
+            if sel.kind == "local" {
+                self.build_local(sel)?;
+            }
+            return Ok(());
+        }
+        Ok(self.build_api_provider(sel)?.check().await?)
     }
 
     /// The built-in tools with the configured limits.
     pub fn tools(&self) -> ToolRegistry {
-        builtin_registry(&ToolLimits {
+        let limits = ToolLimits {
             shell_timeout: Duration::from_secs(self.config.tools.shell_timeout_secs.max(1)),
             max_output_bytes: self.config.tools.max_output_bytes.max(1024),
+            ..ToolLimits::default()
+        };
+        builtin_registry_with_sandbox(&limits, self.sandbox())
+    }
+
+    /// The sandbox of `shell` commands, as configured. The `descartes` binary is its own helper
+    /// (the hidden `__sandbox` subcommand); other programs look for `descartes-sandbox`.
+    pub fn sandbox(&self) -> Arc<Sandbox> {
+        let policy = self.config.sandbox.clone();
+        let exe = std::env::current_exe().ok();
+        let is_descartes = exe.as_ref().and_then(|e| e.file_name()).is_some_and(|n| n == "descartes");
+        Arc::new(match exe.filter(|_| is_descartes) {
+            Some(exe) => Sandbox::with_helper(policy, SandboxHelper::subcommand(exe, "__sandbox")),
+            None => Sandbox::new(policy),
         })
     }
 
@@ -298,4 +527,16 @@ impl Runtime {
     pub fn clean_spool(&self, run_id: &RunId) {
         let _ = std::fs::remove_dir_all(self.places.spool_dir().join(run_id.as_str()));
     }
+}
+
+/// The path of a program on `PATH` (or the path itself when it contains a `/`).
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &std::path::Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| executable(p))
 }

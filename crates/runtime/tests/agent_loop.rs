@@ -212,6 +212,7 @@ fn config(auto_approve: bool, max_turns: u32) -> AgentConfig {
         max_tokens: None,
         cwd: tmp.clone(),
         spool_root: tmp.join("descartes-agent-loop-test-spool"),
+        budget: Default::default(),
     }
 }
 
@@ -221,6 +222,7 @@ struct Harness {
     prompter: Arc<dyn Prompter>,
     tools: ToolRegistry,
     cancel: CancellationToken,
+    policy: descartes_core::policy::Policy,
 }
 
 impl Harness {
@@ -235,6 +237,7 @@ impl Harness {
             prompter: Arc::new(ScriptedPrompter::default()),
             tools: registry,
             cancel: CancellationToken::new(),
+            policy: Default::default(),
         }
     }
 
@@ -258,6 +261,12 @@ impl Harness {
             cancel: self.cancel.clone(),
             config,
             tool_specs: Default::default(),
+            policy: self.policy.clone(),
+            // No retries unless a test asks for them (the failure paths are tested as such).
+            resilience: descartes_core::Resilience {
+                retry: descartes_core::RetryPolicy { max_retries: 0, ..Default::default() },
+                ..Default::default()
+            },
         }
     }
 
@@ -377,6 +386,7 @@ fn run_started(run_id: &RunId, auto_approve: bool, tools: &[&str]) -> Vec<NewEve
                 tools: tools.iter().map(|t| (*t).to_owned()).collect(),
                 pid: 1,
                 version: "0".into(),
+                budget: Default::default(),
             },
         ),
         ev(run_id, MessageAdded { message: Message::user_text("do the thing"), model_call_id: None }),
@@ -403,6 +413,7 @@ fn model_turn_with_tool(
             ModelCallCompleted {
                 call_id: model_call.into(),
                 usage: Usage { input_tokens: 10, output_tokens: 5, ..Default::default() },
+                cost_usd: None,
                 stop_reason: Some("tool_calls".into()),
                 duration_ms: 1,
             },
@@ -436,7 +447,7 @@ fn permission(run_id: &RunId, id: &str, tool: &str, rule: &str, actor: &str) -> 
 }
 
 fn tool_started(run_id: &RunId, id: &str, tool: &str, input: Value, idempotent: bool) -> NewEvent {
-    ev(run_id, ToolCallStarted { call_id: id.into(), tool: tool.into(), input, idempotent })
+    ev(run_id, ToolCallStarted { call_id: id.into(), tool: tool.into(), input, idempotent, executed_by: None })
 }
 
 /// A run that crashed while its tool call `c1` of `tool` was executing (intent logged, no result).
@@ -1038,6 +1049,53 @@ fn http_500() -> ProviderError {
 }
 
 #[tokio::test]
+async fn retries_then_fallback_continue_the_same_run() {
+    let h = Harness::new([]);
+    let run = RunId::from("run-retry-fallback");
+    // The primary fails twice (one retry allowed), then the fallback answers.
+    let primary = scripted(vec![Scripted::Fail(http_500()), Scripted::Fail(http_500())]);
+    let fallback = scripted(vec![text("from the fallback")]);
+    let mut agent = h.agent(primary.clone(), config(false, 10));
+    agent.resilience.retry = descartes_core::RetryPolicy {
+        max_retries: 1,
+        base_delay: std::time::Duration::from_millis(1),
+        ..Default::default()
+    };
+    agent.resilience.fallbacks =
+        vec![descartes_core::ChainEntry { provider: fallback.clone(), model: "fallback-model".into() }];
+    let outcome = agent.start(run.clone(), "p".into(), goal_message("p", None)).await.unwrap();
+    assert_eq!(outcome, RunOutcome::Completed { result: "from the fallback".into() });
+    let log = h.log(&run).await;
+    assert_eq!(
+        kinds(&log),
+        [
+            "run_started",
+            "message",
+            "model_call_started",
+            "model_call_failed",
+            "model_call_started",
+            "model_call_failed",
+            "provider_switched",
+            "model_call_started",
+            "model_call_completed",
+            "message",
+            "run_completed"
+        ]
+    );
+    match (&log[3].data, &log[5].data, &log[7].data) {
+        (EventData::ModelCallFailed(a), EventData::ModelCallFailed(b), EventData::ModelCallStarted(c)) => {
+            assert_eq!((a.attempt, b.attempt), (Some(1), Some(2)));
+            assert!(a.retry_in_ms.is_some() && b.retry_in_ms.is_none());
+            assert_eq!(c.model, "fallback-model");
+        }
+        _ => unreachable!(),
+    }
+    // The fold follows the switch: a resume would continue on the fallback.
+    let state = RunState::fold(run.clone(), &log).unwrap();
+    assert_eq!(state.model, "fallback-model");
+}
+
+#[tokio::test]
 async fn provider_failure_fails_the_run_and_a_resume_completes_it() {
     let h = Harness::new([]);
     let failing = scripted(vec![Scripted::Fail(http_500())]);
@@ -1151,6 +1209,8 @@ async fn cancelled_while_a_tool_runs_then_resumed_without_rerunning_it() {
             "model_call_started",
             "model_call_completed",
             "message",
+            // Decisions come first, for every call of the answer; then the calls run.
+            "permission_decided",
             "permission_decided",
             "tool_call_started",
             "tool_call_completed",
@@ -1357,9 +1417,9 @@ async fn crash_after_any_event_then_resume_keeps_exactly_once() {
             "model_call_completed",
             "message",
             "permission_decided",
+            "permission_decided",
             "tool_call_started",
             "tool_call_completed",
-            "permission_decided",
             "tool_call_started",
             "tool_call_completed",
             "model_call_started",
@@ -1442,4 +1502,253 @@ async fn crash_after_any_event_then_resume_keeps_exactly_once() {
         assert_eq!(count(&log, "message"), 4, "{at}: the goal and three answers, each once");
         assert_sink_matches_log(&h.sink.events(), &log, prefix.last().unwrap().seq);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Permission rules and parallel execution
+// ---------------------------------------------------------------------------------------------
+
+fn policy(rules: &[(descartes_core::policy::Action, &str)]) -> descartes_core::policy::Policy {
+    use descartes_core::policy::{Rule, RuleSpec, Source};
+    descartes_core::policy::Policy::from_rules(
+        rules.iter().map(|(a, t)| Rule::new(*a, Source::Project, RuleSpec::parse(t).unwrap()).unwrap()).collect(),
+    )
+}
+
+/// A model asking for the given calls (id, tool, arguments) in its first answer, then done.
+fn calls_then_done(calls: Vec<(&'static str, &'static str, &'static str)>) -> Arc<FnProvider> {
+    Arc::new(FnProvider::new(move |request| {
+        if request.messages.iter().any(|m| m.role == Role::Assistant) {
+            return vec![StreamEvent::TextDelta("done".into()), StreamEvent::Stop { reason: Some("stop".into()) }];
+        }
+        let mut events = Vec::new();
+        for (index, (id, name, args)) in calls.iter().enumerate() {
+            events.push(StreamEvent::ToolCallStart { index, id: (*id).into(), name: (*name).into() });
+            events.push(StreamEvent::ToolCallDelta { index, json: (*args).into() });
+        }
+        events.push(StreamEvent::Stop { reason: Some("tool_calls".into()) });
+        events
+    }))
+}
+
+#[tokio::test]
+async fn rules_allow_deny_and_ask_and_each_decision_names_its_rule() {
+    use descartes_core::policy::Action::*;
+    let shell = Arc::new(CountingTool::new("shell", false, false));
+    let reader = Arc::new(CountingTool::new("read_file", true, true));
+    let prompter = Arc::new(ScriptedPrompter::new([PromptAnswer::AllowOnce]));
+    let mut h = Harness::new([shell.clone(), reader.clone()]).with_prompter(prompter.clone());
+    h.policy = policy(&[
+        (Allow, "shell(echo *)"),
+        (Deny, "shell(rm *)"),
+        (Ask, "shell(git push*)"),
+        (Deny, "read_file(**/.env)"),
+    ]);
+    let provider = calls_then_done(vec![
+        ("c1", "shell", r#"{"command":"echo hi"}"#),
+        ("c2", "shell", r#"{"command":"rm -rf x"}"#),
+        ("c3", "shell", r#"{"command":"git push origin"}"#),
+        ("c4", "read_file", r#"{"path":"a/.env"}"#),
+        ("c5", "read_file", r#"{"path":"a/b.txt"}"#),
+        ("c6", "shell", r#"{"command":"ls"}"#),
+    ]);
+    let run = RunId::from("run-rules");
+
+    let outcome = h.start(provider, config(false, 10), &run).await;
+
+    assert_eq!(outcome, RunOutcome::Completed { result: "done".into() });
+    let got: Vec<(String, Decision, String, String)> = permissions(&h.log(&run).await)
+        .into_iter()
+        .map(|p| (p.call_id.unwrap(), p.decision, p.rule, p.actor))
+        .collect();
+    let want = [
+        ("c1", Decision::Allow, "project:allow shell \"echo *\"", "policy"),
+        ("c2", Decision::Deny, "project:deny shell \"rm *\"", "policy"),
+        ("c3", Decision::Allow, "user:allow-once", "user"),
+        ("c4", Decision::Deny, "project:deny read_file \"**/.env\"", "policy"),
+        ("c5", Decision::Allow, "builtin:read-only", "policy"),
+        // The scripted prompter has no more answers: nobody to ask.
+        ("c6", Decision::Deny, "builtin:ask-without-terminal", "policy"),
+    ];
+    let want: Vec<(String, Decision, String, String)> =
+        want.iter().map(|(c, d, r, a)| ((*c).into(), *d, (*r).into(), (*a).into())).collect();
+    assert_eq!(got, want);
+    // The configured ask rule was what asked.
+    assert_eq!(prompter.asked(), 2);
+    let reason = &permissions(&h.log(&run).await)[2].reason;
+    assert!(reason.contains("project:ask shell \"git push*\""), "{reason}");
+    assert_eq!((shell.calls(), reader.calls()), (2, 1), "echo and git push ran, rm and ls did not");
+}
+
+#[tokio::test]
+async fn yes_answers_asks_but_never_overrides_a_deny() {
+    use descartes_core::policy::Action::*;
+    let shell = Arc::new(CountingTool::new("shell", false, false));
+    let mut h = Harness::new([shell.clone()]);
+    h.policy = policy(&[(Deny, "shell(rm *)"), (Ask, "shell")]);
+    let provider = calls_then_done(vec![
+        ("c1", "shell", r#"{"command":"rm x"}"#),
+        ("c2", "shell", r#"{"command":"make"}"#),
+        ("c3", "shell", r#"{"command":"ls; rm x"}"#),
+    ]);
+    let run = RunId::from("run-yes");
+
+    h.start(provider, config(true, 10), &run).await;
+
+    let p = permissions(&h.log(&run).await);
+    let got: Vec<(Decision, &str)> = p.iter().map(|p| (p.decision, p.rule.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            (Decision::Deny, "project:deny shell \"rm *\""),
+            (Decision::Allow, "flag:--yes"),
+            (Decision::Deny, "project:deny shell \"rm *\""),
+        ]
+    );
+    assert!(p[1].reason.contains("project:ask shell"), "{}", p[1].reason);
+    assert_eq!(shell.calls(), 1);
+}
+
+/// A read-only tool that takes a while.
+struct SlowReader {
+    name: String,
+    delay: Duration,
+    running: Arc<AtomicUsize>,
+    most_at_once: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Tool for SlowReader {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec { name: self.name.clone(), description: "slow".into(), input_schema: json!({"type": "object"}) }
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn idempotent(&self) -> bool {
+        true
+    }
+    async fn call(&self, input: Value, _ctx: &ToolContext) -> ToolOutput {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_at_once.fetch_max(now, Ordering::SeqCst);
+        // The later call finishes first: results are still recorded in call order.
+        let extra = if input["id"] == "c1" { self.delay / 2 } else { Duration::ZERO };
+        tokio::time::sleep(self.delay + extra).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        ToolOutput::ok(format!("{} read {input}", self.name))
+    }
+}
+
+#[tokio::test]
+async fn independent_read_only_calls_run_concurrently_and_are_logged_in_call_order() {
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let delay = Duration::from_millis(400);
+    let slow = |name: &str| {
+        Arc::new(SlowReader { name: name.into(), delay, running: running.clone(), most_at_once: most.clone() })
+    };
+    let writer = Arc::new(CountingTool::new("writer", false, false));
+    let mut h = Harness::new([writer.clone()]);
+    h.tools.register(slow("slow_a"));
+    h.tools.register(slow("slow_b"));
+    let provider = calls_then_done(vec![
+        ("c1", "slow_a", r#"{"id":"c1"}"#),
+        ("c2", "slow_b", r#"{"id":"c2"}"#),
+        ("c3", "writer", r#"{"id":"c3"}"#),
+    ]);
+    let run = RunId::from("run-parallel");
+
+    let t = std::time::Instant::now();
+    let outcome = h.start(provider.clone(), config(true, 10), &run).await;
+    let took = t.elapsed();
+
+    assert_eq!(outcome, RunOutcome::Completed { result: "done".into() });
+    assert_eq!(most.load(Ordering::SeqCst), 2, "the two read-only calls overlapped");
+    // One slow call takes 600 ms (c1) and the other 400 ms; in sequence they would take 1 s.
+    assert!(took < Duration::from_millis(900), "took {took:?}");
+    assert!(took >= Duration::from_millis(600), "took {took:?}");
+    let log = h.log(&run).await;
+    let order: Vec<String> = log
+        .iter()
+        .filter_map(|e| match &e.data {
+            EventData::PermissionDecided(p) => Some(format!("decided {}", p.call_id.as_deref().unwrap_or(""))),
+            EventData::ToolCallStarted(s) => Some(format!("started {}", s.call_id)),
+            EventData::ToolCallCompleted(c) => Some(format!("completed {}", c.call_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "decided c1",
+            "decided c2",
+            "decided c3",
+            "started c1",
+            "started c2",
+            "completed c1",
+            "completed c2",
+            "started c3",
+            "completed c3",
+        ]
+    );
+    let durations: Vec<u64> = completions(&log).iter().map(|c| c.duration_ms).collect();
+    assert!(durations[0] >= 600 && durations[1] >= 400 && durations[1] < 600, "{durations:?}");
+    assert_sink_matches_log(&h.sink.events(), &log, 0);
+    assert_eq!(writer.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_crash_during_parallel_calls_reruns_only_the_unfinished_ones() {
+    let reader = Arc::new(CountingTool::new("reader", true, true));
+    let h = Harness::new([reader.clone()]);
+    let run = RunId::from("run-parallel-crash");
+    // The model asked for two reads; both intents are logged, one result is.
+    let mut log = run_started(&run, true, &["reader"]);
+    log.push(model_call_started(&run, "m1", 1));
+    log.push(ev(
+        &run,
+        ModelCallCompleted {
+            call_id: "m1".into(),
+            usage: Usage::default(),
+            cost_usd: None,
+            stop_reason: None,
+            duration_ms: 1,
+        },
+    ));
+    let uses = vec![
+        ContentPart::ToolUse { id: "c1".into(), name: "reader".into(), input: json!({"n": 1}) },
+        ContentPart::ToolUse { id: "c2".into(), name: "reader".into(), input: json!({"n": 2}) },
+    ];
+    log.push(ev(&run, MessageAdded { message: Message::new(Role::Assistant, uses), model_call_id: Some("m1".into()) }));
+    for id in ["c1", "c2"] {
+        log.push(permission(&run, id, "reader", "builtin:read-only", "policy"));
+    }
+    for (id, n) in [("c1", 1), ("c2", 2)] {
+        log.push(tool_started(&run, id, "reader", json!({ "n": n }), true));
+    }
+    log.push(ev(
+        &run,
+        ToolCallCompleted {
+            call_id: "c2".into(),
+            tool: "reader".into(),
+            output: "two".into(),
+            is_error: false,
+            duration_ms: 1,
+            details: None,
+            recovered: false,
+        },
+    ));
+    h.append(log).await;
+
+    let after = scripted(vec![text("done")]);
+    let outcome = h.resume(after.clone(), config(false, 10), &run).await;
+
+    assert_eq!(outcome, RunOutcome::Completed { result: "done".into() });
+    assert_eq!(reader.calls(), 1, "only c1 runs again");
+    let log = h.log(&run).await;
+    assert_eq!(count(&log, "tool_call_started"), 2, "no new intent for a call re-run on resume");
+    assert_eq!(count(&log, "permission_decided"), 2, "decisions are not made again");
+    let results = tool_results(&requests(&after)[0]);
+    assert_eq!(results["c2"].0, "two");
+    assert!(results["c1"].0.contains("reader ran"), "{results:?}");
 }

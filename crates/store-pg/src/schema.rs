@@ -16,7 +16,8 @@ pub(crate) const LOCK_CLAIM: i32 = 2;
 pub(crate) const LOCK_GRAPH: i32 = 3;
 
 /// The migrations, in order; version = index + 1.
-pub(crate) const MIGRATIONS: &[&str] = &[r#"
+pub(crate) const MIGRATIONS: &[&str] = &[
+    r#"
 -- The event log. `seq` is handed out from `event_seq` inside the appending transaction.
 CREATE TABLE events (
     seq     BIGINT PRIMARY KEY,
@@ -88,7 +89,12 @@ CREATE INDEX task_deps_by_dep ON task_deps (dep_id, task_id);
 
 -- Fencing tokens: strictly increasing across every process.
 CREATE SEQUENCE task_tokens;
-"#];
+"#,
+    r#"
+ALTER TABLE runs ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0;
+"#,
+];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.
 pub(crate) fn migrate(client: &mut Client) -> Result<(), postgres::Error> {

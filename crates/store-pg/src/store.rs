@@ -284,6 +284,15 @@ fn project(
                 c.execute(&s, &[&run, &p, &m])?;
             }
         }
+        Some(descartes_core::store::RunChange::Usage { tokens, cost_usd }) => {
+            let s = stmts.get(
+                c,
+                "UPDATE runs SET tokens = tokens + $2, cost_usd = cost_usd + $3, updated_at = $4,
+                 status = CASE WHEN status = 'parked' THEN 'running' ELSE status END WHERE run_id = $1",
+            )?;
+            let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+            c.execute(&s, &[&run, &tokens, &cost_usd, &at])?;
+        }
         None => {}
     }
     Ok(())
@@ -572,7 +581,7 @@ impl EventStore for PgStore {
             let s = stmts
                 .get(
                     client,
-                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at FROM runs
+                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs
                      ORDER BY started_at DESC, run_id DESC",
                 )
                 .map_err(|e| target.error(&e))?;
@@ -587,6 +596,8 @@ impl EventStore for PgStore {
                         model: r.try_get(4)?,
                         started_at: Timestamp(r.try_get(5)?),
                         updated_at: Timestamp(r.try_get(6)?),
+                        tokens: u64::try_from(r.try_get::<_, i64>(7)?).unwrap_or(0),
+                        cost_usd: r.try_get(8)?,
                     })
                 })
                 .collect::<Result<Vec<_>, postgres::Error>>()

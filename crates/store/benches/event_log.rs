@@ -46,6 +46,7 @@ fn started() -> RunStarted {
         tools: vec!["shell".into()],
         pid: 1,
         version: "bench".into(),
+        budget: Default::default(),
     }
 }
 
@@ -62,6 +63,7 @@ fn step(run: &RunId, i: usize) -> Vec<NewEvent> {
             ModelCallCompleted {
                 call_id: format!("m{i}"),
                 usage: Usage { input_tokens: 1200, output_tokens: 40, ..Default::default() },
+                cost_usd: None,
                 stop_reason: Some("tool_calls".into()),
                 duration_ms: 900,
             },
@@ -102,6 +104,7 @@ fn step(run: &RunId, i: usize) -> Vec<NewEvent> {
                 tool: "shell".into(),
                 input: json!({"command": "cargo test -p foo"}),
                 idempotent: false,
+                executed_by: None,
             },
         ),
         NewEvent::new(

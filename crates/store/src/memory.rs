@@ -71,6 +71,8 @@ fn apply_projection(runs: &mut Vec<RunSummary>, event: &Event) {
             model: model.to_owned(),
             started_at: event.at,
             updated_at: event.at,
+            tokens: 0,
+            cost_usd: 0.0,
         }),
         Some(RunChange::Status { status, provider }) => {
             if let Some(r) = runs.iter_mut().find(|r| r.run_id == event.run_id) {
@@ -79,6 +81,16 @@ fn apply_projection(runs: &mut Vec<RunSummary>, event: &Event) {
                 if let Some((p, m)) = provider {
                     r.provider = p.to_owned();
                     r.model = m.to_owned();
+                }
+            }
+        }
+        Some(RunChange::Usage { tokens, cost_usd }) => {
+            if let Some(r) = runs.iter_mut().find(|r| r.run_id == event.run_id) {
+                r.tokens += tokens;
+                r.cost_usd += cost_usd;
+                r.updated_at = event.at;
+                if r.status == "parked" {
+                    r.status = "running".into();
                 }
             }
         }

@@ -113,6 +113,10 @@ CREATE TABLE task_deps (
 ) WITHOUT ROWID;
 INSERT INTO meta (key, value) VALUES ('fencing', 0);
 "#,
+    r#"
+ALTER TABLE runs ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN cost_usd REAL NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub(crate) enum Cmd {
@@ -549,6 +553,18 @@ fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()
                 ])?;
             }
         }
+        Some(RunChange::Usage { tokens, cost_usd }) => {
+            tx.prepare_cached(
+                "UPDATE runs SET tokens = tokens + ?2, cost_usd = cost_usd + ?3, updated_at = ?4,
+                 status = CASE WHEN status = 'parked' THEN 'running' ELSE status END WHERE run_id = ?1",
+            )?
+            .execute(params![
+                event.run_id.as_str(),
+                i64::try_from(tokens).unwrap_or(i64::MAX),
+                cost_usd,
+                event.at.as_micros()
+            ])?;
+        }
         None => {}
     }
     Ok(())
@@ -675,7 +691,7 @@ impl EventStore for SqliteEventStore {
         self.with_reader(|c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at FROM runs
+                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs
                      ORDER BY started_at DESC, run_id DESC",
                 )
                 .map_err(io_err)?;
@@ -689,6 +705,8 @@ impl EventStore for SqliteEventStore {
                         model: r.get(4)?,
                         started_at: Timestamp(r.get(5)?),
                         updated_at: Timestamp(r.get(6)?),
+                        tokens: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+                        cost_usd: r.get(8)?,
                     })
                 })
                 .map_err(io_err)?;

@@ -62,6 +62,7 @@ pub fn started(prompt: &str) -> RunStarted {
         tools: vec![],
         pid: 1,
         version: "t".into(),
+        budget: Default::default(),
     }
 }
 

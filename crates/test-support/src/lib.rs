@@ -17,7 +17,11 @@
 //! ```
 //!
 //! Served routes: `POST /v1/chat/completions` and `POST /chat/completions` (OpenAI),
-//! `POST /v1/messages` (Anthropic). Any other request is recorded too and answered 404.
+//! `POST /v1/messages` (Anthropic), `POST /v1/responses` and `POST /responses` (OpenAI
+//! Responses), `POST /v1beta/models/{model}:streamGenerateContent` (Gemini), `POST /api/chat`
+//! (Ollama, streamed as NDJSON). Model listings (`GET /v1/models`, `/models`, `/v1beta/models`,
+//! `/api/tags`) are answered with one fake model without asking the responder. Any other
+//! request is recorded too and answered 404.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -35,9 +39,13 @@ use axum::response::Response;
 use bytes::Bytes;
 use serde_json::Value;
 
+pub mod agent_clis;
 pub mod anthropic;
 pub mod event_suite;
+pub mod gemini;
+pub mod ollama;
 pub mod openai;
+pub mod responses;
 pub mod task_suite;
 
 /// One request the server received.
@@ -69,6 +77,35 @@ impl RecordedRequest {
         self.path.ends_with("/chat/completions")
     }
 
+    /// The request went to the OpenAI Responses route.
+    pub fn is_responses(&self) -> bool {
+        self.path.ends_with("/responses")
+    }
+
+    /// The request went to a Gemini route.
+    pub fn is_gemini(&self) -> bool {
+        self.path.contains(":streamGenerateContent") || self.path.contains(":generateContent")
+    }
+
+    /// The request went to Ollama's native route.
+    pub fn is_ollama(&self) -> bool {
+        self.path == "/api/chat"
+    }
+
+    /// The conversation in Chat Completions shape whatever the wire format: Responses `input`
+    /// items and Gemini `contents` are converted (consecutive assistant items merged; tool
+    /// outputs become `{"role":"tool","tool_call_id",...}` messages, with the function name as
+    /// id for Gemini); other formats are `messages` as they are.
+    pub fn conversation(&self) -> Vec<Value> {
+        if let Some(items) = self.body.get("input").and_then(Value::as_array) {
+            return responses::conversation(items);
+        }
+        if let Some(contents) = self.body.get("contents").and_then(Value::as_array) {
+            return gemini::conversation(contents);
+        }
+        self.messages().to_vec()
+    }
+
     /// `body.model`.
     pub fn model(&self) -> Option<&str> {
         self.body.get("model").and_then(Value::as_str)
@@ -85,6 +122,12 @@ impl RecordedRequest {
         if let Some(system) = self.body.get("system") {
             return Some(text_of(system));
         }
+        if let Some(Value::String(instructions)) = self.body.get("instructions") {
+            return Some(instructions.clone());
+        }
+        if let Some(system) = self.body.get("systemInstruction") {
+            return Some(text_of(system.get("parts").unwrap_or(&Value::Null)));
+        }
         self.messages()
             .iter()
             .find(|m| m.get("role").and_then(Value::as_str) == Some("system"))
@@ -98,6 +141,10 @@ impl RecordedRequest {
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
+            .flat_map(|t| match t.get("functionDeclarations").and_then(Value::as_array) {
+                Some(declarations) => declarations.iter().collect::<Vec<_>>(),
+                None => vec![t],
+            })
             .filter_map(|t| {
                 t.get("name").or_else(|| t.get("function").and_then(|f| f.get("name"))).and_then(Value::as_str)
             })
@@ -107,7 +154,7 @@ impl RecordedRequest {
 
     /// The text of the last user message that has text (tool results are not text).
     pub fn last_user_text(&self) -> Option<String> {
-        self.messages()
+        self.conversation()
             .iter()
             .rev()
             .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
@@ -119,7 +166,7 @@ impl RecordedRequest {
     /// `tool` messages, Anthropic `tool_result` blocks): "the model is being told what its
     /// tool call gave".
     pub fn has_tool_result(&self) -> bool {
-        let messages = self.messages();
+        let messages = self.conversation();
         let start = messages
             .iter()
             .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
@@ -129,12 +176,12 @@ impl RecordedRequest {
 
     /// All tool results in the conversation, in order: `(tool call id, content)`.
     pub fn tool_results(&self) -> Vec<(String, String)> {
-        self.messages().iter().flat_map(tool_results_of).collect()
+        self.conversation().iter().flat_map(tool_results_of).collect()
     }
 
     /// The tool results after the last assistant message.
     pub fn last_tool_results(&self) -> Vec<(String, String)> {
-        let messages = self.messages();
+        let messages = self.conversation();
         let start = messages
             .iter()
             .rposition(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
@@ -144,17 +191,21 @@ impl RecordedRequest {
 
     /// Number of assistant messages in the history (= model turns already taken).
     pub fn assistant_turns(&self) -> usize {
-        self.messages().iter().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant")).count()
+        self.conversation().iter().filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant")).count()
     }
 }
 
 /// Text of a `content` value: a string, or the `text` of its text blocks joined.
-fn text_of(content: &Value) -> String {
+pub(crate) fn text_of(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(blocks) => blocks
             .iter()
-            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+            .filter(|b| match b.get("type").and_then(Value::as_str) {
+                Some(kind) => matches!(kind, "text" | "input_text" | "output_text"),
+                // Gemini parts: {"text": ...} (thoughts excluded).
+                None => b.get("thought").is_none(),
+            })
             .filter_map(|b| b.get("text").and_then(Value::as_str))
             .collect::<Vec<_>>()
             .join(""),
@@ -169,7 +220,9 @@ fn tool_results_of(message: &Value) -> Vec<(String, String)> {
             Some(c @ Value::Array(_)) => text_of(c),
             other => str_of(other),
         };
-        return vec![(str_of(message.get("tool_call_id")), content)];
+        // Ollama names the tool instead of the call.
+        let id = message.get("tool_call_id").or_else(|| message.get("tool_name"));
+        return vec![(str_of(id), content)];
     }
     match message.get("content") {
         Some(Value::Array(blocks)) => blocks
@@ -486,12 +539,34 @@ async fn handle(
         body: serde_json::from_str(&raw_body).unwrap_or(Value::Null),
         raw_body,
     };
+    let path = request.path.as_str();
     let known = method == Method::POST
-        && matches!(request.path.as_str(), "/v1/chat/completions" | "/chat/completions" | "/v1/messages");
+        && (matches!(
+            path,
+            "/v1/chat/completions"
+                | "/chat/completions"
+                | "/v1/messages"
+                | "/v1/responses"
+                | "/responses"
+                | "/api/chat"
+        ) || (path.starts_with("/v1beta/models/") && path.ends_with(":streamGenerateContent")));
+    let ndjson = path == "/api/chat";
+    let listing = if method == Method::GET { model_listing(path) } else { None };
     let reply = if known { Some((shared.responder)(&request)) } else { None };
     shared.requests.lock().unwrap_or_else(|e| e.into_inner()).push(request);
+    if let Some(listing) = listing {
+        return status_response(200, &json_headers(), listing.to_string());
+    }
     match reply {
-        Some(reply) => respond(reply, &shared),
+        Some(reply) => {
+            let mut response = respond(reply, &shared);
+            if ndjson && response.status() == StatusCode::OK {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+            }
+            response
+        }
         None => status_response(404, &[], "fake server: unknown route".into()),
     }
 }
@@ -542,4 +617,26 @@ fn status_response(status: u16, headers: &[(String, String)], body: String) -> R
         }
     }
     response
+}
+
+/// The built-in answer to a model listing route (one model, `fake-model`).
+fn model_listing(path: &str) -> Option<Value> {
+    use serde_json::json;
+    match path {
+        "/v1/models" | "/models" => Some(json!({
+            "object": "list",
+            "data": [{"id": "fake-model", "object": "model", "created": 1_700_000_000, "owned_by": "fake",
+                      "type": "model", "display_name": "Fake Model", "created_at": "2025-01-01T00:00:00Z"}],
+            "has_more": false, "first_id": "fake-model", "last_id": "fake-model",
+        })),
+        "/v1beta/models" => Some(json!({"models": [{
+            "name": "models/fake-model", "displayName": "Fake Model",
+            "supportedGenerationMethods": ["generateContent", "streamGenerateContent"],
+        }]})),
+        "/api/tags" => Some(json!({"models": [{
+            "name": "fake-model:latest", "model": "fake-model:latest", "size": 1, "digest": "0",
+            "details": {"format": "gguf", "family": "fake"},
+        }]})),
+        _ => None,
+    }
 }

@@ -5,7 +5,12 @@
 //! asks; `shell` keeps a spool per call so that a run killed while a command executes recovers
 //! the command's result on resume instead of running it twice.
 
+mod confine;
 mod fs;
+mod git;
+mod http;
+pub mod sandbox;
+mod search;
 mod shell;
 
 use std::sync::Arc;
@@ -13,7 +18,12 @@ use std::sync::Arc;
 use descartes_core::{ToolOutput, ToolRegistry};
 use serde_json::Value;
 
-pub use fs::{ReadFileTool, WriteFileTool};
+pub use confine::{ConfineError, Workspace};
+pub use fs::{EditFileTool, ReadFileTool, WriteFileTool};
+pub use git::{GitDiffTool, GitLogTool, GitStatusTool};
+pub use http::HttpRequestTool;
+pub use sandbox::{Sandbox, SandboxHelper, SandboxMode, SandboxPolicy, SandboxStatus};
+pub use search::{ListFilesTool, SearchFilesTool};
 pub use shell::ShellTool;
 
 /// Limits for the built-in tools.
@@ -21,22 +31,52 @@ pub use shell::ShellTool;
 pub struct ToolLimits {
     /// Default `shell` timeout when the call does not name one.
     pub shell_timeout: std::time::Duration,
-    /// Most bytes of one stream (stdout, stderr, a file) given back to the model.
+    /// Most bytes of one stream (stdout, stderr, a file, a listing, a response body) given back
+    /// to the model.
     pub max_output_bytes: usize,
+    /// Workspace roots added in config: file tools may touch them besides the run's cwd.
+    pub roots: Vec<std::path::PathBuf>,
+    /// Default `http_request` timeout when the call does not name one.
+    pub http_timeout: std::time::Duration,
 }
 
 impl Default for ToolLimits {
     fn default() -> Self {
-        Self { shell_timeout: std::time::Duration::from_secs(120), max_output_bytes: 64 * 1024 }
+        Self {
+            shell_timeout: std::time::Duration::from_secs(120),
+            max_output_bytes: 64 * 1024,
+            roots: Vec::new(),
+            http_timeout: std::time::Duration::from_secs(30),
+        }
     }
 }
 
-/// The built-in tools: `shell`, `read_file`, `write_file`.
+/// The built-in tools with the default sandbox (`workspace-write`, no network).
 pub fn builtin_registry(limits: &ToolLimits) -> ToolRegistry {
+    builtin_registry_with_sandbox(limits, Arc::new(Sandbox::new(SandboxPolicy::default())))
+}
+
+/// The built-in tools: `shell` (under `sandbox`; build it once per process: it remembers that
+/// it gave its notice, see [`sandbox`]), `read_file`, `write_file`, `edit_file`, `list_files`,
+/// `search_files`, `git_status`, `git_diff`, `git_log`, `http_request` (left out, with a
+/// warning, if no HTTP client can be built).
+pub fn builtin_registry_with_sandbox(limits: &ToolLimits, sandbox: Arc<Sandbox>) -> ToolRegistry {
+    let ws = Workspace::new(limits.roots.clone());
+    let max = limits.max_output_bytes;
     let mut r = ToolRegistry::new();
-    r.register(Arc::new(ShellTool::new(limits.shell_timeout, limits.max_output_bytes)));
-    r.register(Arc::new(ReadFileTool { max_bytes: limits.max_output_bytes * 4 }));
-    r.register(Arc::new(WriteFileTool));
+    r.register(Arc::new(ShellTool::with_sandbox(limits.shell_timeout, max, sandbox)));
+    r.register(Arc::new(ReadFileTool { max_bytes: max * 4, workspace: ws.clone() }));
+    r.register(Arc::new(WriteFileTool { workspace: ws.clone() }));
+    r.register(Arc::new(EditFileTool { workspace: ws.clone() }));
+    r.register(Arc::new(ListFilesTool { max_bytes: max, workspace: ws.clone() }));
+    r.register(Arc::new(SearchFilesTool { max_bytes: max, workspace: ws.clone() }));
+    r.register(Arc::new(GitStatusTool { max_bytes: max, workspace: ws.clone() }));
+    r.register(Arc::new(GitDiffTool { max_bytes: max, workspace: ws.clone() }));
+    r.register(Arc::new(GitLogTool { max_bytes: max, workspace: ws }));
+    match HttpRequestTool::new(max, limits.http_timeout) {
+        Ok(t) => r.register(Arc::new(t)),
+        Err(e) => tracing::warn!("http_request is unavailable: {e}"),
+    }
     r
 }
 

@@ -11,10 +11,19 @@
 //!
 //! On resume, [`ShellTool::recover`] waits for the lock (the command finished), then reads the
 //! result from the spool: a command that ran is never run again.
+//!
+//! Sandbox: unless the mode is `full-access`, the wrapper itself is started through the sandbox
+//! helper (see [`crate::sandbox`]), so the wrapper and the command run restricted; the spool
+//! and the run's temporary directory (`TMPDIR`) are writable in every mode, so crash safety
+//! works the same. The helper records what it enforced in the spool (`sandbox`); every output
+//! carries it in `details.sandbox`, and the first output of a tool whose sandbox is missing a
+//! restriction says so in its text.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,6 +33,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
+use crate::sandbox::{Sandbox, SandboxMode, SandboxPolicy, SandboxStatus};
 use crate::{clip, str_arg};
 
 const WRAPPER: &str =
@@ -34,11 +44,37 @@ const WRAPPER: &str =
 pub struct ShellTool {
     default_timeout: Duration,
     max_output: usize,
+    sandbox: Arc<Sandbox>,
 }
 
 impl ShellTool {
+    /// With the default sandbox (`workspace-write`, no network, the helper found by
+    /// [`crate::sandbox::SandboxHelper::locate`]).
     pub fn new(default_timeout: Duration, max_output: usize) -> Self {
-        Self { default_timeout, max_output }
+        Self::with_sandbox(default_timeout, max_output, Arc::new(Sandbox::new(SandboxPolicy::default())))
+    }
+
+    pub fn with_sandbox(default_timeout: Duration, max_output: usize, sandbox: Arc<Sandbox>) -> Self {
+        Self { default_timeout, max_output, sandbox }
+    }
+
+    pub fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.sandbox
+    }
+
+    /// What the helper recorded for the call in `spool`, or a notice when it recorded nothing.
+    fn recorded_status(&self, spool: &Path) -> SandboxStatus {
+        let path = spool.join(crate::sandbox::STATUS_FILE);
+        match std::fs::read(&path).map(|b| serde_json::from_slice::<SandboxStatus>(&b)) {
+            Ok(Ok(status)) => status,
+            _ => SandboxStatus {
+                mode: self.sandbox.policy().mode,
+                landlock: "unknown".into(),
+                landlock_abi: 0,
+                network_blocked: false,
+                notice: Some("the sandbox helper did not start the command (see its stderr)".into()),
+            },
+        }
     }
 
     fn timeout_of(&self, input: &Value) -> Result<Duration, ToolOutput> {
@@ -51,7 +87,14 @@ impl ShellTool {
         }
     }
 
-    fn result(&self, spool: &Path, exit_code: Option<i32>, timed_out: bool, cancelled: bool) -> ToolOutput {
+    fn result(
+        &self,
+        spool: &Path,
+        exit_code: Option<i32>,
+        timed_out: bool,
+        cancelled: bool,
+        sandbox: &SandboxStatus,
+    ) -> ToolOutput {
         let stdout = std::fs::read(spool.join("stdout")).unwrap_or_default();
         let stderr = std::fs::read(spool.join("stderr")).unwrap_or_default();
         let (out, out_cut) = clip(&stdout, self.max_output);
@@ -71,6 +114,12 @@ impl ShellTool {
             text.push_str("\nstderr:\n");
             text.push_str(&err);
         }
+        if let Some(notice) = &sandbox.notice
+            && self.sandbox.first_notice()
+        {
+            text.push_str("\nnote: ");
+            text.push_str(notice);
+        }
         let details = json!({
             "exit_code": exit_code,
             "timed_out": timed_out,
@@ -78,6 +127,7 @@ impl ShellTool {
             "stdout_bytes": stdout.len(),
             "stderr_bytes": stderr.len(),
             "truncated": out_cut || err_cut,
+            "sandbox": sandbox,
         });
         ToolOutput { content: text, is_error: exit_code != Some(0), details: Some(details) }
     }
@@ -92,10 +142,11 @@ impl Tool for ShellTool {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
             name: "shell".into(),
-            description:
+            description: format!(
                 "Run a shell command (sh -c) in the working directory. Returns the exit code, stdout and stderr. \
-                          The command is killed after timeout_secs (default 120)."
-                    .into(),
+                 The command is killed after timeout_secs (default 120).{}",
+                self.sandbox.describe()
+            ),
             input_schema: json!({
                 "type": "object",
                 "properties": {
@@ -125,8 +176,13 @@ impl Tool for ShellTool {
             Err(e) => return e,
         };
         let spool = ctx.spool_dir.clone();
+        let sandboxed = self.sandbox.policy().mode != SandboxMode::FullAccess;
         let prepared = (|| -> std::io::Result<(File, File, File)> {
             std::fs::create_dir_all(&spool)?;
+            if sandboxed {
+                std::fs::create_dir_all(Sandbox::temp_dir_for(&spool))?;
+                let _ = std::fs::remove_file(spool.join(crate::sandbox::STATUS_FILE));
+            }
             let lock = File::create(spool.join("lock"))?;
             lock.lock()?;
             Ok((lock, File::create(spool.join("stdout"))?, File::create(spool.join("stderr"))?))
@@ -139,12 +195,13 @@ impl Tool for ShellTool {
             Ok(f) => f,
             Err(e) => return ToolOutput::error(format!("cannot prepare the command: {e}")),
         };
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(WRAPPER)
-            .arg(&command)
-            .arg(&spool)
-            .current_dir(&ctx.cwd)
+        let args = [OsStr::new("-c"), OsStr::new(WRAPPER), OsStr::new(&command), spool.as_os_str()];
+        let wrapped = match self.sandbox.wrap("sh", &args, &ctx.cwd, &spool) {
+            Ok(w) => w,
+            Err(refused) => return ToolOutput::error(refused),
+        };
+        let mut cmd = wrapped.command;
+        cmd.current_dir(&ctx.cwd)
             .stdin(Stdio::from(stdin))
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(stderr))
@@ -152,7 +209,10 @@ impl Tool for ShellTool {
             .kill_on_drop(true);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return ToolOutput::error(format!("cannot start `sh`: {e}")),
+            Err(e) => {
+                let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+                return ToolOutput::error(format!("cannot start `{program}`: {e}"));
+            }
         };
         let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
         let kill_group = || {
@@ -169,7 +229,11 @@ impl Tool for ShellTool {
         drop(lock);
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, ?status, "shell command finished");
         let exit_code = if timed_out || cancelled { None } else { read_exit(&spool).or(status.and_then(|s| s.code())) };
-        self.result(&spool, exit_code, timed_out, cancelled)
+        let status = match wrapped.status {
+            Some(s) => s,
+            None => self.recorded_status(&spool),
+        };
+        self.result(&spool, exit_code, timed_out, cancelled, &status)
     }
 
     async fn recover(&self, input: &Value, ctx: &ToolContext) -> Recovery {
@@ -197,7 +261,18 @@ impl Tool for ShellTool {
             return Recovery::Unknown;
         }
         if let Some(code) = read_exit(&spool) {
-            let mut out = self.result(&spool, Some(code), false, false);
+            let status = if spool.join(crate::sandbox::STATUS_FILE).exists() {
+                self.recorded_status(&spool)
+            } else {
+                SandboxStatus {
+                    mode: SandboxMode::FullAccess,
+                    landlock: "off".into(),
+                    landlock_abi: 0,
+                    network_blocked: false,
+                    notice: None,
+                }
+            };
+            let mut out = self.result(&spool, Some(code), false, false, &status);
             out.content.push_str("\n(result recovered after an interruption; the command was not run again)");
             return Recovery::Completed(out);
         }
@@ -232,8 +307,10 @@ mod tests {
         Setup { _dir: dir, ctx }
     }
 
+    /// Without a sandbox: these tests are about the spool; `tests/sandbox.rs` runs the same
+    /// kinds of calls through the real helper.
     fn tool() -> ShellTool {
-        ShellTool::new(Duration::from_secs(30), 64 * 1024)
+        ShellTool::with_sandbox(Duration::from_secs(30), 64 * 1024, Arc::new(Sandbox::full_access()))
     }
 
     fn details(out: &ToolOutput) -> &Value {
@@ -345,7 +422,7 @@ mod tests {
     #[tokio::test]
     async fn big_output_is_clipped() {
         let s = setup();
-        let shell = ShellTool::new(Duration::from_secs(30), 1000);
+        let shell = ShellTool::with_sandbox(Duration::from_secs(30), 1000, Arc::new(Sandbox::full_access()));
         let out = shell.call(json!({"command": r"head -c 1000000 /dev/zero | tr '\0' a"}), &s.ctx).await;
         assert!(!out.is_error, "{}", &out.content[..200.min(out.content.len())]);
         assert!(out.content.len() < 1200, "{} bytes", out.content.len());
@@ -429,6 +506,33 @@ mod tests {
         assert!(out.content.starts_with("exit code: 0"), "{}", out.content);
         assert!(out.content.contains("finished late"), "{}", out.content);
         assert!(out.content.contains("not run again"), "{}", out.content);
+    }
+
+    #[tokio::test]
+    async fn a_missing_sandbox_is_told_once_in_the_text_and_always_in_details() {
+        let s = setup();
+        let sandbox = Arc::new(Sandbox::missing_helper(SandboxPolicy::default(), "helper `x` not found"));
+        let shell = ShellTool::with_sandbox(Duration::from_secs(30), 64 * 1024, sandbox);
+        let first = shell.call(json!({"command": "echo one"}), &s.ctx).await;
+        assert!(!first.is_error, "{}", first.content);
+        assert!(first.content.contains("note: helper `x` not found"), "{}", first.content);
+        assert!(first.content.contains("WITHOUT a sandbox"), "{}", first.content);
+        let second = shell.call(json!({"command": "echo two"}), &s.ctx).await;
+        assert!(!second.content.contains("note:"), "{}", second.content);
+        for out in [&first, &second] {
+            let notice = details(out)["sandbox"]["notice"].as_str().unwrap_or_default().to_owned();
+            assert!(notice.contains("helper `x` not found"), "{notice}");
+        }
+        // Required: nothing runs.
+        let required = SandboxPolicy { require: true, ..SandboxPolicy::default() };
+        let shell = ShellTool::with_sandbox(
+            Duration::from_secs(30),
+            64 * 1024,
+            Arc::new(Sandbox::missing_helper(required, "helper `x` not found")),
+        );
+        let out = shell.call(json!({"command": "touch ran"}), &s.ctx).await;
+        assert!(out.is_error && out.content.contains("required"), "{}", out.content);
+        assert!(!s.ctx.cwd.join("ran").exists());
     }
 
     #[tokio::test]

@@ -79,3 +79,34 @@ pub fn assert_no_key(err: &ProviderError) {
     let text = format!("{err} {err:?}");
     assert!(!text.contains(KEY), "the key leaked into an error: {text}");
 }
+
+/// A full tool-call round trip: call 1 must end with a tool call; call 2 carries the assistant
+/// message and a user message with the tool's `result`. Returns call 1's parts and call 2's
+/// assembled answer.
+pub async fn tool_round_trip(
+    p: &dyn descartes_core::Provider,
+    first: ModelRequest,
+    result: &str,
+) -> (Vec<ContentPart>, ResponseAssembler) {
+    let (a, _, err) = collect(p.stream(first.clone()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(a.stopped);
+    let parts = a.finish();
+    let id = parts
+        .iter()
+        .find_map(|p| match p {
+            ContentPart::ToolUse { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .expect("call 1 asks for a tool");
+    let mut messages = (*first.messages).clone();
+    messages.push(Message::new(Role::Assistant, parts.clone()));
+    messages.push(Message::new(
+        Role::User,
+        vec![ContentPart::ToolResult { tool_use_id: id, content: result.into(), is_error: false }],
+    ));
+    let second = ModelRequest { messages: messages.into(), ..first };
+    let (a2, _, err) = collect(p.stream(second).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    (parts, a2)
+}
