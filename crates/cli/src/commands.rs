@@ -92,6 +92,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::Model { command } => crate::model_cmd::run(rt, command).await,
                 Command::Providers { check, json } => crate::providers_cmd::run(rt, check, json).await,
                 Command::Task { command } => crate::task_cmd::run(rt, command).await,
+                Command::Mcp { command } => crate::mcp_cmd::run(rt, command).await,
                 Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),
             }
         })
@@ -323,7 +324,7 @@ async fn prepare(
         store,
         provider,
         policy,
-        tools: rt.tools(),
+        tools: rt.tools_with_mcp().await,
         prompter,
         sink,
         cancel,

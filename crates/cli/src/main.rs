@@ -3,6 +3,7 @@
 
 mod commands;
 mod daemon_cmd;
+mod mcp_cmd;
 mod model_cmd;
 mod output;
 mod permissions_cmd;
@@ -92,6 +93,11 @@ enum Command {
     Permissions {
         #[arg(long)]
         json: bool,
+    },
+    /// MCP servers whose tools runs get (`mcp add|list|remove`).
+    Mcp {
+        #[command(subcommand)]
+        command: mcp_cmd::McpCommand,
     },
     /// Show or check the configuration.
     Config {

@@ -41,6 +41,9 @@ pub struct Config {
     pub tools: ToolsConfig,
     /// How `shell` commands are confined (Landlock + seccomp on Linux).
     pub sandbox: descartes_tools::SandboxPolicy,
+    /// `[mcp.servers.NAME]`: MCP servers whose tools runs get (see `crate::mcp`).
+    #[serde(skip_serializing_if = "descartes_mcp::McpConfig::is_empty")]
+    pub mcp: descartes_mcp::McpConfig,
     pub log: LogConfig,
     /// Permission rules: `allow`, `ask`, `deny` lists of `TOOL` or `TOOL(PATTERN)` (see
     /// `descartes_core::policy`). The rules of every file are kept (the project's are added
@@ -109,6 +112,7 @@ impl Default for Config {
             prices: BTreeMap::new(),
             tools: ToolsConfig::default(),
             sandbox: descartes_tools::SandboxPolicy::default(),
+            mcp: Default::default(),
             log: LogConfig::default(),
             permissions: PermissionRules::default(),
             permission_layers: Vec::new(),
@@ -423,6 +427,7 @@ pub fn redacted_toml(config: &Config) -> String {
             p.api_key = Some("<redacted>".into());
         }
     }
+    c.mcp = c.mcp.redacted();
     toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
 }
 
@@ -482,6 +487,15 @@ pub const TEMPLATE: &str = r#"# Descartes project configuration.
 # [tools]
 # shell_timeout_secs = 120
 # max_output_bytes = 65536
+
+# MCP servers: their tools are offered as mcp__<server>__<tool> (`descartes mcp add|list|remove`).
+# [mcp.servers.everything]
+# command = "npx"            # stdio: a program, its args, env, cwd
+# args = ["-y", "@modelcontextprotocol/server-everything"]
+# timeout_secs = 60          # per tool call
+# [mcp.servers.remote]
+# url = "https://example.com/mcp"    # streamable HTTP
+# bearer_token_env = "REMOTE_MCP_TOKEN"
 
 # [log]
 # format = "human"   # or "json"; diagnostics go to stderr

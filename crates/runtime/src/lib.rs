@@ -9,6 +9,7 @@
 pub mod config;
 pub mod daemon;
 pub mod locks;
+pub mod mcp;
 pub mod places;
 mod wiring;
 

@@ -83,7 +83,7 @@ pub struct Runtime {
     pub config: Config,
     /// The config files that were read, in precedence order.
     pub config_files: Vec<PathBuf>,
-    env: EnvFn,
+    pub(crate) env: EnvFn,
 }
 
 impl std::fmt::Debug for Runtime {
