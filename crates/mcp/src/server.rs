@@ -51,6 +51,10 @@ impl ClientHandler for Handler {
     }
 }
 
+fn alive(s: &RunningService<RoleClient, Handler>) -> bool {
+    !s.is_closed() && !s.peer().is_transport_closed()
+}
+
 /// The live connection, or why there is none.
 #[derive(Default)]
 struct Conn {
@@ -118,7 +122,7 @@ impl McpServer {
     /// The process id of a running stdio server.
     pub async fn pid(&self) -> Option<u32> {
         let conn = self.conn.lock().await;
-        conn.service.as_ref().filter(|s| !s.is_closed()).and(conn.pid)
+        conn.service.as_ref().filter(|s| alive(s)).and(conn.pid)
     }
 
     /// Bumped each time the tool list changes.
@@ -212,7 +216,7 @@ impl McpServer {
     async fn peer(&self) -> Result<Peer<RoleClient>> {
         let mut conn = self.conn.lock().await;
         if let Some(s) = &conn.service {
-            if !s.is_closed() && !s.peer().is_transport_closed() {
+            if alive(s) {
                 return Ok(s.peer().clone());
             }
             // It died between calls.
@@ -289,6 +293,10 @@ impl McpServer {
         let secs = self.config.startup_timeout().as_secs();
         let start_error = |message: String| McpError::Start { server: self.name.clone(), message };
         if let Some(url) = &self.config.url {
+            // reqwest is built without a default TLS crypto provider (as in descartes-providers).
+            if rustls::crypto::CryptoProvider::get_default().is_none() {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+            }
             use rmcp::transport::StreamableHttpClientTransport;
             use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
             let mut config = StreamableHttpClientTransportConfig::with_uri(url.clone());

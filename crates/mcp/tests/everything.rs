@@ -182,7 +182,7 @@ async fn a_server_that_keeps_crashing_gets_a_clear_error() {
 async fn a_server_that_never_answers_initialize_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("mute.sh");
-    std::fs::write(&script, "#!/bin/sh\nexec cat >/dev/null\n").unwrap();
+    std::fs::write(&script, "#!/bin/sh\nwhile read -r _; do :; done\n").unwrap();
     make_executable(&script);
     let mut config = ServerConfig::stdio(script.display().to_string(), vec![]);
     config.startup_timeout_secs = Some(1);
