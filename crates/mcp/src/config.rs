@@ -144,9 +144,9 @@ impl ServerConfig {
 
 /// Adds (or replaces) `[mcp.servers.NAME]` in config text, keeping everything else as written.
 pub fn add_server_to_toml(text: &str, name: &str, server: &ServerConfig) -> Result<String, McpError> {
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| McpError::ConfigEdit {
-        message: e.to_string().trim().to_owned(),
-    })?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| McpError::ConfigEdit { message: e.to_string().trim().to_owned() })?;
     let rendered = toml_edit::ser::to_document(server)?;
     let mcp = doc.entry("mcp").or_insert_with(implicit_table);
     let mcp = mcp.as_table_mut().ok_or_else(|| McpError::ConfigEdit { message: "`mcp` is not a table".into() })?;
@@ -169,9 +169,9 @@ pub fn add_server_to_toml(text: &str, name: &str, server: &ServerConfig) -> Resu
 
 /// Removes `[mcp.servers.NAME]` from config text; `None` if it is not there.
 pub fn remove_server_from_toml(text: &str, name: &str) -> Result<Option<String>, McpError> {
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| McpError::ConfigEdit {
-        message: e.to_string().trim().to_owned(),
-    })?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| McpError::ConfigEdit { message: e.to_string().trim().to_owned() })?;
     let Some(servers) = doc.get_mut("mcp").and_then(|m| m.get_mut("servers")).and_then(|s| s.as_table_like_mut())
     else {
         return Ok(None);

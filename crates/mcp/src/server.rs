@@ -188,8 +188,8 @@ impl McpServer {
 
     /// Maps a failed request; a closed connection counts as a crash (restarted on next use).
     async fn request_error(&self, e: ServiceError, peer: &Peer<RoleClient>) -> McpError {
-        let closed = matches!(e, ServiceError::TransportClosed | ServiceError::TransportSend(_))
-            || peer.is_transport_closed();
+        let closed =
+            matches!(e, ServiceError::TransportClosed | ServiceError::TransportSend(_)) || peer.is_transport_closed();
         if !closed {
             return McpError::Request { server: self.name.clone(), message: e.to_string() };
         }
