@@ -164,6 +164,19 @@ pub fn add_server_to_toml(text: &str, name: &str, server: &ServerConfig) -> Resu
         table.insert(k, v);
     }
     servers.insert(name, toml_edit::Item::Table(table));
+    // Comments at the end of the file belong to the document's trailing text, which is printed
+    // after every table: keep them above the new table instead, so the file only grows at its end.
+    let trailing = doc.trailing().as_str().unwrap_or_default().to_owned();
+    if !trailing.trim().is_empty()
+        && let Some(t) = doc
+            .get_mut("mcp")
+            .and_then(|m| m.get_mut("servers"))
+            .and_then(|s| s.get_mut(name))
+            .and_then(|t| t.as_table_mut())
+    {
+        t.decor_mut().set_prefix(trailing);
+        doc.set_trailing("");
+    }
     Ok(doc.to_string())
 }
 
@@ -176,8 +189,15 @@ pub fn remove_server_from_toml(text: &str, name: &str) -> Result<Option<String>,
     else {
         return Ok(None);
     };
-    if servers.remove(name).is_none() {
+    let Some(removed) = servers.remove(name) else {
         return Ok(None);
+    };
+    // Comments written above the table (see `add_server_to_toml`) stay in the file.
+    if let Some(prefix) = removed.as_table().and_then(|t| t.decor().prefix()).and_then(|p| p.as_str())
+        && !prefix.trim().is_empty()
+    {
+        let trailing = doc.trailing().as_str().unwrap_or_default().to_owned();
+        doc.set_trailing(format!("{prefix}{trailing}"));
     }
     Ok(Some(doc.to_string()))
 }
@@ -208,6 +228,18 @@ mod tests {
         assert!(removed.starts_with(text), "{removed}");
         assert!(!removed.contains("every-thing"), "{removed}");
         assert_eq!(remove_server_from_toml(&removed, "every-thing").unwrap(), None);
+    }
+
+    #[test]
+    fn trailing_comments_stay_above_the_new_table() {
+        let text = "max_turns = 3\n\n# [log]\n# format = \"human\"\n";
+        let added = add_server_to_toml(text, "a", &ServerConfig::http("http://h/mcp")).unwrap();
+        assert!(added.starts_with(text), "{added}");
+        assert_eq!(remove_server_from_toml(&added, "a").unwrap().unwrap(), text);
+        let only_comments = "# a\n# b\n";
+        let added = add_server_to_toml(only_comments, "a", &ServerConfig::http("http://h/mcp")).unwrap();
+        assert!(added.starts_with(only_comments), "{added}");
+        assert_eq!(remove_server_from_toml(&added, "a").unwrap().unwrap(), only_comments);
     }
 
     #[test]
