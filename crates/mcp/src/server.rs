@@ -73,7 +73,7 @@ struct Conn {
 pub struct McpServer {
     name: String,
     config: ServerConfig,
-    env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    env: crate::EnvFn,
     default_cwd: Option<std::path::PathBuf>,
     conn: tokio::sync::Mutex<Conn>,
     tools: StdMutex<Arc<Vec<ServerTool>>>,
@@ -95,7 +95,7 @@ impl McpServer {
     pub fn new(
         name: impl Into<String>,
         config: ServerConfig,
-        env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+        env: crate::EnvFn,
         default_cwd: Option<std::path::PathBuf>,
     ) -> Self {
         Self {
