@@ -20,7 +20,7 @@ use std::time::Instant;
 use descartes_protocol::{
     BudgetExceeded, ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted,
     ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
-    RunFailed, RunId, RunParked, RunResumed, RunStarted, ToolCallCompleted, ToolCallStarted, Usage,
+    RunFailed, RunId, RunParked, RunResumed, RunStarted, SessionStarted, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -748,6 +748,69 @@ impl Agent {
             self.sink.event(e);
         }
         Ok(())
+    }
+
+    /// Starts an interactive session (`descartes chat`): `run_started`, `session_started`
+    /// and the first message, then the loop until the model answers (the turn's
+    /// `run_completed`).
+    pub async fn start_session(&self, run_id: RunId, session: SessionStarted, first: Message) -> Result<RunOutcome> {
+        let mut st = RunState::new(run_id);
+        let mut ob = Outbox::default();
+        let c = &self.config;
+        self.push(
+            &mut st,
+            &mut ob,
+            RunStarted {
+                prompt: first.text(),
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+                cwd: c.cwd.display().to_string(),
+                max_turns: c.max_turns,
+                auto_approve: c.auto_approve,
+                system_prompt: c.system_prompt.clone(),
+                tools: self.tools.names(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                budget: c.budget,
+            },
+        );
+        self.push(&mut st, &mut ob, session);
+        self.push(&mut st, &mut ob, MessageAdded { message: first, model_call_id: None });
+        self.commit(&mut st, &mut ob).await?;
+        self.drive(st, ob).await
+    }
+
+    /// One more turn of a session whose previous turn ended (completed, cancelled or
+    /// failed): `run_resumed`, the user's message, the loop. Tool calls the previous turn left
+    /// without a result (it was cancelled) are recorded as not run, never executed now. The
+    /// turn limit counts the calls of this turn.
+    pub async fn continue_session(&self, mut st: RunState, message: Message) -> Result<RunOutcome> {
+        let mut ob = Outbox::default();
+        let c = &self.config;
+        let previous_status = st.status.as_str().to_owned();
+        let max_turns = if c.max_turns == 0 { 0 } else { st.turns.saturating_add(c.max_turns) };
+        self.push(
+            &mut st,
+            &mut ob,
+            RunResumed {
+                previous_status,
+                provider: c.provider.clone(),
+                model: c.model.clone(),
+                auto_approve: c.auto_approve,
+                max_turns,
+                pid: std::process::id(),
+                budget: c.budget,
+            },
+        );
+        if let NextStep::RunTools(calls) = st.next_step() {
+            for (id, name, _) in calls {
+                let output = ToolOutput::error("This call was not run: the user cancelled the turn.".to_owned());
+                self.complete_tool(&mut st, &mut ob, &id, &name, output, 0, false);
+            }
+        }
+        self.push(&mut st, &mut ob, MessageAdded { message, model_call_id: None });
+        self.commit(&mut st, &mut ob).await?;
+        self.drive(st, ob).await
     }
 }
 

@@ -14,6 +14,7 @@ pub mod permission;
 pub mod policy;
 pub mod provider;
 pub mod resilience;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod task;

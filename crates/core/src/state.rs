@@ -109,6 +109,14 @@ pub struct RunState {
     /// The coding-agent CLI session of the run (the latest `backend_session`), which a resume
     /// continues.
     pub backend_session: Option<BackendSession>,
+    /// The session kind (`chat`) when the run is an interactive session.
+    pub session: Option<String>,
+    /// The session was deleted (a tombstone in the log).
+    pub deleted: bool,
+    /// Indices of pinned messages in the current conversation.
+    pub pinned: std::collections::BTreeSet<usize>,
+    /// Compactions applied to the conversation.
+    pub compactions: u32,
 }
 
 impl RunState {
@@ -137,6 +145,10 @@ impl RunState {
             last_seq: 0,
             events: 0,
             backend_session: None,
+            session: None,
+            deleted: false,
+            pinned: Default::default(),
+            compactions: 0,
         }
     }
 
@@ -272,6 +284,14 @@ impl RunState {
                 self.model = p.model;
             }
             EventData::BackendSession(b) => self.backend_session = Some(b),
+            EventData::SessionStarted(s) => self.session = Some(s.kind),
+            EventData::SessionDeleted(_) => self.deleted = true,
+            EventData::MessagePinned(p) => {
+                if (p.index as usize) < self.messages.len() {
+                    self.pinned.insert(p.index as usize);
+                }
+            }
+            EventData::ContextCompacted(c) => self.compact(c.replaced as usize, c.summary),
             // Other streams' events (tasks, ...) say nothing about a run.
             _ => {}
         }
@@ -288,6 +308,31 @@ impl RunState {
                 m.content.retain(|p| !matches!(p, ContentPart::Thinking { .. }));
             }
         }
+    }
+
+    /// Replaces the first `replaced` messages by the summary (when there is one) followed by
+    /// the pinned ones among them; the rest is kept. Pins are renumbered.
+    fn compact(&mut self, replaced: usize, summary: Option<String>) {
+        let replaced = replaced.min(self.messages.len());
+        let old = std::mem::take(Arc::make_mut(&mut self.messages));
+        let mut next = Vec::with_capacity(old.len() - replaced + 1);
+        let mut pinned = std::collections::BTreeSet::new();
+        if let Some(s) = summary {
+            next.push(crate::session::summary_message(&s));
+        }
+        for (i, m) in old.into_iter().enumerate() {
+            if i >= replaced || self.pinned.contains(&i) {
+                if self.pinned.contains(&i) {
+                    pinned.insert(next.len());
+                }
+                next.push(m);
+            }
+        }
+        self.messages = Arc::new(next);
+        self.pinned = pinned;
+        self.compactions += 1;
+        // The last call's input no longer describes the conversation: estimate it afresh.
+        self.last_call_messages = usize::MAX;
     }
 
     /// The conversation to send to the model (shared, not copied).

@@ -164,6 +164,17 @@ event_types! {
     TaskBlocked = "task_blocked",
     /// The blocking dependency was retried: the task is queued again.
     TaskUnblocked = "task_unblocked",
+    /// The run is an interactive session (`descartes chat`); written with its `run_started`.
+    /// Each later turn records `run_resumed`, the user's message, the loop, `run_completed`.
+    SessionStarted = "session_started",
+    /// The conversation was compacted: its first `replaced` messages (except pinned ones) were
+    /// replaced by a summary (or dropped, `method = "truncate"`). The fold applies it.
+    ContextCompacted = "context_compacted",
+    /// A message is kept verbatim by every later compaction.
+    MessagePinned = "message_pinned",
+    /// A tombstone: the session is hidden from `session list` and `search` (the log is
+    /// append-only; its events stay).
+    SessionDeleted = "session_deleted",
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -496,6 +507,44 @@ pub struct TaskBlocked {
 pub struct TaskUnblocked {
     pub dependency: String,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStarted {
+    /// `chat`.
+    pub kind: String,
+    /// Where the system prompt's rules and context files came from, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_files: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextCompacted {
+    /// The summary that replaces the old messages (`None` when they were truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// How many messages at the start of the conversation were replaced (pinned ones among
+    /// them are kept).
+    pub replaced: u64,
+    /// How many messages follow them, kept as they were.
+    pub kept: u64,
+    /// Estimated tokens of the conversation before and after.
+    pub tokens_before: u64,
+    pub tokens_after: u64,
+    /// `summary` or `truncate`.
+    pub method: String,
+    /// Why (`threshold`, `command`).
+    #[serde(default)]
+    pub trigger: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessagePinned {
+    /// Index of the message in the current (folded) conversation.
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SessionDeleted {}
 
 impl Serialize for Event {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

@@ -45,6 +45,13 @@ pub struct Config {
     #[serde(skip_serializing_if = "descartes_mcp::McpConfig::is_empty")]
     pub mcp: descartes_mcp::McpConfig,
     pub log: LogConfig,
+    /// The interactive chat (`descartes chat`).
+    pub chat: ChatConfig,
+    /// Context-window management and the rules files loaded into the system prompt.
+    pub context: ContextConfig,
+    /// Saved prompts: `review = "..."` is `/review` in the chat.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompts: BTreeMap<String, String>,
     /// Permission rules: `allow`, `ask`, `deny` lists of `TOOL` or `TOOL(PATTERN)` (see
     /// `descartes_core::policy`). The rules of every file are kept (the project's are added
     /// to the user's), here all together; [`Config::permission_layers`] says which file has which.
@@ -116,9 +123,51 @@ impl Default for Config {
             log: LogConfig::default(),
             permissions: PermissionRules::default(),
             permission_layers: Vec::new(),
+            chat: ChatConfig::default(),
+            context: ContextConfig::default(),
+            prompts: BTreeMap::new(),
         }
     }
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// Lines of input history kept across sessions (in the state directory).
+    pub history_size: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self { history_size: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// The model's context window in tokens.
+    pub window: u64,
+    /// A session is compacted when its conversation reaches this fraction of the window.
+    pub compact_at: f64,
+    /// Turns always kept verbatim by a compaction.
+    pub keep_turns: usize,
+    /// Load rules and context files (AGENTS.md, CLAUDE.md, .cursorrules, .windsurfrules).
+    pub rules: bool,
+    /// Most bytes read from one rules file, and from all of them.
+    pub max_file_bytes: usize,
+    pub max_total_bytes: usize,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self {
+            window: 128_000,
+            compact_at: 0.8,
+            keep_turns: 2,
+            rules: true,
+            max_file_bytes: 16 * 1024,
+            max_total_bytes: 48 * 1024,
 
 #[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]

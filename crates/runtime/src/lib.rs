@@ -7,6 +7,7 @@
 //! `config show` output.
 
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod locks;
 pub mod mcp;
