@@ -24,6 +24,24 @@ const DEFAULT_SYSTEM_PROMPT: &str = "You are Descartes, an autonomous software a
 below, using the tools to inspect files, run commands and make changes. Work step by step; when the goal is reached, \
 answer with a short summary of what you did and found.";
 
+/// The system prompt of a new run on a model provider: the configured one or the default, then
+/// the rules and context files (see `descartes_runtime::context` for their order), then
+/// `session` rules files. Returns the prompt and the files it holds.
+pub(crate) fn system_prompt_with_rules(
+    rt: &Runtime,
+    cwd: &std::path::Path,
+    session: &[PathBuf],
+) -> Result<(String, Vec<PathBuf>)> {
+    let base = rt
+        .config
+        .system_prompt
+        .clone()
+        .unwrap_or_else(|| format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display()));
+    let (files, left_out) = rt.rules(session).map_err(|e| user_error(2, e.to_string()))?;
+    let rules = descartes_runtime::context::render_rules(&files, &left_out);
+    Ok((format!("{base}{rules}"), files.into_iter().map(|f| f.path).collect()))
+}
+
 /// An error with its exit code and a message that says what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -32,7 +50,7 @@ struct UserError {
     message: String,
 }
 
-fn user_error(code: u8, message: impl Into<String>) -> anyhow::Error {
+pub(crate) fn user_error(code: u8, message: impl Into<String>) -> anyhow::Error {
     UserError { code, message: message.into() }.into()
 }
 
@@ -93,6 +111,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::Providers { check, json } => crate::providers_cmd::run(rt, check, json).await,
                 Command::Task { command } => crate::task_cmd::run(rt, command).await,
                 Command::Mcp { command } => crate::mcp_cmd::run(rt, command).await,
+                Command::Chat(args) => crate::chat::run(rt, args, None).await,
+                Command::Session { command } => crate::session_cmd::run(rt, command).await,
                 Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),
             }
         })
@@ -281,12 +301,7 @@ async fn prepare(
     let system_prompt = match system_prompt {
         Some(p) => Some(p),
         None if sel.is_agent_cli() => rt.config.system_prompt.clone(),
-        None => Some(
-            rt.config
-                .system_prompt
-                .clone()
-                .unwrap_or_else(|| format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display())),
-        ),
+        None => Some(system_prompt_with_rules(rt, &cwd, &[])?.0),
     };
     let label = if sel.model.is_empty() { sel.provider.clone() } else { format!("{}/{}", sel.provider, sel.model) };
     let config = AgentConfig {

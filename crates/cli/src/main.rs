@@ -1,6 +1,7 @@
 //! The `descartes` binary: argument parsing, printing, exit codes. Everything else lives in the
 //! library crates; `main` maps their errors to exit codes (see `EXIT CODES` in `--help`).
 
+mod chat;
 mod commands;
 mod daemon_cmd;
 mod mcp_cmd;
@@ -8,6 +9,7 @@ mod model_cmd;
 mod output;
 mod permissions_cmd;
 mod providers_cmd;
+mod session_cmd;
 mod task_cmd;
 
 use std::process::ExitCode;
@@ -98,6 +100,15 @@ enum Command {
     Mcp {
         #[command(subcommand)]
         command: mcp_cmd::McpCommand,
+    },
+    /// An interactive chat (a session: a durable run that `descartes session` lists, resumes,
+    /// exports and searches). Without a terminal, reads one message per line from stdin.
+    Chat(chat::ChatArgs),
+    /// Chat sessions: list, show, resume, delete (a tombstone: the log is append-only),
+    /// export (JSON or Markdown), search.
+    Session {
+        #[command(subcommand)]
+        command: session_cmd::SessionCommand,
     },
     /// Show or check the configuration.
     Config {
