@@ -333,7 +333,6 @@ impl Chat<'_> {
                 _ = interrupts.recv() => cancel.cancel(),
             }
         };
-        drop(run);
         self.human.end_line();
         match outcome {
             Ok(RunOutcome::Completed { .. }) => {}

@@ -254,7 +254,10 @@ mod tests {
     fn conversation(turns: usize) -> RunState {
         let mut st = RunState::new(RunId::from("r"));
         for i in 0..turns {
-            for m in [Message::user_text(format!("question {i}")), Message::assistant_text(format!("answer {i}"))] {
+            let filler = "and some more words to make the turn longer than its summary ".repeat(3);
+            for m in
+                [Message::user_text(format!("question {i}")), Message::assistant_text(format!("answer {i} {filler}"))]
+            {
                 st.apply(0, &EventData::MessageAdded(MessageAdded { message: m, model_call_id: None }));
             }
         }
@@ -283,7 +286,8 @@ mod tests {
         let texts: Vec<String> = st.messages().iter().map(Message::text).collect();
         assert!(texts[0].contains("they asked four questions"), "{texts:?}");
         assert_eq!(texts[1], "question 1", "the pinned message stays");
-        assert_eq!(&texts[2..], ["question 2", "answer 2", "question 3", "answer 3"]);
+        assert_eq!(texts[2], "question 2");
+        assert!(texts[3].starts_with("answer 2") && texts[5].starts_with("answer 3"), "{texts:?}");
         assert_eq!(st.pinned.iter().copied().collect::<Vec<_>>(), vec![1]);
     }
 

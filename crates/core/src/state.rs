@@ -286,10 +286,8 @@ impl RunState {
             EventData::BackendSession(b) => self.backend_session = Some(b),
             EventData::SessionStarted(s) => self.session = Some(s.kind),
             EventData::SessionDeleted(_) => self.deleted = true,
-            EventData::MessagePinned(p) => {
-                if (p.index as usize) < self.messages.len() {
-                    self.pinned.insert(p.index as usize);
-                }
+            EventData::MessagePinned(p) if (p.index as usize) < self.messages.len() => {
+                self.pinned.insert(p.index as usize);
             }
             EventData::ContextCompacted(c) => self.compact(c.replaced as usize, c.summary),
             // Other streams' events (tasks, ...) say nothing about a run.

@@ -188,7 +188,7 @@ mod tests {
         );
         assert!(files[3].truncated && files[3].text.len() == 50);
         assert!(left.is_empty());
-        let small = Bounds { max_file_bytes: 50, max_total_bytes: 30 };
+        let small = Bounds { max_file_bytes: 50, max_total_bytes: 40 };
         let (files, left) = load_rules(rule_dirs(Some(&g), &p, &sub), &[], small).unwrap();
         assert_eq!(files.len(), 3, "{files:?}");
         assert_eq!(left, vec![sub.join("CLAUDE.md")]);
