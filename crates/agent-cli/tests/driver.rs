@@ -122,6 +122,7 @@ fn agent(
         store,
         backend,
         prompter,
+        policy: Default::default(),
         sink: Arc::new(NullSink),
         cancel: CancellationToken::new(),
         config: config(yes, std::env::temp_dir()),
@@ -282,6 +283,40 @@ async fn yes_flag_and_read_only_tools_are_allowed_by_rule() {
             .unwrap();
         assert_eq!((p.decision, p.rule.as_str()), (Decision::Allow, rule));
         assert!(matches!(cli.log().answers[0].1, CliAnswer::Allow { .. }));
+    }
+}
+
+#[tokio::test]
+async fn configured_rules_answer_the_cli_and_a_deny_wins_over_yes() {
+    use descartes_core::policy::{PermissionRules, Policy, RuleSpec, Source};
+    let rules = |allow: &[&str], deny: &[&str]| {
+        let specs = |l: &[&str]| l.iter().map(|t| RuleSpec::parse(t).unwrap()).collect::<Vec<_>>();
+        Policy::new(&[(Source::Project, PermissionRules { allow: specs(allow), ask: vec![], deny: specs(deny) })]).unwrap()
+    };
+    // (policy, -y, expected decision, expected rule)
+    let cases = [
+        (rules(&["Bash(make)"], &[]), false, Decision::Allow, "project:allow Bash \"make\""),
+        (rules(&["Bash(make)"], &["Bash(mak*)"]), true, Decision::Deny, "project:deny Bash \"mak*\""),
+        (rules(&["Bash(cargo test)"], &[]), false, Decision::Deny, "builtin:ask-without-terminal"),
+    ];
+    for (policy, yes, decision, rule) in cases {
+        let store = Arc::new(MemoryEventStore::new());
+        let cli = FakeCli::new(vec![tool_turn()]);
+        let mut a = agent(store.clone(), cli.clone(), Arc::new(NoPrompter), yes);
+        a.policy = policy;
+        let run = RunId::from("run-policy");
+        a.start(run.clone(), "b".into(), Message::user_text("b")).await.unwrap();
+        let p = events(&store, &run)
+            .await
+            .into_iter()
+            .find_map(|e| match e.data {
+                EventData::PermissionDecided(p) => Some(p),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!((p.decision, p.rule.as_str()), (decision, rule), "{}", p.reason);
+        let allowed = matches!(cli.log().answers[0].1, CliAnswer::Allow { .. });
+        assert_eq!(allowed, decision == Decision::Allow);
     }
 }
 

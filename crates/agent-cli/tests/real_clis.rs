@@ -53,6 +53,7 @@ fn agent(
         store,
         backend,
         prompter,
+        policy: Default::default(),
         sink: Arc::new(NullSink),
         cancel: CancellationToken::new(),
         config: AgentConfig {

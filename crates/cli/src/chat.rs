@@ -124,10 +124,12 @@ async fn build_agent(
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
     let sink: Arc<dyn OutputSink> = sink;
+    let policy = rt.config.policy(rt.places.user_config.as_deref())?;
     Ok(Agent {
         store,
         provider,
-        tools: rt.tools(),
+        policy,
+        tools: rt.tools_with_mcp().await,
         prompter,
         sink,
         cancel: CancellationToken::new(),

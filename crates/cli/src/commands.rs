@@ -320,7 +320,8 @@ async fn prepare(
             return Err(user_error(2, "--fallback applies to model providers, not to agent CLIs"));
         }
         let backend = rt.build_agent_cli(&sel)?;
-        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, sink, cancel, config });
+        let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
+        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, sink, cancel, config });
         return Ok(Prepared { driver, label, human });
     }
     if sel.kind == "local" && sel.model == descartes_local::DEFAULT_MODEL && !rt.local_model_present(&sel.model) {

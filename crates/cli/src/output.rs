@@ -22,13 +22,15 @@ fn dim(s: &str) -> String {
 pub struct HumanSink {
     mid_line: AtomicBool,
     out: Mutex<()>,
-    /// The tool call whose start was shown (its result line follows it).
-    shown_call: Mutex<Option<String>>,
+    /// Tool calls whose start was shown and whose result is still to come (several when the
+    /// model's read-only calls run in parallel), with their one-line summaries.
+    /// The flag marks a call that ran beside others.
+    pending_calls: Mutex<Vec<(String, String, bool)>>,
 }
 
 impl HumanSink {
     pub fn new() -> Self {
-        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()), shown_call: Mutex::new(None) }
+        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()), pending_calls: Mutex::new(Vec::new()) }
     }
 
     /// Ends the answer's last line, so diagnostics start on their own line.
@@ -57,18 +59,30 @@ impl OutputSink for HumanSink {
         match &event.data {
             EventData::ToolCallStarted(t) => {
                 self.end_line();
-                eprintln!("{}", dim(&format!("▸ {}", summarize(&t.tool, &t.input))));
-                if let Ok(mut shown) = self.shown_call.lock() {
-                    *shown = Some(t.call_id.clone());
+                let summary = summarize(&t.tool, &t.input);
+                eprintln!("{}", dim(&format!("▸ {summary}")));
+                if let Ok(mut pending) = self.pending_calls.lock() {
+                    let batch = !pending.is_empty();
+                    for p in pending.iter_mut() {
+                        p.2 = true;
+                    }
+                    pending.push((t.call_id.clone(), summary, batch));
                 }
             }
             // Refused calls never started; their notice already said why.
-            EventData::ToolCallCompleted(t)
-                if self.shown_call.lock().map(|s| s.as_deref() == Some(t.call_id.as_str())).unwrap_or(false) =>
-            {
+            EventData::ToolCallCompleted(t) => {
+                let Ok(mut pending) = self.pending_calls.lock() else { return };
+                let Some(at) = pending.iter().position(|(id, _, _)| *id == t.call_id) else { return };
+                let (_, summary, batch) = pending.remove(at);
                 let first = t.output.lines().next().unwrap_or("");
                 let mark = if t.is_error { "✗" } else { "✓" };
-                eprintln!("{}", dim(&format!("  {mark} {}", clip_line(first, 120))));
+                // Results of parallel calls arrive after all their starts: name the call.
+                let line = if !batch {
+                    format!("  {mark} {}", clip_line(first, 120))
+                } else {
+                    format!("  {mark} {}: {}", clip_line(&summary, 60), clip_line(first, 100))
+                };
+                eprintln!("{}", dim(&line));
             }
             EventData::RunCompleted(_)
             | EventData::RunFailed(_)

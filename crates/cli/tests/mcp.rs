@@ -117,3 +117,102 @@ fn a_broken_server_does_not_stop_a_run_and_errors_are_clear() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no MCP server named `nothere`"), "{}", stderr(&out));
 }
+
+/// A server that adds a tool when `add_tool` is called (and announces it with
+/// `notifications/tools/list_changed`): the model sees the new tool at its next call, within
+/// the same run, and can call it.
+#[test]
+fn a_tool_added_by_the_server_mid_run_is_offered_at_the_next_model_call() {
+    let Some(bin) = npm_bin() else { return };
+    let sdk = bin.parent().unwrap().join("@modelcontextprotocol/sdk/dist/esm/server");
+    let env = Env::new(|req: &RecordedRequest| match req.tool_results().len() {
+        0 => Reply::Stream(openai::tool_call("c1", "mcp__changing__add_tool", &["{}"])),
+        1 if req.tool_names().contains(&"mcp__changing__new_tool".to_owned()) => {
+            Reply::Stream(openai::tool_call("c2", "mcp__changing__new_tool", &["{}"]))
+        }
+        1 => Reply::Stream(openai::text(&["the new tool was not offered"])),
+        _ => Reply::Stream(openai::text(&["done"])),
+    });
+    env.init();
+    let script = env.dir.path().join("changing.mjs");
+    std::fs::write(
+        &script,
+        format!(
+            r#"import {{ McpServer }} from "{mcp}";
+import {{ StdioServerTransport }} from "{stdio}";
+const server = new McpServer({{ name: "changing", version: "1.0.0" }}, {{ capabilities: {{ tools: {{ listChanged: true }} }} }});
+server.registerTool("add_tool", {{ description: "Adds a tool" }}, async () => {{
+  server.registerTool("new_tool", {{ description: "A new tool" }}, async () => ({{ content: [{{ type: "text", text: "new!" }}] }}));
+  return {{ content: [{{ type: "text", text: "added" }}] }};
+}});
+await server.connect(new StdioServerTransport());
+"#,
+            mcp = sdk.join("mcp.js").display(),
+            stdio = sdk.join("stdio.js").display()
+        ),
+    )
+    .unwrap();
+    let out = env.run(&["mcp", "add", "changing", "--", "node", script.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.run(&["run", "-y", "-p", "openai", "grow"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "done\n", "{}", stderr(&out));
+    assert!(stderr(&out).contains("the tools of MCP server `changing` changed"), "{}", stderr(&out));
+    let requests = env.server.requests();
+    assert!(!requests[0].tool_names().contains(&"mcp__changing__new_tool".to_owned()));
+    assert!(requests[1].tool_names().contains(&"mcp__changing__new_tool".to_owned()));
+    assert_eq!(requests.last().unwrap().last_tool_results(), vec![("c2".to_owned(), "new!".to_owned())]);
+}
+
+/// The same round trip as `mcp_add_list_run_remove`, with the server over streamable HTTP.
+#[test]
+fn a_streamable_http_server_added_by_url_serves_the_model() {
+    let Some(bin) = npm_bin() else { return };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(bin.join("mcp-server-everything"))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "server-everything did not listen on {port}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let env = Env::new(echo_then_answer);
+    env.init();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let out = env.run(&["mcp", "add", "everything", "--url", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.run(&["mcp", "list"]);
+    let listed = stdout(&out);
+    assert!(listed.contains(&format!("everything  http: {url}")) && listed.contains(" ok, "), "{listed}");
+    assert!(listed.contains("mcp__everything__echo"), "{listed}");
+    let out = env.run(&["run", "-p", "openai", "echo", "something"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "The server echoed.\n");
+    let last = env.server.requests().last().cloned().unwrap();
+    assert_eq!(last.last_tool_results(), vec![("call_m".to_owned(), "Echo: from the model".to_owned())]);
+}
+
+/// A server that starts but never answers `initialize`: the run waits only the configured
+/// startup timeout, says which server, and goes on without its tools.
+#[test]
+fn a_server_that_never_answers_is_skipped_after_its_timeout() {
+    let env = Env::new(|_| Reply::Stream(openai::text(&["fine"])));
+    env.init();
+    let config = env.project().join(".descartes/config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[mcp.servers.mute]\ncommand = \"sleep\"\nargs = [\"600\"]\nstartup_timeout_secs = 2\n");
+    std::fs::write(&config, text).unwrap();
+    let started = std::time::Instant::now();
+    let out = env.run(&["run", "-p", "openai", "hi"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "fine\n");
+    assert!(stderr(&out).contains("`mute`"), "{}", stderr(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "bounded by the startup timeout");
+}

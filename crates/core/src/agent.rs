@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use descartes_protocol::{
-    BudgetExceeded, ContentPart, Decision, DecisionScope, Event, EventData, Message, MessageAdded, ModelCallCompleted,
+    BudgetExceeded, ContentPart, Decision, Event, EventData, Message, MessageAdded, ModelCallCompleted,
     ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
     RunFailed, RunId, RunParked, RunResumed, RunStarted, SessionStarted, ToolCallCompleted, ToolCallStarted, Usage,
 };
@@ -26,8 +26,8 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::permission::{PermissionRequest, PromptAnswer, Prompter};
-use crate::policy::{Action, BUILTIN_ASK, Policy};
+use crate::permission::{self, Prompter, Question, Step};
+use crate::policy::Policy;
 use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
 use crate::resilience::ChainEntry;
 use crate::state::{NextStep, PermissionOutcome, RunState};
@@ -96,8 +96,9 @@ pub struct Agent {
     pub config: AgentConfig,
     /// Retries, fallbacks, breakers, prices.
     pub resilience: crate::resilience::Resilience,
-    /// The tool specs offered to the model, computed once.
-    pub tool_specs: std::sync::OnceLock<Arc<Vec<descartes_protocol::ToolSpec>>>,
+    /// The tool specs offered to the model, with the registry version they were made from
+    /// (recomputed when a tool source, such as an MCP server, changes its tools).
+    pub tool_specs: std::sync::Mutex<Option<(u64, Arc<Vec<descartes_protocol::ToolSpec>>)>>,
     /// The permission rules from config (see [`crate::policy`]).
     pub policy: Policy,
 }
@@ -249,7 +250,7 @@ impl Agent {
                 model: entry.model.clone(),
                 system: self.config.system_prompt.clone(),
                 messages: st.conversation(),
-                tools: self.tool_specs.get_or_init(|| Arc::new(self.tools.specs())).clone(),
+                tools: self.offered_tools().await,
                 max_tokens: self.config.max_tokens,
                 temperature: None,
             };
@@ -468,7 +469,7 @@ impl Agent {
         name: String,
         input: Value,
     ) -> Result<Option<ReadyCall>> {
-        let Some(tool) = self.tools.get(&name).cloned() else {
+        let Some(tool) = self.tools.get(&name) else {
             let output = format!("unknown tool `{name}`; available tools: {}", self.tools.names().join(", "));
             self.complete_tool(st, ob, &id, &name, ToolOutput::error(output), 0, false);
             return Ok(None);
@@ -609,10 +610,26 @@ impl Agent {
         );
     }
 
-    /// Decides whether a tool call may run: the permission policy (configured rules, the most
-    /// specific first, then the built-in defaults: read-only tools allowed, others ask). An ask
-    /// is answered by an earlier "allow for this run" of the tool, by `-y`, or by a human (and
-    /// is denied when nobody can be asked). A deny is final.
+    /// The tools offered to the model now: the registry's sources are refreshed first (an MCP
+    /// server that announced `tools/list_changed` is re-listed), and a change is noticed.
+    async fn offered_tools(&self) -> Arc<Vec<descartes_protocol::ToolSpec>> {
+        for notice in self.tools.refresh().await {
+            self.sink.notice(&notice);
+        }
+        let version = self.tools.version();
+        let mut cached = self.tool_specs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some((v, specs)) if *v == version => specs.clone(),
+            _ => {
+                let specs = Arc::new(self.tools.specs());
+                *cached = Some((version, specs.clone()));
+                specs
+            }
+        }
+    }
+
+    /// Decides whether a tool call may run (see [`crate::permission::decide`]); everything so
+    /// far is made durable before a human is asked.
     async fn decide(
         &self,
         st: &mut RunState,
@@ -622,84 +639,17 @@ impl Agent {
         tool: &dyn Tool,
         input: &Value,
     ) -> Result<PermissionDecided> {
-        let decided = |decision, scope, rule: &str, actor: &str, reason: String| PermissionDecided {
-            call_id: Some(id.to_owned()),
-            tool: name.to_owned(),
-            decision,
-            scope,
-            rule: rule.to_owned(),
-            actor: actor.to_owned(),
-            reason,
+        let q = Question { call_id: Some(id.to_owned()), tool: name, input, read_only: tool.read_only(), cwd: &self.config.cwd };
+        let ask = match permission::decide(&self.policy, &q, &st.run_allowed, st.auto_approve) {
+            Step::Decided(d) => return Ok(d),
+            Step::Ask(ask) => ask,
         };
-        let verdict = self.policy.evaluate(name, input, &self.config.cwd, tool.read_only());
-        match verdict.action {
-            Action::Allow => {
-                return Ok(decided(Decision::Allow, DecisionScope::Once, &verdict.rule, "policy", verdict.reason));
-            }
-            Action::Deny => {
-                return Ok(decided(Decision::Deny, DecisionScope::Once, &verdict.rule, "policy", verdict.reason));
-            }
-            Action::Ask => {}
-        }
-        if st.run_allowed.contains(name) {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "user:allow-for-run",
-                "user",
-                format!("`{name}` was allowed for this run"),
-            ));
-        }
-        if st.auto_approve {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "flag:--yes",
-                "flag",
-                format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule),
-            ));
-        }
-        // Everything so far must be on disk before we wait for a human.
         self.commit(st, ob).await?;
-        let request =
-            PermissionRequest { tool: name.to_owned(), input: input.clone(), summary: summarize(name, input) };
         let answer = tokio::select! {
             _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
-            a = self.prompter.ask(&request) => a,
+            a = self.prompter.ask(&ask.request) => a,
         };
-        Ok(match answer {
-            PromptAnswer::AllowOnce => decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "user:allow-once",
-                "user",
-                format!("allowed once by the user (asked by {})", verdict.rule),
-            ),
-            PromptAnswer::AllowForRun => decided(
-                Decision::Allow,
-                DecisionScope::Run,
-                "user:allow-for-run",
-                "user",
-                format!("`{name}` allowed for this run by the user"),
-            ),
-            PromptAnswer::Deny => decided(
-                Decision::Deny,
-                DecisionScope::Once,
-                "user:deny",
-                "user",
-                format!("denied by the user (asked by {})", verdict.rule),
-            ),
-            PromptAnswer::Unavailable => decided(
-                Decision::Deny,
-                DecisionScope::Once,
-                if verdict.rule == BUILTIN_ASK { "builtin:ask-without-terminal" } else { &verdict.rule },
-                "policy",
-                format!(
-                    "`{name}` needs approval ({}) and there is no terminal to ask; rerun with -y/--yes to allow it",
-                    verdict.reason
-                ),
-            ),
-        })
+        Ok(ask.answered(answer))
     }
 
     async fn fail(

@@ -26,15 +26,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use descartes_protocol::{
-    BackendSession, BudgetExceeded, ContentPart, Decision, DecisionScope, EventData, Message, MessageAdded,
+    BackendSession, BudgetExceeded, ContentPart, Decision, EventData, Message, MessageAdded,
     ModelCallCompleted, ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed,
     RunId, RunParked, RunResumed, RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{AgentConfig, OutputSink, summarize};
-use crate::permission::{PermissionRequest, PromptAnswer, Prompter};
+use crate::agent::{AgentConfig, OutputSink};
+use crate::permission::{self, Prompter, Question};
+use crate::policy::Policy;
 use crate::provider::ProviderError;
 use crate::state::RunState;
 use crate::store::{DeferredAppend, EventStore};
@@ -163,6 +164,8 @@ pub struct ExternalAgent {
     pub store: Arc<dyn EventStore>,
     pub backend: Arc<dyn AgentCli>,
     pub prompter: Arc<dyn Prompter>,
+    /// The permission rules from config; they answer the CLI's permission requests.
+    pub policy: Policy,
     pub sink: Arc<dyn OutputSink>,
     pub cancel: CancellationToken,
     /// `provider` is ignored (the backend's name is recorded); an empty `model` means the
@@ -699,85 +702,34 @@ impl ExternalAgent {
         }
     }
 
-    /// Descartes' policy for a CLI's permission request: `-y` allows; the CLI's read-only
-    /// tools are allowed; a tool allowed for the run is allowed; anything else asks a human,
-    /// and is denied when nobody can be asked.
+    /// Descartes' policy for a CLI's permission request (see [`crate::permission::decide`]):
+    /// the configured rules (which can name the CLI's tools: `Bash(git status)`), then the
+    /// CLI's read-only tools allowed, a tool allowed for the run, `-y`, or a human (denied when
+    /// nobody can be asked).
     async fn decide(
         &self,
         st: &mut RunState,
         ob: &mut Outbox,
         req: &CliPermissionRequest,
     ) -> Result<PermissionDecided> {
-        let name = req.tool.as_str();
-        let decided = |decision, scope, rule: &str, actor: &str, reason: String| PermissionDecided {
+        let q = Question {
             call_id: req.tool_use_id.clone(),
-            tool: name.to_owned(),
-            decision,
-            scope,
-            rule: rule.to_owned(),
-            actor: actor.to_owned(),
-            reason,
+            tool: &req.tool,
+            input: &req.input,
+            read_only: req.read_only,
+            cwd: &self.config.cwd,
         };
-        if self.config.auto_approve || st.auto_approve {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "flag:--yes",
-                "flag",
-                "-y/--yes allows every ask in this run".into(),
-            ));
-        }
-        if req.read_only {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "builtin:read-only",
-                "policy",
-                "read-only tool".into(),
-            ));
-        }
-        if st.run_allowed.contains(name) {
-            return Ok(decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "user:allow-for-run",
-                "user",
-                format!("`{name}` was allowed for this run"),
-            ));
-        }
+        let auto = self.config.auto_approve || st.auto_approve;
+        let ask = match permission::decide(&self.policy, &q, &st.run_allowed, auto) {
+            permission::Step::Decided(d) => return Ok(d),
+            permission::Step::Ask(ask) => ask,
+        };
         self.commit(st, ob).await?;
-        let request =
-            PermissionRequest { tool: name.to_owned(), input: req.input.clone(), summary: summarize(name, &req.input) };
         let answer = tokio::select! {
             _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
-            a = self.prompter.ask(&request) => a,
+            a = self.prompter.ask(&ask.request) => a,
         };
-        Ok(match answer {
-            PromptAnswer::AllowOnce => decided(
-                Decision::Allow,
-                DecisionScope::Once,
-                "user:allow-once",
-                "user",
-                "allowed once by the user".into(),
-            ),
-            PromptAnswer::AllowForRun => decided(
-                Decision::Allow,
-                DecisionScope::Run,
-                "user:allow-for-run",
-                "user",
-                format!("`{name}` allowed for this run by the user"),
-            ),
-            PromptAnswer::Deny => {
-                decided(Decision::Deny, DecisionScope::Once, "user:deny", "user", "denied by the user".into())
-            }
-            PromptAnswer::Unavailable => decided(
-                Decision::Deny,
-                DecisionScope::Once,
-                "builtin:ask-without-terminal",
-                "policy",
-                format!("`{name}` needs approval and there is no terminal to ask; rerun with -y/--yes to allow it"),
-            ),
-        })
+        Ok(ask.answered(answer))
     }
 
     async fn fail_provider(&self, st: &mut RunState, ob: &mut Outbox, e: ProviderError) -> Result<ExternalOutcome> {

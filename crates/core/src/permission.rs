@@ -1,4 +1,5 @@
-//! Permission prompts. The decision logic lives in the agent loop; a [`Prompter`] asks a human.
+//! Permission decisions: the policy's verdict on a call ([`decide`]) and, when it asks, a human's
+//! answer through a [`Prompter`]. Used by the agent loop and by the coding-agent CLI driver alike.
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -36,5 +37,131 @@ pub struct NoPrompter;
 impl Prompter for NoPrompter {
     async fn ask(&self, _request: &PermissionRequest) -> PromptAnswer {
         PromptAnswer::Unavailable
+    }
+}
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use descartes_protocol::{Decision, DecisionScope, PermissionDecided};
+
+use crate::policy::{Action, BUILTIN_ASK, Policy};
+
+/// One permission question: a call of `tool` with `input`, by the agent loop (a Descartes tool)
+/// or by a coding-agent CLI (its permission request).
+pub struct Question<'a> {
+    pub call_id: Option<String>,
+    pub tool: &'a str,
+    pub input: &'a Value,
+    pub read_only: bool,
+    pub cwd: &'a Path,
+}
+
+/// The first step of a decision: final, or a human must be asked (after the caller has made
+/// everything so far durable).
+pub enum Step {
+    Decided(PermissionDecided),
+    Ask(PendingAsk),
+}
+
+/// An ask waiting for a human's answer.
+pub struct PendingAsk {
+    pub request: PermissionRequest,
+    call_id: Option<String>,
+    rule: String,
+    reason: String,
+}
+
+/// Decides a call by the policy: the configured rules (the most specific first, then the
+/// built-in defaults: read-only tools allowed, others ask). An ask is answered by an earlier
+/// "allow for this run" of the tool, by `-y` (`auto_approve`), or by a human ([`PendingAsk`]).
+/// A deny is final, even with `-y`.
+pub fn decide(policy: &Policy, q: &Question<'_>, run_allowed: &HashSet<String>, auto_approve: bool) -> Step {
+    let decided = |decision, rule: &str, actor: &str, reason: String| {
+        Step::Decided(PermissionDecided {
+            call_id: q.call_id.clone(),
+            tool: q.tool.to_owned(),
+            decision,
+            scope: DecisionScope::Once,
+            rule: rule.to_owned(),
+            actor: actor.to_owned(),
+            reason,
+        })
+    };
+    let verdict = policy.evaluate(q.tool, q.input, q.cwd, q.read_only);
+    match verdict.action {
+        Action::Allow => return decided(Decision::Allow, &verdict.rule, "policy", verdict.reason),
+        Action::Deny => return decided(Decision::Deny, &verdict.rule, "policy", verdict.reason),
+        Action::Ask => {}
+    }
+    if run_allowed.contains(q.tool) {
+        return decided(Decision::Allow, "user:allow-for-run", "user", format!("`{}` was allowed for this run", q.tool));
+    }
+    if auto_approve {
+        return decided(
+            Decision::Allow,
+            "flag:--yes",
+            "flag",
+            format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule),
+        );
+    }
+    Step::Ask(PendingAsk {
+        request: PermissionRequest {
+            tool: q.tool.to_owned(),
+            input: q.input.clone(),
+            summary: crate::agent::summarize(q.tool, q.input),
+        },
+        call_id: q.call_id.clone(),
+        rule: verdict.rule,
+        reason: verdict.reason,
+    })
+}
+
+impl PendingAsk {
+    /// The decision a human's answer makes.
+    pub fn answered(self, answer: PromptAnswer) -> PermissionDecided {
+        let name = self.request.tool.clone();
+        let decided = |decision, scope, rule: &str, actor: &str, reason: String| PermissionDecided {
+            call_id: self.call_id.clone(),
+            tool: name.clone(),
+            decision,
+            scope,
+            rule: rule.to_owned(),
+            actor: actor.to_owned(),
+            reason,
+        };
+        match answer {
+            PromptAnswer::AllowOnce => decided(
+                Decision::Allow,
+                DecisionScope::Once,
+                "user:allow-once",
+                "user",
+                format!("allowed once by the user (asked by {})", self.rule),
+            ),
+            PromptAnswer::AllowForRun => decided(
+                Decision::Allow,
+                DecisionScope::Run,
+                "user:allow-for-run",
+                "user",
+                format!("`{name}` allowed for this run by the user"),
+            ),
+            PromptAnswer::Deny => decided(
+                Decision::Deny,
+                DecisionScope::Once,
+                "user:deny",
+                "user",
+                format!("denied by the user (asked by {})", self.rule),
+            ),
+            PromptAnswer::Unavailable => decided(
+                Decision::Deny,
+                DecisionScope::Once,
+                if self.rule == BUILTIN_ASK { "builtin:ask-without-terminal" } else { &self.rule },
+                "policy",
+                format!(
+                    "`{name}` needs approval ({}) and there is no terminal to ask; rerun with -y/--yes to allow it",
+                    self.reason
+                ),
+            ),
+        }
     }
 }

@@ -80,10 +80,23 @@ pub enum ArgKind {
 
 /// The argument kind a tool's patterns match, if it takes patterns.
 pub fn arg_kind(tool: &str) -> Option<ArgKind> {
+    arg_field(tool).map(|(kind, _)| kind)
+}
+
+/// The argument kind a tool's patterns match and the input field it is read from: Descartes'
+/// own tools, and the tools of the coding-agent CLIs whose permission requests Descartes
+/// answers (Claude Code's `Bash`, `Read`, `Write`, `Edit`, `MultiEdit`, `NotebookEdit`, `Glob`,
+/// `Grep`, `LS`, `WebFetch`), so `Bash(git status)` or `Write(src/**)` work like
+/// `shell(git status)` and `write_file(src/**)`.
+pub fn arg_field(tool: &str) -> Option<(ArgKind, &'static str)> {
     match tool {
-        "shell" => Some(ArgKind::Command),
-        "read_file" | "write_file" | "edit_file" | "list_files" | "search_files" => Some(ArgKind::Path),
-        "http_request" => Some(ArgKind::Host),
+        "shell" | "Bash" => Some((ArgKind::Command, "command")),
+        "read_file" | "write_file" | "edit_file" | "list_files" | "search_files" | "Glob" | "Grep" | "LS" => {
+            Some((ArgKind::Path, "path"))
+        }
+        "Read" | "Write" | "Edit" | "MultiEdit" => Some((ArgKind::Path, "file_path")),
+        "NotebookEdit" => Some((ArgKind::Path, "notebook_path")),
+        "http_request" | "WebFetch" => Some((ArgKind::Host, "url")),
         _ => None,
     }
 }
@@ -131,8 +144,9 @@ impl RuleSpec {
         if let Some(p) = &pattern {
             if !has_wildcard(tool) && arg_kind(tool).is_none() {
                 return Err(err(&format!(
-                    "`{tool}` takes no pattern: patterns apply to `shell` (command), the file tools (path) and \
-                     `http_request` (host)"
+                    "`{tool}` takes no pattern: patterns apply to `shell` (command), the file tools (path), \
+                     `http_request` (host) and Claude Code's `Bash`, `Read`, `Write`, `Edit`, `Glob`, `Grep`, \
+                     `WebFetch`"
                 )));
             }
             Glob::new(p).map_err(|e| err(&format!("bad pattern: {e}")))?;
@@ -300,10 +314,10 @@ impl Rule {
             return true;
         };
         let field = |k: &str| input.get(k).and_then(Value::as_str);
-        match arg_kind(tool) {
-            None => false,
-            Some(ArgKind::Command) => {
-                let Some(command) = field("command") else { return false };
+        let Some((kind, name)) = arg_field(tool) else { return false };
+        match kind {
+            ArgKind::Command => {
+                let Some(command) = field(name) else { return false };
                 let matches_one = |c: &str| command_matches(arg, free, c.trim());
                 if self.action == Action::Allow {
                     is_simple_command(command) && matches_one(command)
@@ -311,8 +325,8 @@ impl Rule {
                     matches_one(command) || command_parts(command).any(matches_one)
                 }
             }
-            Some(ArgKind::Path) => {
-                let raw = field("path").unwrap_or(".");
+            ArgKind::Path => {
+                let raw = field(name).unwrap_or(".");
                 let abs = normalize(&cwd.join(raw));
                 let target = if Path::new(&arg.text).is_absolute() {
                     abs
@@ -330,8 +344,8 @@ impl Rule {
                     path_glob.is_match(&target)
                 }
             }
-            Some(ArgKind::Host) => {
-                let Some(host) = field("url").and_then(url_host) else { return false };
+            ArgKind::Host => {
+                let Some(host) = field(name).and_then(url_host) else { return false };
                 if arg.exact { host.eq_ignore_ascii_case(&arg.text) } else { host_glob.is_match(&host) }
             }
         }

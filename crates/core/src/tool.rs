@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -153,19 +153,50 @@ struct StatCells {
 #[derive(Clone)]
 struct Entry {
     tool: Arc<dyn Tool>,
-    spec: ToolSpec,
+    spec: Arc<ToolSpec>,
     stats: Arc<StatCells>,
 }
 
-/// The tools offered to a run, by name. Clones share the statistics.
+impl Entry {
+    fn new(tool: Arc<dyn Tool>) -> Self {
+        let spec = Arc::new(tool.spec());
+        Self { tool, spec, stats: Arc::default() }
+    }
+}
+
+/// A set of tools that can change while a run goes on: an MCP server's tools, which the server
+/// may change (`notifications/tools/list_changed`).
+#[async_trait]
+pub trait ToolSource: Send + Sync {
+    /// Names the source in errors and notices, e.g. `MCP server `github``.
+    fn describe(&self) -> String;
+    /// A number that changes whenever the set changes.
+    fn generation(&self) -> u64;
+    /// The current tools, re-listed first if the source learned that they changed (cheap
+    /// otherwise).
+    async fn tools(&self) -> Result<Vec<Arc<dyn Tool>>, String>;
+}
+
+struct SourceEntry {
+    source: Arc<dyn ToolSource>,
+    generation: u64,
+    tools: BTreeMap<String, Entry>,
+}
+
+/// The tools offered to a run, by name: fixed tools ([`ToolRegistry::register`]) and the tools
+/// of [`ToolSource`]s, brought up to date by [`ToolRegistry::refresh`]. Clones share the
+/// statistics and the sources.
 #[derive(Clone, Default)]
 pub struct ToolRegistry {
     tools: BTreeMap<String, Entry>,
+    sources: Arc<RwLock<Vec<SourceEntry>>>,
+    /// Bumped whenever a source's tools change.
+    version: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ToolRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.tools.keys()).finish()
+        f.debug_list().entries(self.names()).finish()
     }
 }
 
@@ -175,67 +206,129 @@ impl ToolRegistry {
     }
     /// Adds (or replaces) a tool under its spec's name.
     pub fn register(&mut self, tool: Arc<dyn Tool>) {
-        let spec = tool.spec();
-        self.tools.insert(spec.name.clone(), Entry { tool, spec, stats: Arc::default() });
+        let entry = Entry::new(tool);
+        self.tools.insert(entry.spec.name.clone(), entry);
     }
-    /// Removes a tool; true if it was there.
+    /// Removes a fixed tool; true if it was there.
     pub fn unregister(&mut self, name: &str) -> bool {
         self.tools.remove(name).is_some()
     }
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
-        self.tools.get(name).map(|e| &e.tool)
+
+    /// Adds a source and lists its tools now. A source that cannot list them is kept (with no
+    /// tools: a later [`refresh`](Self::refresh) may get them) and its error returned.
+    pub async fn add_source(&self, source: Arc<dyn ToolSource>) -> Result<(), String> {
+        let listed = source.tools().await;
+        let generation = source.generation();
+        let (tools, result) = match listed {
+            Ok(list) => (list.into_iter().map(Entry::new).map(|e| (e.spec.name.clone(), e)).collect(), Ok(())),
+            Err(e) => (BTreeMap::new(), Err(e)),
+        };
+        self.write_sources().push(SourceEntry { source, generation, tools });
+        self.version.fetch_add(1, Ordering::SeqCst);
+        result
     }
-    /// The spec a tool had when it was registered.
-    pub fn spec(&self, name: &str) -> Option<&ToolSpec> {
-        self.tools.get(name).map(|e| &e.spec)
+
+    /// Brings the sources' tools up to date. Returns a notice for each source whose tools
+    /// changed. A source that fails keeps its last tools (their calls report the failure).
+    pub async fn refresh(&self) -> Vec<String> {
+        let sources: Vec<(usize, Arc<dyn ToolSource>, u64)> =
+            self.read_sources().iter().enumerate().map(|(i, s)| (i, s.source.clone(), s.generation)).collect();
+        let mut notices = Vec::new();
+        for (i, source, known) in sources {
+            let Ok(list) = source.tools().await else { continue };
+            let generation = source.generation();
+            if generation == known {
+                continue;
+            }
+            let mut guard = self.write_sources();
+            let Some(slot) = guard.get_mut(i) else { continue };
+            let mut tools = BTreeMap::new();
+            for tool in list {
+                let mut entry = Entry::new(tool);
+                if let Some(old) = slot.tools.get(&entry.spec.name) {
+                    entry.stats = old.stats.clone();
+                }
+                tools.insert(entry.spec.name.clone(), entry);
+            }
+            let added = tools.keys().filter(|k| !slot.tools.contains_key(*k)).count();
+            let removed = slot.tools.keys().filter(|k| !tools.contains_key(*k)).count();
+            notices.push(format!(
+                "the tools of {} changed ({} now: {added} added, {removed} removed)",
+                source.describe(),
+                tools.len()
+            ));
+            slot.tools = tools;
+            slot.generation = generation;
+            self.version.fetch_add(1, Ordering::SeqCst);
+        }
+        notices
+    }
+
+    /// Changes whenever the set of tools changes through a source.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+
+    fn read_sources(&self) -> std::sync::RwLockReadGuard<'_, Vec<SourceEntry>> {
+        self.sources.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn write_sources(&self) -> std::sync::RwLockWriteGuard<'_, Vec<SourceEntry>> {
+        self.sources.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The entry of `name`: a fixed tool first, then the sources in the order they were added.
+    fn entry(&self, name: &str) -> Option<Entry> {
+        if let Some(e) = self.tools.get(name) {
+            return Some(e.clone());
+        }
+        self.read_sources().iter().find_map(|s| s.tools.get(name).cloned())
+    }
+
+    /// Every entry by name (a fixed tool hides a source's tool of the same name).
+    fn entries(&self) -> BTreeMap<String, Entry> {
+        let mut all = BTreeMap::new();
+        for s in self.read_sources().iter().rev() {
+            all.extend(s.tools.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        all.extend(self.tools.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Tool>> {
+        self.entry(name).map(|e| e.tool)
+    }
+    /// The spec a tool had when it was registered (or last listed by its source).
+    pub fn spec(&self, name: &str) -> Option<ToolSpec> {
+        self.entry(name).map(|e| ToolSpec::clone(&e.spec))
     }
     pub fn names(&self) -> Vec<String> {
-        self.tools.keys().cloned().collect()
+        self.entries().into_keys().collect()
     }
     pub fn specs(&self) -> Vec<ToolSpec> {
-        self.tools.values().map(|e| e.spec.clone()).collect()
+        self.entries().into_values().map(|e| ToolSpec::clone(&e.spec)).collect()
     }
 
     /// Checks a call's arguments against the tool's JSON Schema. The error is meant for the
     /// model: it names each offending field and what is wrong with it.
     pub fn validate(&self, name: &str, input: &Value) -> Result<(), String> {
-        let Some(entry) = self.tools.get(name) else {
+        let Some(entry) = self.entry(name) else {
             return Err(format!("unknown tool `{name}`; available tools: {}", self.names().join(", ")));
         };
-        let mut errors = Vec::new();
-        schema::validate(&entry.spec.input_schema, &entry.spec.input_schema, input, &mut String::new(), &mut errors);
-        if errors.is_empty() {
-            return Ok(());
-        }
-        errors.truncate(8);
-        Err(format!("invalid arguments for `{name}`: {}", errors.join("; ")))
+        validate_against(&entry.spec, name, input)
     }
 
     /// Counts one finished call of `name` (unknown names are ignored).
     pub fn record(&self, name: &str, ok: bool, duration: Duration) {
         if let Some(e) = self.tools.get(name) {
-            e.stats.calls.fetch_add(1, Ordering::Relaxed);
-            if !ok {
-                e.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-            e.stats.total_nanos.fetch_add(nanos, Ordering::Relaxed);
+            e.stats.record(ok, duration);
+        } else if let Some(e) = self.entry(name) {
+            e.stats.record(ok, duration);
         }
     }
 
     /// Statistics of every tool, by name.
     pub fn stats(&self) -> BTreeMap<String, ToolStats> {
-        self.tools
-            .iter()
-            .map(|(name, e)| {
-                let s = ToolStats {
-                    calls: e.stats.calls.load(Ordering::Relaxed),
-                    errors: e.stats.errors.load(Ordering::Relaxed),
-                    total: Duration::from_nanos(e.stats.total_nanos.load(Ordering::Relaxed)),
-                };
-                (name.clone(), s)
-            })
-            .collect()
+        self.entries().into_iter().map(|(name, e)| (name, e.stats.snapshot())).collect()
     }
 
     /// Looks the tool up, validates `input`, runs it under its timeout and the run's
@@ -243,15 +336,45 @@ impl ToolRegistry {
     /// an error output for the model.
     pub async fn execute(&self, name: &str, input: Value, ctx: &ToolContext) -> ToolOutput {
         let started = Instant::now();
-        let output = match self.validate(name, &input) {
-            Err(message) => ToolOutput::error(message).with_details(serde_json::json!({"invalid_arguments": true})),
-            Ok(()) => match self.tools.get(name) {
-                Some(e) => call_with_timeout(e.tool.as_ref(), input, ctx, e.tool.timeout()).await,
-                None => ToolOutput::error(format!("unknown tool `{name}`")),
+        let output = match self.entry(name) {
+            None => ToolOutput::error(format!("unknown tool `{name}`; available tools: {}", self.names().join(", "))),
+            Some(e) => match validate_against(&e.spec, name, &input) {
+                Err(message) => {
+                    ToolOutput::error(message).with_details(serde_json::json!({"invalid_arguments": true}))
+                }
+                Ok(()) => call_with_timeout(e.tool.as_ref(), input, ctx, e.tool.timeout()).await,
             },
         };
         self.record(name, !output.is_error, started.elapsed());
         output
+    }
+}
+
+fn validate_against(spec: &ToolSpec, name: &str, input: &Value) -> Result<(), String> {
+    let mut errors = Vec::new();
+    schema::validate(&spec.input_schema, &spec.input_schema, input, &mut String::new(), &mut errors);
+    if errors.is_empty() {
+        return Ok(());
+    }
+    errors.truncate(8);
+    Err(format!("invalid arguments for `{name}`: {}", errors.join("; ")))
+}
+
+impl StatCells {
+    fn record(&self, ok: bool, duration: Duration) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        self.total_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> ToolStats {
+        ToolStats {
+            calls: self.calls.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            total: Duration::from_nanos(self.total_nanos.load(Ordering::Relaxed)),
+        }
     }
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use descartes_core::tool::ToolSource;
 use descartes_core::{Tool, ToolContext, ToolOutput, ToolRegistry};
 use descartes_protocol::ToolSpec;
 use serde_json::{Value, json};
@@ -83,11 +84,24 @@ impl McpManager {
         (tools, errors)
     }
 
-    /// Adds every tool of every enabled server to `registry`; returns the servers' errors.
-    pub async fn register(&self, registry: &mut ToolRegistry) -> Vec<McpError> {
-        let (tools, errors) = self.tools().await;
-        for t in tools {
-            registry.register(Arc::new(t));
+    /// Adds every enabled server to `registry` as a tool source (connecting them in parallel),
+    /// so a server's `tools/list_changed` reaches the run at its next model call. Returns the
+    /// errors of servers that could not list their tools (kept: a later refresh may succeed).
+    pub async fn register(&self, registry: &ToolRegistry) -> Vec<McpError> {
+        let enabled: Vec<_> = self.servers.iter().filter(|s| s.config().enabled()).collect();
+        // Connect in parallel first; adding the sources then finds the lists cached.
+        let listed = futures::future::join_all(enabled.iter().map(|s| s.tools())).await;
+        let mut errors = Vec::new();
+        for (server, listed) in enabled.into_iter().zip(listed) {
+            let source = Arc::new(ServerSource { server: server.clone(), max_output_bytes: self.max_output_bytes });
+            match listed {
+                Ok(_) => {
+                    let _ = registry.add_source(source).await;
+                }
+                Err(e) => {
+                    errors.push(e);
+                }
+            }
         }
         errors
     }
@@ -100,6 +114,31 @@ impl McpManager {
     /// Stops every server.
     pub async fn shutdown(&self) {
         futures::future::join_all(self.servers.iter().map(|s| s.shutdown())).await;
+    }
+}
+
+/// One server's tools as a [`ToolSource`] of a registry.
+struct ServerSource {
+    server: Arc<McpServer>,
+    max_output_bytes: usize,
+}
+
+#[async_trait]
+impl ToolSource for ServerSource {
+    fn describe(&self) -> String {
+        format!("MCP server `{}`", self.server.name())
+    }
+
+    fn generation(&self) -> u64 {
+        self.server.generation()
+    }
+
+    async fn tools(&self) -> std::result::Result<Vec<Arc<dyn Tool>>, String> {
+        let list = self.server.tools().await.map_err(|e| e.to_string())?;
+        Ok(list
+            .iter()
+            .map(|t| Arc::new(McpTool::new(self.server.clone(), t, self.max_output_bytes)) as Arc<dyn Tool>)
+            .collect())
     }
 }
 

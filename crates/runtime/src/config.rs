@@ -223,11 +223,16 @@ pub struct ToolsConfig {
     pub shell_timeout_secs: u64,
     /// Most bytes of one output stream given back to the model.
     pub max_output_bytes: usize,
+    /// Directories the file tools may touch besides the run's working directory. Relative
+    /// paths are taken from the project root (or the working directory outside a project);
+    /// `~/` is the home directory.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<PathBuf>,
 }
 
 impl Default for ToolsConfig {
     fn default() -> Self {
-        Self { shell_timeout_secs: 120, max_output_bytes: 64 * 1024 }
+        Self { shell_timeout_secs: 120, max_output_bytes: 64 * 1024, roots: Vec::new() }
     }
 }
 
@@ -536,6 +541,7 @@ pub const TEMPLATE: &str = r#"# Descartes project configuration.
 # [tools]
 # shell_timeout_secs = 120
 # max_output_bytes = 65536
+# roots = ["../shared-docs"]  # more directories the file tools may read and write
 
 # MCP servers: their tools are offered as mcp__<server>__<tool> (`descartes mcp add|list|remove`).
 # [mcp.servers.everything]

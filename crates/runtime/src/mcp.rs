@@ -37,11 +37,11 @@ impl Runtime {
     /// The built-in tools and the tools of every enabled MCP server (servers are started in
     /// parallel; one that fails is skipped with a warning).
     pub async fn tools_with_mcp(&self) -> ToolRegistry {
-        let mut registry = self.tools();
+        let registry = self.tools();
         if self.config.mcp.is_empty() {
             return registry;
         }
-        for e in self.mcp_manager().register(&mut registry).await {
+        for e in self.mcp_manager().register(&registry).await {
             tracing::warn!("{e}; its tools are not offered to this run");
         }
         registry

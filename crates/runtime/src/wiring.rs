@@ -457,9 +457,30 @@ impl Runtime {
         let limits = ToolLimits {
             shell_timeout: Duration::from_secs(self.config.tools.shell_timeout_secs.max(1)),
             max_output_bytes: self.config.tools.max_output_bytes.max(1024),
+            roots: self.tool_roots(),
             ..ToolLimits::default()
         };
         builtin_registry_with_sandbox(&limits, self.sandbox())
+    }
+
+    /// `[tools] roots`, absolute: relative ones from the project root (or the working directory
+    /// in direct mode), `~/` from the home directory.
+    pub fn tool_roots(&self) -> Vec<PathBuf> {
+        let base = match &self.places.mode {
+            crate::Mode::Project { root } => root.clone(),
+            crate::Mode::Direct => std::env::current_dir().unwrap_or_default(),
+        };
+        let home = (self.env)("HOME").map(PathBuf::from);
+        self.config
+            .tools
+            .roots
+            .iter()
+            .map(|r| match (r.strip_prefix("~"), &home) {
+                (Ok(rest), Some(home)) => home.join(rest),
+                _ if r.is_absolute() => r.clone(),
+                _ => base.join(r),
+            })
+            .collect()
     }
 
     /// The sandbox of `shell` commands, as configured. The `descartes` binary is its own helper
