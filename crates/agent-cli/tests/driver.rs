@@ -123,6 +123,7 @@ fn agent(
         backend,
         prompter,
         policy: Default::default(),
+        gate: None,
         sink: Arc::new(NullSink),
         cancel: CancellationToken::new(),
         config: config(yes, std::env::temp_dir()),

@@ -54,6 +54,7 @@ fn agent(
         backend,
         prompter,
         policy: Default::default(),
+        gate: None,
         sink: Arc::new(NullSink),
         cancel: CancellationToken::new(),
         config: AgentConfig {

@@ -129,6 +129,7 @@ async fn build_agent(
         store,
         provider,
         policy,
+        gate: None,
         tools: rt.tools_with_mcp().await,
         prompter,
         sink,

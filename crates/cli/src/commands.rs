@@ -111,6 +111,8 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::Providers { check, json } => crate::providers_cmd::run(rt, check, json).await,
                 Command::Task { command } => crate::task_cmd::run(rt, command).await,
                 Command::Mcp { command } => crate::mcp_cmd::run(rt, command).await,
+                Command::Ai { command } => crate::ai_cmd::run(rt, command).await,
+                Command::Audit(args) => crate::audit_cmd::run(rt, args).await,
                 Command::Chat(args) => crate::chat::run(rt, args, None).await,
                 Command::Session { command } => crate::session_cmd::run(rt, command).await,
                 Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),
@@ -321,7 +323,7 @@ async fn prepare(
         }
         let backend = rt.build_agent_cli(&sel)?;
         let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
-        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, sink, cancel, config });
+        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, gate: None, sink, cancel, config });
         return Ok(Prepared { driver, label, human });
     }
     if sel.kind == "local" && sel.model == descartes_local::DEFAULT_MODEL && !rt.local_model_present(&sel.model) {
@@ -340,6 +342,7 @@ async fn prepare(
         store,
         provider,
         policy,
+        gate: None,
         tools: rt.tools_with_mcp().await,
         prompter,
         sink,

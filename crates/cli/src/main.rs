@@ -1,6 +1,8 @@
 //! The `descartes` binary: argument parsing, printing, exit codes. Everything else lives in the
 //! library crates; `main` maps their errors to exit codes (see `EXIT CODES` in `--help`).
 
+mod ai_cmd;
+mod audit_cmd;
 mod chat;
 mod commands;
 mod daemon_cmd;
@@ -96,6 +98,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The agents ("AI instances") that tasks are routed to.
+    Ai {
+        #[command(subcommand)]
+        command: ai_cmd::AiCommand,
+    },
+    /// The tamper-evident trail of a task (`audit TASK`), and its check (`audit verify`).
+    Audit(audit_cmd::AuditArgs),
     /// MCP servers whose tools runs get (`mcp add|list|remove`).
     Mcp {
         #[command(subcommand)]

@@ -116,6 +116,15 @@ pub struct CreateArgs {
     pub locks: Vec<String>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
+    /// Route only to an agent with this label (repeatable).
+    #[arg(long = "needs-label")]
+    pub needs_labels: Vec<String>,
+    /// Route only to an agent with this capability (repeatable).
+    #[arg(long = "needs-capability")]
+    pub needs_capabilities: Vec<String>,
+    /// Route only to this registered agent.
+    #[arg(long)]
+    pub agent: Option<String>,
     /// Choose the id (letters, digits, - and _).
     #[arg(long)]
     pub id: Option<String>,
@@ -239,6 +248,11 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
                     depends_on,
                     locks: a.locks,
                     max_attempts: a.max_attempts,
+                    needs: descartes_protocol::Requirements {
+                        labels: a.needs_labels,
+                        capabilities: a.needs_capabilities,
+                        agent: a.agent,
+                    },
                 })
                 .await?;
             if a.json { print_json(&t)? } else { println!("{}", t.id) }

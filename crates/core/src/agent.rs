@@ -101,6 +101,9 @@ pub struct Agent {
     pub tool_specs: std::sync::Mutex<Option<(u64, Arc<Vec<descartes_protocol::ToolSpec>>)>>,
     /// The permission rules from config (see [`crate::policy`]).
     pub policy: Policy,
+    /// The project's policy engine, consulted before the permission rules (tasks run by the
+    /// executor); None for plain runs.
+    pub gate: Option<Arc<dyn permission::ToolGate>>,
 }
 
 /// A tool call that was decided and may run.
@@ -640,7 +643,12 @@ impl Agent {
         input: &Value,
     ) -> Result<PermissionDecided> {
         let q = Question { call_id: Some(id.to_owned()), tool: name, input, read_only: tool.read_only(), cwd: &self.config.cwd };
-        let ask = match permission::decide(&self.policy, &q, &st.run_allowed, st.auto_approve) {
+        let (step, record) =
+            permission::decide_gated(self.gate.as_deref(), &self.policy, &q, &st.run_allowed, st.auto_approve);
+        if let Some(r) = record {
+            self.push(st, ob, r);
+        }
+        let ask = match step {
             Step::Decided(d) => return Ok(d),
             Step::Ask(ask) => ask,
         };

@@ -166,6 +166,8 @@ pub struct ExternalAgent {
     pub prompter: Arc<dyn Prompter>,
     /// The permission rules from config; they answer the CLI's permission requests.
     pub policy: Policy,
+    /// The project's policy engine, consulted first (see [`crate::permission::ToolGate`]).
+    pub gate: Option<Arc<dyn permission::ToolGate>>,
     pub sink: Arc<dyn OutputSink>,
     pub cancel: CancellationToken,
     /// `provider` is ignored (the backend's name is recorded); an empty `model` means the
@@ -720,7 +722,11 @@ impl ExternalAgent {
             cwd: &self.config.cwd,
         };
         let auto = self.config.auto_approve || st.auto_approve;
-        let ask = match permission::decide(&self.policy, &q, &st.run_allowed, auto) {
+        let (step, record) = permission::decide_gated(self.gate.as_deref(), &self.policy, &q, &st.run_allowed, auto);
+        if let Some(r) = record {
+            self.push(st, ob, r);
+        }
+        let ask = match step {
             permission::Step::Decided(d) => return Ok(d),
             permission::Step::Ask(ask) => ask,
         };

@@ -7,6 +7,7 @@
 //! what makes them testable with in-memory fakes.
 
 pub mod agent;
+pub mod audit;
 pub mod cost;
 pub mod error;
 pub mod external;
@@ -14,6 +15,7 @@ pub mod permission;
 pub mod policy;
 pub mod provider;
 pub mod resilience;
+pub mod routing;
 pub mod session;
 pub mod state;
 pub mod store;

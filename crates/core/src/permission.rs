@@ -43,9 +43,24 @@ impl Prompter for NoPrompter {
 use std::collections::HashSet;
 use std::path::Path;
 
-use descartes_protocol::{Decision, DecisionScope, PermissionDecided};
+use descartes_protocol::{Decision, DecisionScope, PermissionDecided, PolicyDecided};
 
 use crate::policy::{Action, BUILTIN_ASK, Policy};
+
+/// A policy consulted before the permission rules: the project's policy engine (issue's
+/// `.ai/policy.yaml`), whose decisions are Policy Decision Records.
+pub trait ToolGate: Send + Sync {
+    /// The policy's verdict on a call, or None when no rule of it applies (the permission
+    /// rules decide then).
+    fn check(&self, tool: &str, input: &Value, cwd: &Path) -> Option<GateVerdict>;
+}
+
+/// A verdict of a [`ToolGate`]: what to do, and the record to write.
+#[derive(Debug, Clone)]
+pub struct GateVerdict {
+    pub action: Action,
+    pub record: PolicyDecided,
+}
 
 /// One permission question: a call of `tool` with `input`, by the agent loop (a Descartes tool)
 /// or by a coding-agent CLI (its permission request).
@@ -77,6 +92,19 @@ pub struct PendingAsk {
 /// "allow for this run" of the tool, by `-y` (`auto_approve`), or by a human ([`PendingAsk`]).
 /// A deny is final, even with `-y`.
 pub fn decide(policy: &Policy, q: &Question<'_>, run_allowed: &HashSet<String>, auto_approve: bool) -> Step {
+    decide_gated(None, policy, q, run_allowed, auto_approve).0
+}
+
+/// [`decide`], with a [`ToolGate`] consulted first: its deny and allow are final, its
+/// "require approval" asks a human (never answered by `-y` or an earlier allow-for-run). Also
+/// returns the gate's record, which the caller appends to the log.
+pub fn decide_gated(
+    gate: Option<&dyn ToolGate>,
+    policy: &Policy,
+    q: &Question<'_>,
+    run_allowed: &HashSet<String>,
+    auto_approve: bool,
+) -> (Step, Option<PolicyDecided>) {
     let decided = |decision, rule: &str, actor: &str, reason: String| {
         Step::Decided(PermissionDecided {
             call_id: q.call_id.clone(),
@@ -88,33 +116,43 @@ pub fn decide(policy: &Policy, q: &Question<'_>, run_allowed: &HashSet<String>, 
             reason,
         })
     };
+    let ask = |rule: String, reason: String| {
+        Step::Ask(PendingAsk {
+            request: PermissionRequest {
+                tool: q.tool.to_owned(),
+                input: q.input.clone(),
+                summary: crate::agent::summarize(q.tool, q.input),
+            },
+            call_id: q.call_id.clone(),
+            rule,
+            reason,
+        })
+    };
+    if let Some(g) = gate.and_then(|g| g.check(q.tool, q.input, q.cwd)) {
+        let rule = format!("policy:{}", g.record.rule.as_deref().unwrap_or("default"));
+        let reason = g.record.reason.clone();
+        let step = match g.action {
+            Action::Allow => decided(Decision::Allow, &rule, "policy", reason),
+            Action::Deny => decided(Decision::Deny, &rule, "policy", reason),
+            Action::Ask => ask(rule, reason),
+        };
+        return (step, Some(g.record));
+    }
     let verdict = policy.evaluate(q.tool, q.input, q.cwd, q.read_only);
     match verdict.action {
-        Action::Allow => return decided(Decision::Allow, &verdict.rule, "policy", verdict.reason),
-        Action::Deny => return decided(Decision::Deny, &verdict.rule, "policy", verdict.reason),
+        Action::Allow => return (decided(Decision::Allow, &verdict.rule, "policy", verdict.reason), None),
+        Action::Deny => return (decided(Decision::Deny, &verdict.rule, "policy", verdict.reason), None),
         Action::Ask => {}
     }
     if run_allowed.contains(q.tool) {
-        return decided(Decision::Allow, "user:allow-for-run", "user", format!("`{}` was allowed for this run", q.tool));
+        let reason = format!("`{}` was allowed for this run", q.tool);
+        return (decided(Decision::Allow, "user:allow-for-run", "user", reason), None);
     }
     if auto_approve {
-        return decided(
-            Decision::Allow,
-            "flag:--yes",
-            "flag",
-            format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule),
-        );
+        let reason = format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule);
+        return (decided(Decision::Allow, "flag:--yes", "flag", reason), None);
     }
-    Step::Ask(PendingAsk {
-        request: PermissionRequest {
-            tool: q.tool.to_owned(),
-            input: q.input.clone(),
-            summary: crate::agent::summarize(q.tool, q.input),
-        },
-        call_id: q.call_id.clone(),
-        rule: verdict.rule,
-        reason: verdict.reason,
-    })
+    (ask(verdict.rule, verdict.reason), None)
 }
 
 impl PendingAsk {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use descartes_protocol::{
     Claim, EventData, NewTask, Seq, Task, TaskBlocked, TaskCancelled, TaskClaimed, TaskCompleted, TaskCreated,
-    TaskDependencyAdded, TaskFailed, TaskLeaseExpired, TaskReleased, TaskRetried, TaskStarted, TaskStatus,
+    TaskDependencyAdded, TaskFailed, TaskLeaseExpired, TaskReleased, TaskRetried, TaskRouted, TaskStarted, TaskStatus,
     TaskUnblocked, Timestamp,
 };
 
@@ -100,6 +100,20 @@ pub trait TaskStore: Send + Sync {
     /// Claims up to `max` ready tasks, highest priority first (oldest first among equals),
     /// with a lease of `ttl`. Expired leases are reaped first.
     async fn claim(&self, worker: &str, ttl: Duration, max: usize) -> Result<Vec<Claim>, TaskError>;
+    /// Claims the task `id` if it is ready now, routed to `agent` (name, most tasks at once)
+    /// when given (see [`claim_one`]); None when it is not ready or the agent is full.
+    async fn claim_one(
+        &self,
+        id: &str,
+        worker: &str,
+        ttl: Duration,
+        agent: Option<(&str, u32)>,
+    ) -> Result<Option<Claim>, TaskError>;
+    /// Queued tasks past their backoff, highest priority first, oldest first among equals, at
+    /// most `limit` (dependencies and locks are checked when one is claimed).
+    async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError>;
+    /// How many leased tasks each agent holds.
+    async fn agent_load(&self) -> Result<std::collections::HashMap<String, u32>, TaskError>;
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError>;
     async fn heartbeat(&self, id: &str, token: i64, ttl: Duration) -> Result<Task, TaskError>;
     async fn complete(&self, id: &str, token: i64, result: Option<String>) -> Result<Task, TaskError>;
@@ -151,6 +165,8 @@ pub trait TaskTxn {
     fn append(&mut self, task_id: &str, data: EventData) -> Result<Seq, TaskError>;
     /// The next fencing token: strictly greater than every token handed out before.
     fn next_token(&mut self) -> Result<i64, TaskError>;
+    /// How many leased tasks are routed to `agent`.
+    fn leased_by_agent(&mut self, agent: &str) -> Result<u32, TaskError>;
 }
 
 /// Backoff before attempt `attempts + 1`: 1 s, 2 s, 4 s, ... at most [`MAX_BACKOFF`].
@@ -257,6 +273,8 @@ pub fn create(txn: &mut dyn TaskTxn, new: NewTask, id: String, now: Timestamp) -
         error: None,
         blocked_reason: None,
         blocked_by: None,
+        needs: new.needs,
+        agent: None,
         created_at: now,
         updated_at: now,
     };
@@ -442,42 +460,16 @@ pub fn claim(
     loop {
         let candidates = txn.queued(now, window)?;
         let exhausted = candidates.len() < window;
-        for mut task in candidates {
+        for task in candidates {
             if claims.len() >= max {
                 break;
             }
             if claims.iter().any(|c: &Claim| c.task.id == task.id) {
                 continue;
             }
-            let mut deps_done = true;
-            for d in &task.depends_on {
-                if txn.get(d)?.is_none_or(|t| t.status != TaskStatus::Done) {
-                    deps_done = false;
-                    break;
-                }
+            if let Some(claim) = take(txn, task, worker, ttl, None, &mut held, now)? {
+                claims.push(claim);
             }
-            if !deps_done || held.iter().any(|locks| locks_conflict(locks, &task.locks)) {
-                continue;
-            }
-            task.attempts += 1;
-            let expires = plus(now, ttl);
-            let token = txn.next_token()?;
-            txn.append(
-                &task.id,
-                TaskClaimed { worker: worker.to_owned(), token, lease_expires_at: expires, attempt: task.attempts }
-                    .into(),
-            )?;
-            task.status = TaskStatus::Claimed;
-            task.claimed_by = Some(worker.to_owned());
-            task.lease_expires_at = Some(expires);
-            task.token = Some(token);
-            task.not_before = None;
-            task.updated_at = now;
-            txn.put(&task)?;
-            if !task.locks.is_empty() {
-                held.push(task.locks.clone());
-            }
-            claims.push(Claim { token, task });
         }
         if claims.len() >= max || exhausted {
             break;
@@ -485,6 +477,81 @@ pub fn claim(
         window *= 4;
     }
     Ok(claims)
+}
+
+/// Takes `task` (a queued one) if it is ready: every dependency done and no path-lock conflict
+/// with `held` (the locks of leased tasks, to which its own are added). `agent`: the agent it
+/// is routed to.
+fn take(
+    txn: &mut dyn TaskTxn,
+    mut task: Task,
+    worker: &str,
+    ttl: Duration,
+    agent: Option<&str>,
+    held: &mut Vec<Vec<String>>,
+    now: Timestamp,
+) -> Result<Option<Claim>, TaskError> {
+    for d in &task.depends_on {
+        if txn.get(d)?.is_none_or(|t| t.status != TaskStatus::Done) {
+            return Ok(None);
+        }
+    }
+    if held.iter().any(|locks| locks_conflict(locks, &task.locks)) {
+        return Ok(None);
+    }
+    task.attempts += 1;
+    let expires = plus(now, ttl);
+    let token = txn.next_token()?;
+    txn.append(
+        &task.id,
+        TaskClaimed { worker: worker.to_owned(), token, lease_expires_at: expires, attempt: task.attempts }.into(),
+    )?;
+    task.status = TaskStatus::Claimed;
+    task.claimed_by = Some(worker.to_owned());
+    task.lease_expires_at = Some(expires);
+    task.token = Some(token);
+    task.not_before = None;
+    task.updated_at = now;
+    if let Some(agent) = agent {
+        task.agent = Some(agent.to_owned());
+        txn.append(&task.id, TaskRouted { agent: agent.to_owned(), attempt: task.attempts }.into())?;
+    }
+    txn.put(&task)?;
+    if !task.locks.is_empty() {
+        held.push(task.locks.clone());
+    }
+    Ok(Some(Claim { token, task }))
+}
+
+/// Claims the task `id` for `worker` if it is ready now (queued, past its backoff, every
+/// dependency done, no path-lock conflict), routed to `agent` (name, most tasks at once) when
+/// given: refused (None) when that agent already holds that many. None when it is not ready.
+pub fn claim_one(
+    txn: &mut dyn TaskTxn,
+    id: &str,
+    worker: &str,
+    ttl: Duration,
+    agent: Option<(&str, u32)>,
+    now: Timestamp,
+) -> Result<Option<Claim>, TaskError> {
+    if worker.trim().is_empty() {
+        return Err(TaskError::Invalid("the worker name is empty".into()));
+    }
+    if ttl.is_zero() {
+        return Err(TaskError::Invalid("the lease TTL must be positive".into()));
+    }
+    reap_expired(txn, now)?;
+    let task = load(txn, id)?;
+    if task.status != TaskStatus::Queued || task.not_before.is_some_and(|t| t > now) {
+        return Ok(None);
+    }
+    if let Some((name, max)) = agent
+        && txn.leased_by_agent(name)? >= max
+    {
+        return Ok(None);
+    }
+    let mut held = txn.leased_locks()?;
+    take(txn, task, worker, ttl, agent.map(|(name, _)| name), &mut held, now)
 }
 
 pub fn start(txn: &mut dyn TaskTxn, id: &str, token: i64, now: Timestamp) -> Result<Task, TaskError> {

@@ -164,6 +164,30 @@ event_types! {
     TaskBlocked = "task_blocked",
     /// The blocking dependency was retried: the task is queued again.
     TaskUnblocked = "task_unblocked",
+    /// A claimed attempt was routed to a registered agent (in the claim's transaction).
+    TaskRouted = "task_routed",
+    /// A run of Descartes' agent loop (or of an agent CLI) works on the task: its events are
+    /// in the run's stream.
+    TaskRunLinked = "task_run",
+    /// The task's git worktree and branch for an attempt.
+    TaskWorktree = "task_worktree",
+    /// Evidence collected after an attempt (diff, changed files, tests, cost), stored
+    /// content-addressed.
+    TaskEvidence = "task_evidence",
+    /// The task's branch was merged into its base branch.
+    TaskMerged = "task_merged",
+    /// The task's worktree and branch were removed.
+    TaskDiscarded = "task_discarded",
+    /// A Policy Decision Record: a decision of the policy engine that was enforced.
+    PolicyDecided = "policy_decided",
+    /// A human approved what a policy rule required approval for.
+    TaskApproved = "task_approved",
+    /// An agent was registered (stream `agent:<name>`).
+    AgentRegistered = "agent_registered",
+    /// An agent's registration changed (labels, enabled, statistics).
+    AgentUpdated = "agent_updated",
+    /// An agent was removed from the registry.
+    AgentRemoved = "agent_removed",
     /// The run is an interactive session (`descartes chat`); written with its `run_started`.
     /// Each later turn records `run_resumed`, the user's message, the loop, `run_completed`.
     SessionStarted = "session_started",
@@ -506,6 +530,95 @@ pub struct TaskBlocked {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskUnblocked {
     pub dependency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRouted {
+    pub agent: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRunLinked {
+    pub run_id: RunId,
+    pub agent: String,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskWorktree {
+    pub attempt: u32,
+    /// The worktree as the executor describes it (path, branch, base commit, base branch).
+    pub worktree: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvidence {
+    pub attempt: u32,
+    /// Whether the attempt succeeded.
+    pub succeeded: bool,
+    /// The evidence manifest: content hashes of the stored files and the metadata.
+    pub evidence: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMerged {
+    pub branch: String,
+    pub into: String,
+    pub commit: String,
+    pub fast_forward: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskDiscarded {
+    pub branch: String,
+}
+
+/// A Policy Decision Record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyDecided {
+    /// `claim`, `tool` or `merge`.
+    pub stage: String,
+    /// `allow`, `deny` or `require_approval`.
+    pub decision: String,
+    /// The rule that matched (none: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The policy file (and line) of the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    pub reason: String,
+    /// What the policy saw.
+    pub inputs: Value,
+    /// Who the decision was enforced on (`agent:<name>`, `user`, `daemon`).
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskApproved {
+    pub stage: String,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRegistered {
+    pub agent: crate::AgentRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentUpdated {
+    /// What changed, in words (`label +rust`, `disabled`, `attempt succeeded`, ...).
+    pub change: String,
+    pub agent: crate::AgentRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRemoved {
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

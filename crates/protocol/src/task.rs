@@ -109,8 +109,32 @@ pub struct Task {
     /// The dependency whose failure blocks the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_by: Option<String>,
+    /// What an agent must offer to be given the task (routing).
+    #[serde(default, skip_serializing_if = "Requirements::is_empty")]
+    pub needs: Requirements,
+    /// The registered agent the current (or last) attempt was routed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// What a task needs of the agent that runs it: every label and capability listed, and the
+/// named agent when one is given.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Requirements {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl Requirements {
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.capabilities.is_empty() && self.agent.is_none()
+    }
 }
 
 /// What `task create` gives.
@@ -135,6 +159,8 @@ pub struct NewTask {
     /// Defaults to 3.
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Requirements::is_empty")]
+    pub needs: Requirements,
 }
 
 /// A successful claim: the task and the fencing token every later write must carry.
@@ -142,4 +168,89 @@ pub struct NewTask {
 pub struct Claim {
     pub task: Task,
     pub token: i64,
+}
+
+/// A registered agent ("AI instance"): what runs tasks routed to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    /// A model provider (Descartes' own agent loop), an agent CLI (`claude-code`, `codex`,
+    /// `gemini-cli`) or `command`.
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The shell command of a `command` agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Declared capabilities.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Capabilities detected from the backend (tools, streaming, sandbox, cost).
+    #[serde(default)]
+    pub detected: Vec<String>,
+    /// Most tasks it runs at once.
+    pub max_concurrent: u32,
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(default)]
+    pub stats: AgentStats,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl AgentRecord {
+    /// Declared and detected capabilities.
+    pub fn has_capability(&self, c: &str) -> bool {
+        self.capabilities.iter().chain(&self.detected).any(|x| x == c)
+    }
+}
+
+/// What an agent's finished attempts tell about it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct AgentStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// The outcomes of the last attempts (true: succeeded), oldest first, at most
+    /// [`AgentStats::RECENT`].
+    #[serde(default)]
+    pub recent: Vec<bool>,
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Routed nothing until then (after repeated failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_until: Option<Timestamp>,
+}
+
+impl AgentStats {
+    pub const RECENT: usize = 20;
+
+    /// Recent success rate, smoothed so an agent without history counts as 0.5..1 (Laplace):
+    /// (successes + 1) / (attempts + 2).
+    pub fn success_rate(&self) -> f64 {
+        let ok = self.recent.iter().filter(|r| **r).count() as f64;
+        (ok + 1.0) / (self.recent.len() as f64 + 2.0)
+    }
+}
+
+/// An agent's status, as `ai list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Idle,
+    Busy,
+    Unhealthy,
+    Disabled,
+}
+
+impl AgentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Idle => "idle",
+            AgentStatus::Busy => "busy",
+            AgentStatus::Unhealthy => "unhealthy",
+            AgentStatus::Disabled => "disabled",
+        }
+    }
 }

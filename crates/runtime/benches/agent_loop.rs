@@ -80,6 +80,7 @@ fn main() {
         tool_specs: Default::default(),
         resilience: Default::default(),
         policy: Default::default(),
+        gate: None,
         config: AgentConfig {
             provider: "scripted".into(),
             model: "instant".into(),

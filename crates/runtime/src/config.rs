@@ -168,6 +168,9 @@ impl Default for ContextConfig {
             rules: true,
             max_file_bytes: 16 * 1024,
             max_total_bytes: 48 * 1024,
+        }
+    }
+}
 
 #[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]

@@ -362,10 +362,10 @@ async fn worker(ctx: Arc<Inner>, name: String) {
     while !s.stop.is_cancelled() {
         wake.borrow_and_update();
         // Never abandon a claim half-way: its result would be lost until the lease expires.
-        match ctx.tasks.claim(&name, s.config.lease_ttl, 1).await {
-            Ok(mut claims) => {
+        match ctx.runner.claim_next(&*ctx.tasks, &name, s.config.lease_ttl).await {
+            Ok(claim) => {
                 backoff.reset();
-                match claims.pop() {
+                match claim {
                     Some(claim) if s.stop.is_cancelled() => {
                         give_back(&ctx, &claim, Instant::now() + s.config.lease_ttl).await;
                     }

@@ -6,6 +6,7 @@
 //! environment or config only when a provider is built and never appear in `Debug`, errors or
 //! `config show` output.
 
+pub mod audit;
 pub mod config;
 pub mod context;
 pub mod daemon;

@@ -49,6 +49,8 @@ pub enum RuntimeError {
 pub struct Stores {
     pub events: Arc<dyn EventStore>,
     pub tasks: Arc<dyn descartes_core::TaskStore>,
+    pub agents: Arc<dyn descartes_core::routing::AgentStore>,
+    pub audit: Arc<dyn descartes_core::audit::AuditStore>,
     /// Where they are (a file path, or a PostgreSQL URL without password).
     pub location: String,
 }
@@ -134,10 +136,16 @@ impl Runtime {
                 .map_err(|e| StoreError::Io { message: format!("cannot connect: {e}"), busy: false })??;
             let location = pg.target().to_owned();
             let pg = Arc::new(pg);
-            return Ok(Stores { events: pg.clone(), tasks: pg, location });
+            return Ok(Stores { events: pg.clone(), tasks: pg.clone(), agents: pg.clone(), audit: pg, location });
         }
         let sqlite = self.open_sqlite()?;
-        Ok(Stores { events: sqlite.clone(), tasks: sqlite, location: self.places.db_path.display().to_string() })
+        Ok(Stores {
+            events: sqlite.clone(),
+            tasks: sqlite.clone(),
+            agents: sqlite.clone(),
+            audit: sqlite,
+            location: self.places.db_path.display().to_string(),
+        })
     }
 
     /// The event log (see [`Runtime::open_stores`]).

@@ -262,6 +262,7 @@ impl Harness {
             config,
             tool_specs: Default::default(),
             policy: self.policy.clone(),
+            gate: None,
             // No retries unless a test asks for them (the failure paths are tested as such).
             resilience: descartes_core::Resilience {
                 retry: descartes_core::RetryPolicy { max_retries: 0, ..Default::default() },

@@ -248,6 +248,24 @@ impl TaskStore for Flaky {
         self.check()?;
         self.inner.claim(worker, ttl, max).await
     }
+    async fn claim_one(
+        &self,
+        id: &str,
+        worker: &str,
+        ttl: Duration,
+        agent: Option<(&str, u32)>,
+    ) -> Result<Option<Claim>, TaskError> {
+        self.check()?;
+        self.inner.claim_one(id, worker, ttl, agent).await
+    }
+    async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
+        self.check()?;
+        self.inner.peek_queued(limit).await
+    }
+    async fn agent_load(&self) -> Result<std::collections::HashMap<String, u32>, TaskError> {
+        self.check()?;
+        self.inner.agent_load().await
+    }
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError> {
         self.check()?;
         self.inner.start(id, token).await

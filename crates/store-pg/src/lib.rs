@@ -42,6 +42,7 @@
 //! a plain thread. Connections are plain TCP (`NoTls`): use a local socket, a private network,
 //! or a TLS tunnel to reach a remote server.
 
+mod agents;
 mod conn;
 mod schema;
 mod store;

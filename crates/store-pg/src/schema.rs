@@ -94,6 +94,28 @@ CREATE SEQUENCE task_tokens;
 ALTER TABLE runs ADD COLUMN tokens BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- The agent registry (a projection of the `agent:<name>` streams).
+CREATE TABLE agents (
+    name  TEXT PRIMARY KEY,
+    data  JSONB NOT NULL
+);
+-- Routed leases per agent (`agent_load`, capacity checks).
+CREATE INDEX tasks_by_agent ON tasks ((data->>'agent')) WHERE status IN ('claimed', 'running');
+-- The tasks' audit trail: hash-chained records, one per event (see descartes_core::audit).
+CREATE TABLE audit (
+    task_id  TEXT NOT NULL,
+    n        BIGINT NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      BIGINT NOT NULL,
+    kind     TEXT NOT NULL,
+    at       BIGINT NOT NULL,
+    digest   TEXT NOT NULL,
+    prev     TEXT NOT NULL,
+    hash     TEXT NOT NULL,
+    PRIMARY KEY (task_id, n)
+);
+"#,
 ];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.

@@ -117,6 +117,8 @@ const FLUSH: &str = "WITH up AS (
 )
 SELECT 1 / (CASE WHEN (SELECT count(*) FROM up) = $9 THEN 1 ELSE 0 END)";
 const NEXT_TOKEN: &str = "SELECT nextval('task_tokens')";
+const LEASED_BY_AGENT: &str =
+    "SELECT count(*) FROM tasks WHERE status IN ('claimed', 'running') AND data->>'agent' = $1";
 const GRAPH_LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)::text";
 
 /// How reads of single tasks lock.
@@ -149,6 +151,9 @@ enum Op {
     },
     /// Several tasks, locked up front (in id order).
     Many(Vec<String>),
+    /// A claim of one given task: under the claim advisory lock, so path locks and agent
+    /// capacities are checked against every lease committed before it.
+    ClaimOne,
 }
 
 /// A write to a task row this transaction holds, sent with the flush.
@@ -338,6 +343,9 @@ impl<'a> PgTxn<'a> {
             Op::Many(ids) => {
                 let rows = self.query(LOCK_MANY, &[ids])?;
                 self.tasks(&rows, true)?;
+            }
+            Op::ClaimOne => {
+                self.query(GRAPH_LOCK, &[&LOCK_NS, &LOCK_CLAIM])?;
             }
         }
         Ok(())
@@ -529,6 +537,16 @@ impl TaskTxn for PgTxn<'_> {
         }
         let rows = self.query(QUEUED, &[&now.as_micros(), &limit(limit_)])?;
         self.tasks(&rows, true)
+    }
+
+    fn leased_by_agent(&mut self, agent: &str) -> Result<u32, TaskError> {
+        self.flush()?;
+        let rows = self.query(LEASED_BY_AGENT, &[&agent])?;
+        let n: i64 = match rows.first() {
+            Some(r) => r.try_get(0).map_err(|e| self.db(e))?,
+            None => 0,
+        };
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     fn expired(&mut self, now: Timestamp) -> Result<Vec<Task>, TaskError> {
@@ -1049,6 +1067,58 @@ impl TaskStore for PgStore {
         self.task_op(Op::Claim { max }, move |txn, now| task::claim(txn, &worker, ttl, max, now)).await
     }
 
+    async fn claim_one(
+        &self,
+        id: &str,
+        worker: &str,
+        ttl: Duration,
+        agent: Option<(&str, u32)>,
+    ) -> Result<Option<Claim>, TaskError> {
+        let (id, worker) = (id.to_owned(), worker.to_owned());
+        if worker.trim().is_empty() || ttl.is_zero() {
+            return task::claim_one(&mut NoTxn, &id, &worker, ttl, None, self.clock.now());
+        }
+        let agent = agent.map(|(a, n)| (a.to_owned(), n));
+        self.task_op(Op::ClaimOne, move |txn, now| {
+            task::claim_one(txn, &id, &worker, ttl, agent.as_ref().map(|(a, n)| (a.as_str(), *n)), now)
+        })
+        .await
+    }
+
+    async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
+        let now = self.clock.now().as_micros();
+        let n = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read_tasks(
+            "SELECT data::text FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= $1)
+             ORDER BY priority DESC, created_at, id LIMIT $2",
+            move || vec![Box::new(now), Box::new(n)],
+        )
+        .await
+    }
+
+    async fn agent_load(&self) -> Result<HashMap<String, u32>, TaskError> {
+        self.with_conn(|conn, target| {
+            let Conn { client, stmts, .. } = conn;
+            let stmt = stmts
+                .get(
+                    client,
+                    "SELECT data->>'agent', count(*) FROM tasks
+                     WHERE status IN ('claimed', 'running') AND data->>'agent' IS NOT NULL GROUP BY 1",
+                )
+                .map_err(|e| target.error(&e))?;
+            let rows = client.query(&stmt, &[]).map_err(|e| target.error(&e))?;
+            let mut out = HashMap::new();
+            for r in rows {
+                let name: String = r.try_get(0).map_err(|e| target.error(&e))?;
+                let n: i64 = r.try_get(1).map_err(|e| target.error(&e))?;
+                out.insert(name, u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(TaskError::Store)
+    }
+
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError> {
         let id = id.to_owned();
         self.task_op(Op::Plain, move |txn, now| task::start(txn, &id, token, now)).await
@@ -1121,6 +1191,9 @@ impl TaskTxn for NoTxn {
         Self::unreachable()
     }
     fn next_token(&mut self) -> Result<i64, TaskError> {
+        Self::unreachable()
+    }
+    fn leased_by_agent(&mut self, _: &str) -> Result<u32, TaskError> {
         Self::unreachable()
     }
 }

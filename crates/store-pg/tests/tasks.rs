@@ -44,7 +44,7 @@ async fn shared_task_suite() {
     task_suite::run_all(|clock| async move {
         let db = TestDb::create().expect("a test database");
         let s = Arc::new(db.store().unwrap().with_clock(clock.clone()));
-        Stores { tasks: s.clone(), events: s, clock, guard: Box::new(db) }
+        Stores { tasks: s.clone(), events: s.clone(), agents: s.clone(), audit: s, clock, guard: Box::new(db) }
     })
     .await;
 }
@@ -348,7 +348,7 @@ proptest::proptest! {
             let db = test_db!();
             let clock = clock();
             let s = Arc::new(db.store().unwrap().with_clock(clock.clone()));
-            let stores = Stores { tasks: s.clone(), events: s, clock, guard: Box::new(db) };
+            let stores = Stores { tasks: s.clone(), events: s.clone(), agents: s.clone(), audit: s, clock, guard: Box::new(db) };
             task_suite::check_interleaving(&stores, &ops).await;
         });
     }

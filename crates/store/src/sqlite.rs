@@ -117,6 +117,29 @@ INSERT INTO meta (key, value) VALUES ('fencing', 0);
 ALTER TABLE runs ADD COLUMN tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN cost_usd REAL NOT NULL DEFAULT 0;
 "#,
+    r#"
+-- The agent registry (a projection of the `agent:<name>` streams).
+CREATE TABLE agents (
+    name  TEXT PRIMARY KEY,
+    data  TEXT NOT NULL
+) WITHOUT ROWID;
+-- Routed leases per agent (`agent_load`, capacity checks).
+CREATE INDEX tasks_by_agent ON tasks(json_extract(data, '$.agent'))
+    WHERE status IN ('claimed', 'running');
+-- The tasks' audit trail: hash-chained records, one per event (see descartes_core::audit).
+CREATE TABLE audit (
+    task_id  TEXT NOT NULL,
+    n        INTEGER NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    at       INTEGER NOT NULL,
+    digest   TEXT NOT NULL,
+    prev     TEXT NOT NULL,
+    hash     TEXT NOT NULL,
+    PRIMARY KEY (task_id, n)
+) WITHOUT ROWID;
+"#,
 ];
 
 pub(crate) enum Cmd {

@@ -2,12 +2,17 @@
 //! writer's transactions (so task operations share group commits with events and are atomic
 //! with the events they append).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use descartes_core::task::{self, TaskTxn};
+use descartes_core::audit::{AuditRecord, AuditStore};
+use descartes_core::routing::{AgentStore, agent_stream};
 use descartes_core::{StoreError, TaskError, TaskFilter, TaskStore};
-use descartes_protocol::{Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp};
+use descartes_protocol::{
+    AgentRecord, AgentRemoved, Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp,
+};
 use rusqlite::{OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
@@ -136,6 +141,17 @@ impl TaskTxn for SqliteTxn<'_> {
         Ok(self.tx.last_insert_rowid())
     }
 
+    fn leased_by_agent(&mut self, agent: &str) -> Result<u32, TaskError> {
+        self.tx
+            .prepare_cached(
+                "SELECT count(*) FROM tasks WHERE status IN ('claimed', 'running')
+                 AND json_extract(data, '$.agent') = ?1",
+            )
+            .map_err(sql)?
+            .query_row([agent], |r| r.get::<_, u32>(0))
+            .map_err(sql)
+    }
+
     fn next_token(&mut self) -> Result<i64, TaskError> {
         self.tx
             .prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'fencing' RETURNING value")
@@ -238,6 +254,59 @@ impl TaskStore for SqliteEventStore {
         self.task_op(move |txn| task::claim(txn, &worker, ttl, max, now)).await
     }
 
+    async fn claim_one(
+        &self,
+        id: &str,
+        worker: &str,
+        ttl: Duration,
+        agent: Option<(&str, u32)>,
+    ) -> Result<Option<Claim>, TaskError> {
+        let (id, worker, now) = (id.to_owned(), worker.to_owned(), self.clock.now());
+        let agent = agent.map(|(a, n)| (a.to_owned(), n));
+        self.task_op(move |txn| task::claim_one(txn, &id, &worker, ttl, agent.as_ref().map(|(a, n)| (a.as_str(), *n)), now))
+            .await
+    }
+
+    async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
+        let (now, limit) = (self.clock.now().as_micros(), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.with_reader(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT data FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1)
+                     ORDER BY priority DESC, created_at, id LIMIT ?2",
+                )
+                .map_err(io_err)?;
+            let rows = stmt.query_map(params![now, limit], |r| r.get::<_, String>(0)).map_err(io_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let data = row.map_err(io_err)?;
+                out.push(
+                    serde_json::from_str(&data)
+                        .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("task record: {e}") })?,
+                );
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(TaskError::Store)
+    }
+
+    async fn agent_load(&self) -> Result<HashMap<String, u32>, TaskError> {
+        self.with_reader(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT json_extract(data, '$.agent'), count(*) FROM tasks
+                     WHERE status IN ('claimed', 'running') AND json_extract(data, '$.agent') IS NOT NULL
+                     GROUP BY 1",
+                )
+                .map_err(io_err)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))).map_err(io_err)?;
+            rows.map(|r| r.map_err(io_err)).collect()
+        })
+        .await
+        .map_err(TaskError::Store)
+    }
+
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError> {
         let (id, now) = (id.to_owned(), self.clock.now());
         self.task_op(move |txn| task::start(txn, &id, token, now)).await
@@ -296,5 +365,144 @@ impl TaskStore for SqliteEventStore {
     async fn reap_expired(&self) -> Result<Vec<Task>, TaskError> {
         let now = self.clock.now();
         self.task_op(move |txn| task::reap_expired(txn, now)).await
+    }
+}
+
+impl SqliteEventStore {
+    /// Runs `f` in the writer's next transaction (with its events); answers after the commit.
+    async fn write_op<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let op: TxOp = Box::new(move |tx: &Transaction<'_>| {
+            let result = f(tx);
+            let ok = result.is_ok();
+            let done: TxDone = Box::new(move |commit: Result<(), StoreError>| {
+                let _ = reply.send(commit.and(result));
+            });
+            (ok, done)
+        });
+        self.send(Cmd::Tx { op })?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn append_raw(tx: &Transaction<'_>, stream: &str, data: &EventData) -> Result<(), StoreError> {
+    let json = data.to_json().map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode event: {e}") })?;
+    tx.prepare_cached("INSERT INTO events (id, run_id, type, v, at, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+        .map_err(io_err)?
+        .execute(params![
+            EventId::generate().as_str(),
+            stream,
+            data.kind(),
+            EVENT_VERSION,
+            Timestamp::now().as_micros(),
+            json
+        ])
+        .map_err(io_err)?;
+    Ok(())
+}
+
+fn decode_agent(data: &str) -> Result<AgentRecord, StoreError> {
+    serde_json::from_str(data).map_err(|e| StoreError::Corrupt { seq: 0, message: format!("agent record: {e}") })
+}
+
+#[async_trait]
+impl AgentStore for SqliteEventStore {
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT data FROM agents ORDER BY name").map_err(io_err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(io_err)?;
+            rows.map(|r| decode_agent(&r.map_err(io_err)?)).collect()
+        })
+        .await
+    }
+
+    async fn get_agent(&self, name: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let name = name.to_owned();
+        self.with_reader(move |c| {
+            let data: Option<String> = c
+                .prepare_cached("SELECT data FROM agents WHERE name = ?1")
+                .map_err(io_err)?
+                .query_row([&name], |r| r.get(0))
+                .optional()
+                .map_err(io_err)?;
+            data.map(|d| decode_agent(&d)).transpose()
+        })
+        .await
+    }
+
+    async fn put_agent(&self, agent: &AgentRecord, event: EventData) -> Result<(), StoreError> {
+        let data = serde_json::to_string(agent)
+            .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode agent: {e}") })?;
+        let name = agent.name.clone();
+        self.write_op(move |tx| {
+            tx.prepare_cached("INSERT INTO agents (name, data) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET data = ?2")
+                .map_err(io_err)?
+                .execute(params![name, data])
+                .map_err(io_err)?;
+            append_raw(tx, &agent_stream(&name), &event)
+        })
+        .await
+    }
+
+    async fn remove_agent(&self, name: &str) -> Result<bool, StoreError> {
+        let name = name.to_owned();
+        self.write_op(move |tx| {
+            let n = tx.prepare_cached("DELETE FROM agents WHERE name = ?1").map_err(io_err)?.execute([&name]).map_err(io_err)?;
+            if n > 0 {
+                append_raw(tx, &agent_stream(&name), &AgentRemoved { name: name.clone() }.into())?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+const AUDIT_COLUMNS: &str = "task_id, n, stream, seq, kind, at, digest, prev, hash";
+
+fn audit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        task_id: r.get(0)?,
+        n: r.get(1)?,
+        stream: r.get(2)?,
+        seq: r.get(3)?,
+        kind: r.get(4)?,
+        at: Timestamp(r.get(5)?),
+        digest: r.get(6)?,
+        prev: r.get(7)?,
+        hash: r.get(8)?,
+    })
+}
+
+#[async_trait]
+impl AuditStore for SqliteEventStore {
+    async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+        self.write_op(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(&format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))
+                .map_err(io_err)?;
+            for r in &records {
+                stmt.execute(params![r.task_id, r.n, r.stream, r.seq, r.kind, r.at.as_micros(), r.digest, r.prev, r.hash])
+                    .map_err(io_err)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn audit_records(&self, task_id: Option<&str>) -> Result<Vec<AuditRecord>, StoreError> {
+        let task_id = task_id.map(str::to_owned);
+        self.with_reader(move |c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE ?1 IS NULL OR task_id = ?1 ORDER BY task_id, n"
+                ))
+                .map_err(io_err)?;
+            let rows = stmt.query_map([&task_id], audit_row).map_err(io_err)?;
+            rows.map(|r| r.map_err(io_err)).collect()
+        })
+        .await
     }
 }

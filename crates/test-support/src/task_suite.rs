@@ -10,13 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use descartes_core::testing::ManualClock;
+use descartes_core::audit::{AuditStore, plan_sync, verify_chain};
+use descartes_core::routing::{AgentStore, agent_stream};
 use descartes_core::{EventStore, TaskError, TaskFilter, TaskStore};
-use descartes_protocol::{NewTask, RunId, TaskStatus, Timestamp};
+use descartes_protocol::{
+    AgentRecord, AgentRegistered, AgentStats, AgentUpdated, NewTask, Requirements, RunId, TaskStatus, Timestamp,
+};
 
 /// What a factory returns: the task store, and the event log it writes to.
 pub struct Stores {
     pub tasks: Arc<dyn TaskStore>,
     pub events: Arc<dyn EventStore>,
+    pub agents: Arc<dyn AgentStore>,
+    pub audit: Arc<dyn AuditStore>,
     pub clock: Arc<ManualClock>,
     /// Keeps whatever the store needs alive (a temp dir, a test database).
     pub guard: Box<dyn std::any::Any + Send>,
@@ -56,6 +62,9 @@ where
     case!(every_transition_is_an_event);
     case!(complete_many_completes_each_and_refuses_stale_tokens);
     case!(concurrent_workers_complete_each_task_once);
+    case!(routed_claims_respect_capacity_and_readiness);
+    case!(agents_are_stored_with_their_events);
+    case!(audit_records_chain_and_refuse_duplicates);
 }
 
 async fn claim_one(s: &Stores, worker: &str) -> Option<descartes_protocol::Claim> {
@@ -481,4 +490,94 @@ pub fn ops() -> impl proptest::strategy::Strategy<Value = Vec<Op>> {
         1 => Just(Op::Reap),
     ];
     proptest::collection::vec(op, 1..60)
+}
+
+async fn routed_claims_respect_capacity_and_readiness(s: &Stores) {
+    let a = s.tasks.create_task(NewTask { priority: 1, ..new("A") }).await.unwrap();
+    let b = s.tasks.create_task(NewTask { priority: 5, ..new("B") }).await.unwrap();
+    let c = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("C") }).await.unwrap();
+    let needs = Requirements { labels: vec!["rust".into()], ..Default::default() };
+    let d = s.tasks.create_task(NewTask { needs: needs.clone(), ..new("D") }).await.unwrap();
+    assert_eq!(s.tasks.get_task(&d.id).await.unwrap().needs, needs, "requirements are stored");
+    let peek: Vec<String> = s.tasks.peek_queued(10).await.unwrap().into_iter().map(|t| t.id).collect();
+    assert_eq!(peek, [b.id.clone(), a.id.clone(), c.id.clone(), d.id.clone()], "priority, then age");
+
+    // C waits for A; a claim of it is refused without error.
+    assert!(s.tasks.claim_one(&c.id, "w", TTL, Some(("x", 2))).await.unwrap().is_none());
+    let cb = s.tasks.claim_one(&b.id, "w", TTL, Some(("x", 1))).await.unwrap().unwrap();
+    assert_eq!(cb.task.agent.as_deref(), Some("x"));
+    assert_eq!(cb.task.status, TaskStatus::Claimed);
+    // x is full; y is not.
+    assert!(s.tasks.claim_one(&a.id, "w", TTL, Some(("x", 1))).await.unwrap().is_none());
+    let ca = s.tasks.claim_one(&a.id, "w", TTL, Some(("y", 1))).await.unwrap().unwrap();
+    // Already claimed: refused.
+    assert!(s.tasks.claim_one(&a.id, "w", TTL, Some(("y", 5))).await.unwrap().is_none());
+    let load = s.tasks.agent_load().await.unwrap();
+    assert_eq!((load.get("x"), load.get("y")), (Some(&1), Some(&1)));
+    s.tasks.complete(&a.id, ca.token, None).await.unwrap();
+    s.tasks.complete(&b.id, cb.token, None).await.unwrap();
+    assert!(s.tasks.agent_load().await.unwrap().is_empty(), "finished tasks free their agent");
+    let cc = s.tasks.claim_one(&c.id, "w", TTL, None).await.unwrap().unwrap();
+    assert!(cc.token > ca.token && ca.token > cb.token, "tokens keep increasing");
+    assert_eq!(cc.task.agent, None);
+    let events = s.events.read_run(&RunId::from(b.id.as_str()), 0).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, ["task_created", "task_claimed", "task_routed", "task_completed"]);
+    assert!(matches!(
+        s.tasks.claim_one("nope", "w", TTL, None).await,
+        Err(TaskError::NotFound(_))
+    ));
+    assert!(matches!(s.tasks.claim_one(&d.id, "w", Duration::ZERO, None).await, Err(TaskError::Invalid(_))));
+}
+
+async fn agents_are_stored_with_their_events(s: &Stores) {
+    let mut rec = AgentRecord {
+        name: "coder".into(),
+        backend: "command".into(),
+        model: None,
+        command: Some("make".into()),
+        labels: vec!["rust".into()],
+        capabilities: vec![],
+        detected: vec![],
+        max_concurrent: 2,
+        disabled: false,
+        stats: AgentStats::default(),
+        created_at: Timestamp(1),
+        updated_at: Timestamp(1),
+    };
+    assert!(s.agents.list_agents().await.unwrap().is_empty());
+    s.agents.put_agent(&rec, AgentRegistered { agent: rec.clone() }.into()).await.unwrap();
+    rec.disabled = true;
+    s.agents.put_agent(&rec, AgentUpdated { change: "disabled".into(), agent: rec.clone() }.into()).await.unwrap();
+    let mut other = rec.clone();
+    other.name = "another".into();
+    s.agents.put_agent(&other, AgentRegistered { agent: other.clone() }.into()).await.unwrap();
+    let names: Vec<String> = s.agents.list_agents().await.unwrap().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["another", "coder"]);
+    assert_eq!(s.agents.get_agent("coder").await.unwrap(), Some(rec));
+    assert!(s.agents.remove_agent("coder").await.unwrap());
+    assert!(!s.agents.remove_agent("coder").await.unwrap(), "removing twice is a no");
+    assert_eq!(s.agents.get_agent("coder").await.unwrap(), None);
+    let events = s.events.read_run(&RunId::from(agent_stream("coder").as_str()), 0).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, ["agent_registered", "agent_updated", "agent_removed"]);
+}
+
+async fn audit_records_chain_and_refuse_duplicates(s: &Stores) {
+    let t = s.tasks.create_task(new("audited")).await.unwrap();
+    let c = claim_one(s, "w").await.unwrap();
+    s.tasks.complete(&t.id, c.token, None).await.unwrap();
+    let events = s.events.read_run(&RunId::from(t.id.as_str()), 0).await.unwrap();
+    let first = plan_sync(&t.id, &[], &events[..2]);
+    s.audit.audit_append(first.clone()).await.unwrap();
+    assert!(s.audit.audit_append(first.clone()).await.is_err(), "a record is written once");
+    let existing = s.audit.audit_records(Some(&t.id)).await.unwrap();
+    assert_eq!(existing, first);
+    let rest = plan_sync(&t.id, &existing, &events);
+    assert_eq!(rest.len(), events.len() - 2);
+    s.audit.audit_append(rest).await.unwrap();
+    let all = s.audit.audit_records(None).await.unwrap();
+    assert_eq!(all.len(), events.len());
+    let find = |stream: &str, seq: i64| events.iter().find(|e| e.run_id.as_str() == stream && e.seq == seq).cloned();
+    assert!(verify_chain(&all, &find).is_empty());
 }

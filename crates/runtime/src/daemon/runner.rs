@@ -31,6 +31,17 @@ pub enum Outcome {
 pub trait TaskRunner: Send + Sync {
     async fn run(&self, task: &Task, token: i64, cancel: CancellationToken) -> Outcome;
 
+    /// Claims the next task this runner takes (default: the highest-priority ready task; the
+    /// agent registry's runner routes instead).
+    async fn claim_next(
+        &self,
+        tasks: &dyn descartes_core::TaskStore,
+        worker: &str,
+        ttl: Duration,
+    ) -> Result<Option<descartes_protocol::Claim>, descartes_core::TaskError> {
+        Ok(tasks.claim(worker, ttl, 1).await?.pop())
+    }
+
     /// One line for `daemon status` (e.g. the command).
     fn describe(&self) -> String;
 }
@@ -234,6 +245,8 @@ mod tests {
             error: None,
             blocked_reason: None,
             blocked_by: None,
+            needs: Default::default(),
+            agent: None,
             created_at: Timestamp::now(),
             updated_at: Timestamp::now(),
         }

@@ -1,0 +1,232 @@
+//! `descartes ai ...`: the agent registry ("AI instances") that tasks are routed to.
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use descartes_core::routing::{self, AgentStore};
+use descartes_core::{Clock, SystemClock};
+use descartes_protocol::{AgentRecord, AgentRegistered, AgentStats, AgentUpdated};
+use descartes_runtime::Runtime;
+
+#[derive(Subcommand, Debug)]
+pub enum AiCommand {
+    /// Register an agent that tasks can be routed to.
+    Register(RegisterArgs),
+    /// List the agents with their status, load and success rate.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a label to an agent.
+    Label { name: String, label: String },
+    /// Remove a label from an agent.
+    Unlabel { name: String, label: String },
+    /// Route nothing more to an agent (its running tasks finish).
+    Disable { name: String },
+    /// Route tasks to an agent again (also clears an unhealthy cool-down).
+    Enable { name: String },
+    /// Remove an agent from the registry.
+    Remove { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// Letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// A model provider (Descartes' own agent loop: openai, anthropic, gemini, xai, ollama,
+    /// local, or one declared in config), an agent CLI (claude-code, codex, gemini-cli), or
+    /// `command` (with --command).
+    #[arg(long)]
+    pub backend: String,
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The shell command of a `command` agent (run in the task's worktree, with the task in
+    /// `DESCARTES_TASK_*` variables).
+    #[arg(long)]
+    pub command: Option<String>,
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// A capability to declare (repeatable); detected ones are added.
+    #[arg(long = "capability")]
+    pub capabilities: Vec<String>,
+    /// Most tasks it runs at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_concurrent: u32,
+    /// Replace an existing registration of the same name.
+    #[arg(long)]
+    pub replace: bool,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// What the backend can tell about itself.
+pub fn detect_capabilities(rt: &Runtime, backend: &str) -> Result<Vec<String>> {
+    if backend == "command" {
+        return Ok(Vec::new());
+    }
+    let sel = rt.select(Some(backend), None)?;
+    let caps: &[&str] = match sel.kind.as_str() {
+        "claude-code" => &["tools", "streaming", "cost", "resume"],
+        "codex" => &["tools", "streaming", "sandbox", "resume"],
+        "gemini-cli" => &["tools", "streaming"],
+        "command" => &[],
+        "local" | "ollama" => &["tools", "streaming", "sandbox"],
+        _ => &["tools", "streaming", "sandbox", "cost"],
+    };
+    Ok(caps.iter().map(|c| (*c).to_owned()).collect())
+}
+
+pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
+    let stores = rt.open_stores().await?;
+    let agents = stores.agents;
+    let now = SystemClock.now();
+    match command {
+        AiCommand::Register(a) => {
+            if !valid_name(&a.name) {
+                bail!("invalid agent name {:?}: use letters, digits, -, _ and .", a.name);
+            }
+            if a.max_concurrent == 0 {
+                bail!("--max-concurrent must be at least 1");
+            }
+            match (a.backend.as_str(), &a.command) {
+                ("command", None) => bail!("a `command` agent needs --command CMD"),
+                ("command", Some(c)) if c.trim().is_empty() => bail!("--command is empty"),
+                (b, Some(_)) if b != "command" => bail!("--command applies to the `command` backend only"),
+                _ => {}
+            }
+            let detected = detect_capabilities(&rt, &a.backend)?;
+            let existing = agents.get_agent(&a.name).await?;
+            if existing.is_some() && !a.replace {
+                eprintln!("descartes: error: an agent named `{}` is registered; add --replace to change it", a.name);
+                return Ok(2);
+            }
+            let record = AgentRecord {
+                name: a.name.clone(),
+                backend: a.backend,
+                model: a.model,
+                command: a.command,
+                labels: dedup(a.labels),
+                capabilities: dedup(a.capabilities),
+                detected,
+                max_concurrent: a.max_concurrent,
+                disabled: false,
+                stats: existing.as_ref().map(|e| e.stats.clone()).unwrap_or_default(),
+                created_at: existing.as_ref().map(|e| e.created_at).unwrap_or(now),
+                updated_at: now,
+            };
+            agents.put_agent(&record, AgentRegistered { agent: record.clone() }.into()).await?;
+            println!("{}", record.name);
+        }
+        AiCommand::List { json } => {
+            let list = agents.list_agents().await?;
+            let load = stores.tasks.agent_load().await?;
+            let rows: Vec<serde_json::Value> = list
+                .iter()
+                .map(|a| {
+                    let running = load.get(&a.name).copied().unwrap_or(0);
+                    let mut v = serde_json::to_value(a).unwrap_or_default();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("status".into(), routing::status(a, running, now).as_str().into());
+                        o.insert("running".into(), running.into());
+                        o.insert("success_rate".into(), rate(&a.stats).into());
+                    }
+                    v
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if list.is_empty() {
+                eprintln!("no agents; register one with `descartes ai register NAME --backend B`");
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  LABELS / CAPABILITIES", "NAME", "BACKEND", "STATUS", "LOAD", "SUCCESS")?;
+                for (a, row) in list.iter().zip(&rows) {
+                    let running = row["running"].as_u64().unwrap_or(0);
+                    let success = if a.stats.recent.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        format!("{:.0}%", 100.0 * recent_rate(&a.stats))
+                    };
+                    let mut caps: Vec<&str> = a.capabilities.iter().chain(&a.detected).map(String::as_str).collect();
+                    caps.sort_unstable();
+                    caps.dedup();
+                    writeln!(
+                        out,
+                        "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  {} / {}",
+                        a.name,
+                        backend_label(a),
+                        row["status"].as_str().unwrap_or(""),
+                        format!("{running}/{}", a.max_concurrent),
+                        success,
+                        if a.labels.is_empty() { "-".to_owned() } else { a.labels.join(",") },
+                        if caps.is_empty() { "-".to_owned() } else { caps.join(",") },
+                    )?;
+                }
+            }
+        }
+        AiCommand::Label { name, label } => {
+            return update(&*agents, &name, &format!("label +{label}"), |a| {
+                if !a.labels.contains(&label) {
+                    a.labels.push(label.clone());
+                }
+            })
+            .await;
+        }
+        AiCommand::Unlabel { name, label } => {
+            return update(&*agents, &name, &format!("label -{label}"), |a| a.labels.retain(|l| *l != label)).await;
+        }
+        AiCommand::Disable { name } => return update(&*agents, &name, "disabled", |a| a.disabled = true).await,
+        AiCommand::Enable { name } => {
+            return update(&*agents, &name, "enabled", |a| {
+                a.disabled = false;
+                a.stats.unhealthy_until = None;
+                a.stats.consecutive_failures = 0;
+            })
+            .await;
+        }
+        AiCommand::Remove { name } => {
+            if !agents.remove_agent(&name).await? {
+                eprintln!("descartes: error: no agent named `{name}`; `descartes ai list` shows them");
+                return Ok(5);
+            }
+            println!("removed {name}");
+        }
+    }
+    Ok(0)
+}
+
+fn dedup(mut v: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|x| seen.insert(x.clone()));
+    v
+}
+
+fn recent_rate(s: &AgentStats) -> f64 {
+    if s.recent.is_empty() { 0.0 } else { s.recent.iter().filter(|r| **r).count() as f64 / s.recent.len() as f64 }
+}
+
+fn rate(s: &AgentStats) -> Option<f64> {
+    (!s.recent.is_empty()).then(|| recent_rate(s))
+}
+
+fn backend_label(a: &AgentRecord) -> String {
+    match &a.model {
+        Some(m) => format!("{}/{m}", a.backend),
+        None => a.backend.clone(),
+    }
+}
+
+async fn update(agents: &dyn AgentStore, name: &str, change: &str, f: impl FnOnce(&mut AgentRecord)) -> Result<u8> {
+    let Some(mut a) = agents.get_agent(name).await? else {
+        eprintln!("descartes: error: no agent named `{name}`; `descartes ai list` shows them");
+        return Ok(5);
+    };
+    f(&mut a);
+    a.updated_at = SystemClock.now();
+    agents.put_agent(&a, AgentUpdated { change: change.to_owned(), agent: a.clone() }.into()).await?;
+    println!("{name}: {change}");
+    Ok(0)
+}
