@@ -297,7 +297,7 @@ async fn configured_rules_answer_the_cli_and_a_deny_wins_over_yes() {
     // (policy, -y, expected decision, expected rule)
     let cases = [
         (rules(&["Bash(make)"], &[]), false, Decision::Allow, "project:allow Bash \"make\""),
-        (rules(&["Bash(make)"], &["Bash(mak*)"]), true, Decision::Deny, "project:deny Bash \"mak*\""),
+        (rules(&["Bash(mak*)"], &["Bash(make)"]), true, Decision::Deny, "project:deny Bash \"make\""),
         (rules(&["Bash(cargo test)"], &[]), false, Decision::Deny, "builtin:ask-without-terminal"),
     ];
     for (policy, yes, decision, rule) in cases {

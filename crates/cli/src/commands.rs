@@ -198,7 +198,7 @@ enum Driver {
     Cli(ExternalAgent),
 }
 
-struct Prepared {
+pub(crate) struct Prepared {
     driver: Driver,
     /// Provider and model, for messages.
     label: String,
@@ -206,7 +206,7 @@ struct Prepared {
 }
 
 impl Prepared {
-    async fn start(
+    pub(crate) async fn start(
         &self,
         run_id: RunId,
         prompt: String,
@@ -267,7 +267,7 @@ impl Prepared {
 }
 
 /// What a run (new or resumed) is driven with.
-struct RunSettings {
+pub(crate) struct RunSettings {
     provider: Option<String>,
     model: Option<String>,
     auto_approve: bool,
@@ -289,7 +289,6 @@ async fn prepare(
             return Err(user_error(2, format!("{flag} must be a positive number")));
         }
     }
-    let sel = rt.select(provider.as_deref(), model.as_deref())?;
     let cancel = CancellationToken::new();
     install_signals(cancel.clone());
     let human = (!args.json).then(|| Arc::new(HumanSink::new()));
@@ -299,6 +298,31 @@ async fn prepare(
     };
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
+    let io = DriverIo { sink, prompter, cancel, gate: None, human };
+    let settings = RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget };
+    prepare_driver(rt, store, &args.fallback, settings, io).await
+}
+
+/// Where a driver reports, who it asks, what stops it, and the policy gate of its tool calls.
+pub(crate) struct DriverIo {
+    pub sink: Arc<dyn OutputSink>,
+    pub prompter: Arc<dyn Prompter>,
+    pub cancel: CancellationToken,
+    pub gate: Option<Arc<dyn descartes_core::permission::ToolGate>>,
+    pub human: Option<Arc<HumanSink>>,
+}
+
+/// The agent (Descartes' loop on a model provider, or an agent CLI) for a run.
+pub(crate) async fn prepare_driver(
+    rt: &Runtime,
+    store: Arc<dyn EventStore>,
+    fallback: &[String],
+    settings: RunSettings,
+    io: DriverIo,
+) -> Result<Prepared> {
+    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
+    let DriverIo { sink, prompter, cancel, gate, human } = io;
+    let sel = rt.select(provider.as_deref(), model.as_deref())?;
     // An agent CLI has its own system prompt; ours is added only when configured.
     let system_prompt = match system_prompt {
         Some(p) => Some(p),
@@ -318,12 +342,12 @@ async fn prepare(
         budget,
     };
     if sel.is_agent_cli() {
-        if !args.fallback.is_empty() {
+        if !fallback.is_empty() {
             return Err(user_error(2, "--fallback applies to model providers, not to agent CLIs"));
         }
         let backend = rt.build_agent_cli(&sel)?;
         let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
-        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, gate: None, sink, cancel, config });
+        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, gate, sink, cancel, config });
         return Ok(Prepared { driver, label, human });
     }
     if sel.kind == "local" && sel.model == descartes_local::DEFAULT_MODEL && !rt.local_model_present(&sel.model) {
@@ -333,7 +357,7 @@ async fn prepare(
         crate::model_cmd::pull(rt, &sel.model).await?;
     }
     let provider = rt.build_provider(&sel)?;
-    let (resilience, warnings) = rt.resilience(&*store, &sel, &args.fallback).await?;
+    let (resilience, warnings) = rt.resilience(&*store, &sel, fallback).await?;
     for w in warnings {
         eprintln!("descartes: warning: {w}");
     }
@@ -342,7 +366,7 @@ async fn prepare(
         store,
         provider,
         policy,
-        gate: None,
+        gate,
         tools: rt.tools_with_mcp().await,
         prompter,
         sink,

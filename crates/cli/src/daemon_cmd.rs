@@ -222,10 +222,12 @@ fn foreground(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
 
 async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
     let stores = rt.open_stores().await?;
-    let (tasks, events) = (stores.tasks, stores.events.clone());
+    let (tasks, events) = (stores.tasks.clone(), stores.events.clone());
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "descartes".into());
-    let runner = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
+    let command = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
         .with_env("DESCARTES_BIN", exe);
+    // Tasks routed to registered agents run on them; the others run the daemon's command.
+    let runner = crate::executor::Executor::new(Arc::new(rt), stores, Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);
     config.grace = args.grace;
     let daemon = Daemon::new(tasks, Arc::new(runner), Arc::new(SystemClock), config).with_events(events);

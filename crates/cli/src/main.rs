@@ -6,6 +6,7 @@ mod audit_cmd;
 mod chat;
 mod commands;
 mod daemon_cmd;
+mod executor;
 mod mcp_cmd;
 mod model_cmd;
 mod output;
@@ -13,6 +14,7 @@ mod permissions_cmd;
 mod providers_cmd;
 mod session_cmd;
 mod task_cmd;
+mod task_exec_cmd;
 
 use std::process::ExitCode;
 

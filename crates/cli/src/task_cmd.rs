@@ -33,7 +33,24 @@ pub enum TaskCommand {
         id: String,
         #[arg(long)]
         json: bool,
+        /// Also the evidence of its last attempt (changed files, tests, cost).
+        #[arg(long)]
+        evidence: bool,
     },
+    /// Run one task now on the agent the router picks (in its own git worktree).
+    Execute {
+        id: String,
+        /// Lease duration while it runs (renewed by heartbeats).
+        #[arg(long, default_value = "30s", value_parser = parse_ttl, allow_hyphen_values = true)]
+        ttl: Duration,
+    },
+    /// Print the diff of the task's last attempt against its base commit.
+    Diff { id: String },
+    /// Merge the task's branch into its base branch (fast-forward or a merge commit; refused on
+    /// conflict).
+    Merge { id: String },
+    /// Remove the task's worktree and branch.
+    Discard { id: String },
     /// Claim the highest-priority ready task(s); prints `ID TOKEN` per task.
     Claim {
         #[arg(long)]
@@ -125,6 +142,10 @@ pub struct CreateArgs {
     /// Route only to this registered agent.
     #[arg(long)]
     pub agent: Option<String>,
+    /// A command run in the task's worktree after an agent's attempt (e.g. `cargo test`); a
+    /// failure fails the attempt, and its output is evidence.
+    #[arg(long)]
+    pub test_command: Option<String>,
     /// Choose the id (letters, digits, - and _).
     #[arg(long)]
     pub id: Option<String>,
@@ -184,7 +205,7 @@ fn line(t: &Task) -> String {
 }
 
 /// Resolves a full id or a unique prefix of one.
-async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
+pub(crate) async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
     match store.get_task(id).await {
         Ok(t) => Ok(t.id),
         Err(TaskError::NotFound(_)) => {
@@ -205,11 +226,30 @@ async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
 
 pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
     let stores = rt.open_stores().await?;
-    let (tasks, store) = (stores.tasks, stores.events);
+    let (tasks, store) = (stores.tasks.clone(), stores.events.clone());
+    let rt = std::sync::Arc::new(rt);
     // New or requeued work: a local daemon's idle workers are woken at once instead of at
     // their next poll.
     let wakes = matches!(command, TaskCommand::Create(_) | TaskCommand::Retry { .. } | TaskCommand::Release(_));
-    let result = dispatch(&*tasks, &*store, command).await;
+    let result = match command {
+        TaskCommand::Execute { .. } | TaskCommand::Diff { .. } | TaskCommand::Merge { .. } | TaskCommand::Discard { .. } => {
+            crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await
+        }
+        TaskCommand::Show { ref id, json, evidence } if !json => {
+            let id = resolve(&*tasks, id).await;
+            match id {
+                Ok(id) => {
+                    let code = dispatch(&*tasks, &*store, TaskCommand::Show { id: id.clone(), json, evidence }).await;
+                    match code {
+                        Ok(0) => crate::task_exec_cmd::show_extra(&rt, &stores, &id, evidence).await,
+                        other => other,
+                    }
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        command => dispatch(&*tasks, &*store, command).await,
+    };
     match result {
         Ok(code) => {
             if wakes {
@@ -253,6 +293,7 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
                         capabilities: a.needs_capabilities,
                         agent: a.agent,
                     },
+                    test_command: a.test_command,
                 })
                 .await?;
             if a.json { print_json(&t)? } else { println!("{}", t.id) }
@@ -271,7 +312,7 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
                 }
             }
         }
-        TaskCommand::Show { id, json } => {
+        TaskCommand::Show { id, json, .. } => {
             let t = tasks.get_task(&resolve(tasks, &id).await?).await?;
             let mut deps = Vec::new();
             for d in &t.depends_on {
@@ -369,6 +410,10 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
         }
         TaskCommand::Watch { all, json } => watch(events, all, json).await?,
         TaskCommand::Graph { dot } => graph(tasks, dot).await?,
+        // Handled by `task_exec_cmd` (they need the runtime).
+        TaskCommand::Execute { .. } | TaskCommand::Diff { .. } | TaskCommand::Merge { .. } | TaskCommand::Discard { .. } => {
+            return Ok(2);
+        }
     }
     Ok(0)
 }

@@ -211,6 +211,7 @@ mod tests {
             blocked_by: None,
             needs: Requirements { labels: labels.iter().map(|s| s.to_string()).collect(), ..Default::default() },
             agent: None,
+            test_command: None,
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
         }

@@ -275,6 +275,7 @@ pub fn create(txn: &mut dyn TaskTxn, new: NewTask, id: String, now: Timestamp) -
         blocked_by: None,
         needs: new.needs,
         agent: None,
+        test_command: new.test_command,
         created_at: now,
         updated_at: now,
     };

@@ -115,6 +115,9 @@ pub struct Task {
     /// The registered agent the current (or last) attempt was routed to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// Run after an agent's attempt in the task's worktree; a failure fails the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_command: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -161,6 +164,8 @@ pub struct NewTask {
     pub max_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Requirements::is_empty")]
     pub needs: Requirements,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_command: Option<String>,
 }
 
 /// A successful claim: the task and the fencing token every later write must carry.

@@ -247,6 +247,7 @@ mod tests {
             blocked_by: None,
             needs: Default::default(),
             agent: None,
+            test_command: None,
             created_at: Timestamp::now(),
             updated_at: Timestamp::now(),
         }
