@@ -268,13 +268,13 @@ impl Prepared {
 
 /// What a run (new or resumed) is driven with.
 pub(crate) struct RunSettings {
-    provider: Option<String>,
-    model: Option<String>,
-    auto_approve: bool,
-    max_turns: u32,
-    cwd: PathBuf,
-    system_prompt: Option<String>,
-    budget: Budget,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub auto_approve: bool,
+    pub max_turns: u32,
+    pub cwd: PathBuf,
+    pub system_prompt: Option<String>,
+    pub budget: Budget,
 }
 
 async fn prepare(

@@ -227,7 +227,7 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
     let command = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
         .with_env("DESCARTES_BIN", exe);
     // Tasks routed to registered agents run on them; the others run the daemon's command.
-    let runner = crate::executor::Executor::new(Arc::new(rt), stores, Some(command)).await?;
+    let runner = crate::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);
     config.grace = args.grace;
     let daemon = Daemon::new(tasks, Arc::new(runner), Arc::new(SystemClock), config).with_events(events);

@@ -69,6 +69,15 @@ impl Executor {
             }
         };
         let evidence = EvidenceStore::new(rt.places.state_dir.join("evidence"));
+        // The state directory may be inside the user's repository (project mode): its task
+        // worktrees and blobs must not show in the user's `git status`.
+        for dir in ["worktrees", "evidence"] {
+            let dir = rt.places.state_dir.join(dir);
+            let ignore = dir.join(".gitignore");
+            if !ignore.exists() {
+                let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&ignore, "*\n"));
+            }
+        }
         Ok(Self { rt, stores, worktrees, evidence, fallback })
     }
 
@@ -250,9 +259,12 @@ impl Executor {
                         && !t.passed()
                         && matches!(outcome, Outcome::Succeeded { .. })
                     {
-                        outcome = Outcome::Failed {
-                            reason: format!("the test command `{}` failed (exit {:?})", t.command, t.exit_code),
+                        let how = match (t.timed_out, t.exit_code) {
+                            (true, _) => "timed out".to_owned(),
+                            (false, Some(c)) => format!("exit {c}"),
+                            (false, None) => "killed".to_owned(),
                         };
+                        outcome = Outcome::Failed { reason: format!("the test command `{}` failed ({how})", t.command) };
                     }
                     match self.evidence.put_evidence(&ev) {
                         Ok(r) => manifest["files"] = json!(r),

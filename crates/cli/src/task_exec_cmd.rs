@@ -182,7 +182,7 @@ pub async fn show_extra(rt: &Arc<Runtime>, stores: &Stores, id: &str, evidence: 
     writeln!(out, "  head:    {} (diff {} bytes, blob {})", short(&r.head_commit), r.diff_bytes, r.diff.as_str())?;
     for f in &r.changed_files {
         let flag = if r.outside_locks.contains(&f.path) { "  [outside the task's locks]" } else { "" };
-        writeln!(out, "  {:<9} {}{flag}", format!("{:?}", f.status).to_lowercase(), f.path)?;
+        writeln!(out, "  {:<8} {}{flag}", format!("{:?}", f.status).to_lowercase(), f.path)?;
     }
     if let Some(t) = &r.test {
         let status = match (t.timed_out, t.exit_code) {

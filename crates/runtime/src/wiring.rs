@@ -546,7 +546,7 @@ impl Runtime {
         }
         let ignore = places.state_dir.join(".gitignore");
         if !ignore.exists() {
-            std::fs::write(&ignore, "descartes.db*\nruns/\nspool/\n")?;
+            std::fs::write(&ignore, "descartes.db*\nruns/\nspool/\nworktrees/\nevidence/\n")?;
         }
         SqliteEventStore::open(&places.db_path, SqliteOptions::default())?.close();
         Ok((places, existed))

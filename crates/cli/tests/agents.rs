@@ -1,0 +1,244 @@
+//! Agents at work, end to end: the registry, routing, execution in git worktrees with
+//! evidence, merge and discard, and the audit trail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn ok(env: &Env, args: &[&str]) -> String {
+    let out = env.run(args);
+    assert!(out.status.success(), "{args:?}: {}{}", stdout(&out), stderr(&out));
+    stdout(&out).trim().to_owned()
+}
+
+fn show(env: &Env, id: &str) -> Value {
+    serde_json::from_str(&ok(env, &["task", "show", id, "--json"])).unwrap()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The project is a git repository with one commit on `main`; `.descartes/` is ignored.
+fn repo_env<F>(responder: F) -> Env
+where
+    F: Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
+{
+    let env = Env::new(responder);
+    let p = env.project();
+    git(&p, &["init", "-q", "-b", "main"]);
+    git(&p, &["config", "user.email", "dev@example.com"]);
+    git(&p, &["config", "user.name", "Dev"]);
+    std::fs::write(p.join("README.md"), "hello\n").unwrap();
+    std::fs::write(p.join(".git/info/exclude"), ".descartes/\n").unwrap();
+    git(&p, &["add", "README.md"]);
+    git(&p, &["commit", "-q", "-m", "start"]);
+    env.init();
+    env
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills a daemon left running by a failed test.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-9", &self.0.id().to_string()]).stderr(Stdio::null()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(env: &Env, workers: &str) -> Daemon {
+    let child = env
+        .cmd(&["daemon", "start", "--foreground", "--workers", workers, "--lease-ttl", "5s", "--command", "exit 3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+fn stop(env: &Env, mut d: Daemon) {
+    let out = env.run(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn tasks_go_to_agents_by_label_load_is_spread_and_a_disabled_agent_gets_nothing() {
+    let env = Env::new(|_| Reply::Stream(openai::text(&["unused"])));
+    env.init();
+    let slow = "sleep 1; echo \"$DESCARTES_AGENT did $DESCARTES_TASK_TITLE\"";
+    for (name, label) in [("rusty-1", "rust"), ("rusty-2", "rust"), ("snake", "python")] {
+        ok(&env, &["ai", "register", name, "--backend", "command", "--command", slow, "--label", label, "--max-concurrent", "2"]);
+    }
+    // Bad registrations are refused clearly.
+    let out = env.run(&["ai", "register", "x", "--backend", "command"]);
+    assert!(!out.status.success() && stderr(&out).contains("needs --command"), "{}", stderr(&out));
+    let out = env.run(&["ai", "register", "y", "--backend", "no-such-provider"]);
+    assert!(!out.status.success() && stderr(&out).contains("no-such-provider"), "{}", stderr(&out));
+    let out = env.run(&["ai", "register", "rusty-1", "--backend", "command", "--command", "true"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    ok(&env, &["ai", "disable", "snake"]);
+    let list: Value = serde_json::from_str(&ok(&env, &["ai", "list", "--json"])).unwrap();
+    let status: Vec<(&str, &str)> =
+        list.as_array().unwrap().iter().map(|a| (a["name"].as_str().unwrap(), a["status"].as_str().unwrap())).collect();
+    assert_eq!(status, [("rusty-1", "idle"), ("rusty-2", "idle"), ("snake", "disabled")]);
+
+    let rust: Vec<String> = (0..4)
+        .map(|i| ok(&env, &["task", "create", &format!("r{i}"), "--needs-label", "rust"]))
+        .collect();
+    let py = ok(&env, &["task", "create", "p", "--needs-label", "python"]);
+    let d = daemon(&env, "4");
+    wait_until("the rust tasks", Duration::from_secs(60), || rust.iter().all(|id| show(&env, id)["status"] == "done"));
+    let mut by_agent = std::collections::BTreeMap::<String, usize>::new();
+    for id in &rust {
+        let t = show(&env, id);
+        let agent = t["agent"].as_str().unwrap().to_owned();
+        assert!(t["result"].as_str().unwrap().starts_with(&format!("{agent} did")), "{t}");
+        *by_agent.entry(agent).or_default() += 1;
+    }
+    assert_eq!(by_agent.len(), 2, "both rust agents got work: {by_agent:?}");
+    assert!(by_agent.values().all(|n| *n == 2), "load is spread: {by_agent:?}");
+    // The python task waits for an agent, and says why.
+    let t = show(&env, &py);
+    assert_eq!(t["status"], "queued");
+    let human = ok(&env, &["task", "show", &py]);
+    assert!(human.contains("routing:") && human.contains("snake: disabled"), "{human}");
+    assert!(human.contains("rusty-1: no label `python`"), "{human}");
+    // Enabled again, it gets its task.
+    ok(&env, &["ai", "enable", "snake"]);
+    wait_until("the python task", Duration::from_secs(30), || show(&env, &py)["status"] == "done");
+    assert_eq!(show(&env, &py)["agent"], "snake");
+    stop(&env, d);
+    let list: Value = serde_json::from_str(&ok(&env, &["ai", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["stats"]["succeeded"], 2, "{list}");
+    assert_eq!(list[0]["success_rate"], 1.0, "{list}");
+    let human = ok(&env, &["ai", "list"]);
+    assert!(human.contains("snake") && human.contains("100%"), "{human}");
+    ok(&env, &["ai", "remove", "snake"]);
+    assert_eq!(env.run(&["ai", "remove", "snake"]).status.code(), Some(5));
+}
+
+#[test]
+fn parallel_tasks_run_in_their_own_worktrees_with_their_own_evidence() {
+    let env = repo_env(|_| Reply::Stream(openai::text(&["unused"])));
+    let p = env.project();
+    let edit = "sleep 1; echo \"$DESCARTES_TASK_TITLE\" > \"$DESCARTES_TASK_PROMPT\"; echo edited";
+    ok(&env, &["ai", "register", "editor", "--backend", "command", "--command", edit, "--max-concurrent", "2"]);
+    let a = ok(&env, &["task", "create", "alpha", "--prompt", "a.txt", "--lock", "a.txt", "--id", "task-a"]);
+    let b = ok(&env, &["task", "create", "beta", "--prompt", "b.txt", "--lock", "src/**", "--id", "task-b",
+        "--test-command", "test -f b.txt"]);
+    let head = git(&p, &["rev-parse", "HEAD"]);
+    let d = daemon(&env, "2");
+    wait_until("both tasks", Duration::from_secs(60), || [&a, &b].iter().all(|id| show(&env, id)["status"] == "done"));
+    stop(&env, d);
+
+    // The user's checkout is untouched: same commit, no changes, no new files.
+    assert_eq!(git(&p, &["rev-parse", "HEAD"]), head);
+    assert_eq!(git(&p, &["status", "--porcelain"]), "");
+    assert!(!p.join("a.txt").exists() && !p.join("b.txt").exists());
+    let branches = git(&p, &["branch", "--list", "descartes/*"]);
+    assert!(branches.contains("descartes/task-a") && branches.contains("descartes/task-b"), "{branches}");
+    let worktrees = git(&p, &["worktree", "list"]);
+    assert_eq!(worktrees.lines().count(), 3, "{worktrees}");
+
+    // Each task's evidence is exactly its own diff.
+    let diff_a = ok(&env, &["task", "diff", &a]);
+    assert!(diff_a.contains("+++ b/a.txt") && diff_a.contains("+alpha") && !diff_a.contains("b.txt"), "{diff_a}");
+    let diff_b = ok(&env, &["task", "diff", &b]);
+    assert!(diff_b.contains("+++ b/b.txt") && !diff_b.contains("a.txt"), "{diff_b}");
+    let ev = ok(&env, &["task", "show", &b, "--evidence"]);
+    assert!(ev.contains("added    b.txt  [outside the task's locks]"), "{ev}");
+    assert!(ev.contains("test:    `test -f b.txt`: exit 0"), "{ev}");
+    let ev = ok(&env, &["task", "show", &a, "--evidence"]);
+    assert!(ev.contains("added    a.txt") && !ev.contains("outside"), "{ev}");
+
+    // Merge one: it lands in the user's checkout (fast-forward); the other then needs a merge
+    // commit, which works too because they touch different files.
+    let out = ok(&env, &["task", "merge", &a]);
+    assert!(out.contains("fast-forward"), "{out}");
+    assert_eq!(std::fs::read_to_string(p.join("a.txt")).unwrap(), "alpha\n");
+    let out = ok(&env, &["task", "merge", &b]);
+    assert!(out.contains("merge commit"), "{out}");
+    assert!(p.join("b.txt").exists());
+    assert_eq!(git(&p, &["status", "--porcelain"]), "");
+
+    // Discard removes the worktree and the branch.
+    ok(&env, &["task", "discard", &a]);
+    assert!(!git(&p, &["branch", "--list", "descartes/*"]).contains("task-a"));
+
+    // The audit trail holds every step, in order, and verifies.
+    let trail = ok(&env, &["audit", &a]);
+    let kinds: Vec<&str> = trail.lines().map(|l| l.split_whitespace().nth(3).unwrap()).collect();
+    for k in ["task_created", "task_claimed", "task_routed", "task_worktree", "task_evidence", "task_completed", "task_merged", "task_discarded"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    assert_eq!(ok(&env, &["audit", "verify"]), "audit trail intact: 2 tasks");
+}
+
+#[test]
+fn a_failed_test_command_fails_the_attempt_and_keeps_its_evidence() {
+    let env = repo_env(|_| Reply::Stream(openai::text(&["unused"])));
+    ok(&env, &["ai", "register", "w", "--backend", "command", "--command", "echo change > c.txt"]);
+    let id = ok(&env, &["task", "create", "t", "--test-command", "echo failing tests; exit 4", "--max-attempts", "1"]);
+    let out = env.run(&["task", "execute", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the test command `echo failing tests; exit 4` failed"), "{}", stderr(&out));
+    assert_eq!(show(&env, &id)["status"], "failed");
+    let ev = ok(&env, &["task", "show", &id, "--evidence"]);
+    assert!(ev.contains("attempt 1 (failed)") && ev.contains("exit 4") && ev.contains("added    c.txt"), "{ev}");
+    // A task that is not runnable now says why.
+    let out = env.run(&["task", "execute", &id]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+}
+
+/// A model agent (Descartes' own loop) that writes a file with `write_file`.
+fn writer(req: &RecordedRequest) -> Reply {
+    if req.has_tool_result() {
+        Reply::Stream(openai::text(&["Wrote notes."]))
+    } else {
+        Reply::Stream(openai::tool_call("w1", "write_file", &[r##"{"path":"notes.md","content":"# notes\n"}"##]))
+    }
+}
+
+#[test]
+fn a_model_agent_runs_its_loop_in_the_worktree_with_evidence() {
+    let env = repo_env(writer);
+    ok(&env, &["ai", "register", "gpt", "--backend", "openai", "--model", "gpt-4o-mini", "--label", "docs"]);
+    let list = ok(&env, &["ai", "list"]);
+    assert!(list.contains("openai/gpt-4o-mini") && list.contains("cost,sandbox,streaming,tools"), "{list}");
+    let id = ok(&env, &["task", "create", "notes", "--prompt", "write the notes", "--needs-label", "docs"]);
+    let out = env.run(&["task", "execute", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "Wrote notes.");
+    assert!(!env.project().join("notes.md").exists(), "the user's checkout is untouched");
+    let diff = ok(&env, &["task", "diff", &id]);
+    assert!(diff.contains("+++ b/notes.md") && diff.contains("+# notes"), "{diff}");
+    let ev = ok(&env, &["task", "show", &id, "--evidence"]);
+    assert!(ev.contains("run:") && ev.contains("usage:") && ev.contains("tokens"), "{ev}");
+    // The run's tool call is part of the task's audit trail.
+    let trail = ok(&env, &["audit", &id, "--jsonl"]);
+    assert!(trail.lines().any(|l| l.contains("\"tool_call_started\"") && l.contains("write_file")), "{trail}");
+    assert!(env.server.requests()[0].body["messages"].to_string().contains("write the notes"));
+}
