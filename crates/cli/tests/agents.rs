@@ -242,3 +242,50 @@ fn a_model_agent_runs_its_loop_in_the_worktree_with_evidence() {
     assert!(trail.lines().any(|l| l.contains("\"tool_call_started\"") && l.contains("write_file")), "{trail}");
     assert!(env.server.requests()[0].body["messages"].to_string().contains("write the notes"));
 }
+
+/// The real `claude` CLI against a fake Anthropic server: it creates a file with its Bash tool,
+/// Descartes answers its permission request (runs are unattended: asks are allowed) and
+/// records everything; the change is evidence on the task's branch.
+fn claude_responder(req: &RecordedRequest) -> Reply {
+    if req.tool_names().is_empty() {
+        return Reply::Stream(anthropic::text(&["ok"]));
+    }
+    if req.has_tool_result() {
+        return Reply::Stream(anthropic::text(&["Marker made."]));
+    }
+    Reply::Stream(anthropic::tool_uses(
+        Some("Creating the marker."),
+        &[("toolu_01", "Bash", &[r#"{"command": "echo done > marker.txt", "#, r#""description": "Create marker"}"#])],
+    ))
+}
+
+#[test]
+fn claude_code_as_an_agent_works_in_the_worktree() {
+    let Some(dir) = descartes_test_support::agent_clis::cli("claude").and_then(|p| p.parent().map(|d| d.to_owned()))
+    else {
+        return;
+    };
+    let env = repo_env(claude_responder);
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let run = |args: &[&str]| {
+        env.cmd(args)
+            .env("PATH", &path)
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["ai", "register", "claude", "--backend", "claude-code"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = ok(&env, &["task", "create", "marker", "--prompt", "make a marker", "--agent", "claude"]);
+    let out = run(&["task", "execute", &id]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("Marker made."), "{}", stdout(&out));
+    assert!(!env.project().join("marker.txt").exists(), "the user's checkout is untouched");
+    let diff = ok(&env, &["task", "diff", &id]);
+    assert!(diff.contains("+++ b/marker.txt") && diff.contains("+done"), "{diff}");
+    let trail = ok(&env, &["audit", &id, "--jsonl"]);
+    for kind in ["backend_session", "permission_decided", "tool_call_started", "task_evidence", "task_completed"] {
+        assert!(trail.contains(&format!("\"{kind}\"")), "{kind} in the trail");
+    }
+}
