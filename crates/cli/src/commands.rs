@@ -113,6 +113,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::Mcp { command } => crate::mcp_cmd::run(rt, command).await,
                 Command::Ai { command } => crate::ai_cmd::run(rt, command).await,
                 Command::Audit(args) => crate::audit_cmd::run(rt, args).await,
+                Command::Policy { command } => crate::policy_cmd::run(rt, command).await,
                 Command::Chat(args) => crate::chat::run(rt, args, None).await,
                 Command::Session { command } => crate::session_cmd::run(rt, command).await,
                 Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),

@@ -25,9 +25,10 @@ use descartes_core::agent::NullSink;
 use descartes_core::permission::NoPrompter;
 use descartes_core::routing::{self};
 use descartes_core::{Budget, Clock, SystemClock, TaskError, TaskStore};
+use descartes_policy::{DecisionInput, Effect, Stage, UsageFacts};
 use descartes_protocol::{
-    AgentRecord, AgentUpdated, Claim, EventData, Message, NewEvent, RunId, Task, TaskEvidence, TaskRunLinked,
-    TaskWorktree,
+    AgentRecord, AgentUpdated, Claim, EventData, Message, NewEvent, PolicyDecided, RunId, Task, TaskEvidence,
+    TaskRunLinked, TaskWorktree,
 };
 use descartes_runtime::daemon::{CommandRunner, Outcome, TaskRunner};
 use descartes_runtime::{Runtime, Stores};
@@ -47,6 +48,17 @@ pub struct Executor {
     evidence: EvidenceStore,
     /// Runs tasks that no agent was routed to (the daemon's `--command`).
     fallback: Option<CommandRunner>,
+    /// Policy decisions already recorded by this process for tasks that wait (so a task that
+    /// waits for approval is not recorded again at every scan).
+    recorded: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// What the router and the policy say about a task now.
+pub enum Choice {
+    /// Claim it for this agent; the policy's record (if any) goes with the claim.
+    Agent(AgentRecord, Option<PolicyDecided>),
+    /// It waits, for this reason.
+    Wait(String),
 }
 
 /// Where a task's latest worktree and evidence are, from its events.
@@ -78,7 +90,7 @@ impl Executor {
                 let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&ignore, "*\n"));
             }
         }
-        Ok(Self { rt, stores, worktrees, evidence, fallback })
+        Ok(Self { rt, stores, worktrees, evidence, fallback, recorded: Default::default() })
     }
 
     pub fn evidence_store(&self) -> &EvidenceStore {
@@ -96,19 +108,94 @@ impl Executor {
         }
     }
 
+    /// Whether a human approved the task for `stage` (`descartes task approve`).
+    async fn approved(&self, task_id: &str, stage: &str) -> bool {
+        match self.stores.events.read_run(&RunId::from(task_id), 0).await {
+            Ok(events) => events.iter().any(|e| matches!(&e.data, EventData::TaskApproved(a) if a.stage == stage)),
+            Err(_) => false,
+        }
+    }
+
+    /// Records a decision on a task that waits, once per process.
+    async fn record_waiting(&self, task_id: &str, r: PolicyDecided) {
+        let key = format!("{task_id}|{}|{}|{}|{}", r.stage, r.actor, r.decision, r.rule.as_deref().unwrap_or(""));
+        let first = self.recorded.lock().map(|mut s| s.insert(key)).unwrap_or(true);
+        if first {
+            self.record(task_id, r).await;
+        }
+    }
+
+    /// The agent `task` goes to: the router's choice among the agents the project policy lets
+    /// claim it (an agent denied by a rule is passed over; "require approval" waits for
+    /// `task approve`).
+    pub async fn choose(
+        &self,
+        task: &Task,
+        agents: &[AgentRecord],
+        load: &std::collections::HashMap<String, u32>,
+    ) -> Choice {
+        let now = SystemClock.now();
+        let mut pool: Vec<AgentRecord> = agents.to_vec();
+        let mut denied = Vec::new();
+        loop {
+            let agent = match routing::route(task, &pool, load, now) {
+                Ok(a) => a.clone(),
+                Err(why) if denied.is_empty() => return Choice::Wait(why),
+                Err(_) => return Choice::Wait(format!("the policy denies it to {}", denied.join("; "))),
+            };
+            let policy = match crate::policy_cmd::load(&self.rt, Some(&agent.name)) {
+                Ok(p) => p,
+                Err(e) => return Choice::Wait(format!("the policy cannot be read: {e}")),
+            };
+            let input = DecisionInput::new(Stage::Claim)
+                .with_task(crate::policy_cmd::task_facts(task))
+                .with_agent(crate::policy_cmd::agent_facts(&agent))
+                .with_usage(UsageFacts { attempts: task.attempts + 1, ..Default::default() });
+            let d = policy.evaluate(&input);
+            let r = crate::policy_cmd::record(&d, &format!("agent:{}", agent.name));
+            match d.effect {
+                Effect::Allow => return Choice::Agent(agent, crate::policy_cmd::enforced(&d).then_some(r)),
+                Effect::Deny => {
+                    denied.push(format!("{} ({})", agent.name, d.reason));
+                    self.record_waiting(&task.id, r).await;
+                    pool.retain(|a| a.name != agent.name);
+                }
+                Effect::RequireApproval => {
+                    if self.approved(&task.id, "claim").await {
+                        return Choice::Agent(agent, Some(r));
+                    }
+                    self.record_waiting(&task.id, r).await;
+                    return Choice::Wait(format!(
+                        "it needs approval ({}); `descartes task approve {}` lets it run",
+                        d.reason, task.id
+                    ));
+                }
+            }
+        }
+    }
+
     /// Routes `task` now: the agent that gets it, or why none can.
-    pub async fn route(&self, task: &Task) -> Result<AgentRecord, String> {
+    pub async fn route(&self, task: &Task) -> Result<(AgentRecord, Option<PolicyDecided>), String> {
         let agents = self.stores.agents.list_agents().await.map_err(|e| e.to_string())?;
         let load = self.stores.tasks.agent_load().await.map_err(|e| e.to_string())?;
-        routing::route(task, &agents, &load, SystemClock.now()).cloned()
+        match self.choose(task, &agents, &load).await {
+            Choice::Agent(a, r) => Ok((a, r)),
+            Choice::Wait(why) => Err(why),
+        }
     }
 
     /// Claims the task `id` for `worker`, routed to an eligible agent.
     pub async fn claim_task(&self, id: &str, worker: &str, ttl: Duration) -> anyhow::Result<Claim> {
         let task = self.stores.tasks.get_task(id).await?;
-        let agent = self.route(&task).await.map_err(|why| anyhow::anyhow!("task {id} cannot run now: {why}"))?;
+        let (agent, record) =
+            self.route(&task).await.map_err(|why| anyhow::anyhow!("task {id} cannot run now: {why}"))?;
         match self.stores.tasks.claim_one(&task.id, worker, ttl, Some((&agent.name, agent.max_concurrent))).await? {
-            Some(c) => Ok(c),
+            Some(c) => {
+                if let Some(r) = record {
+                    self.record(&c.task.id, r).await;
+                }
+                Ok(c)
+            }
             None => {
                 let why = descartes_core::task::waiting_reason(&task, &[], &[], SystemClock.now())
                     .unwrap_or_else(|| format!("it is {} or not ready (dependencies, locks, backoff)", task.status));
@@ -185,6 +272,35 @@ impl Executor {
         cancel: CancellationToken,
     ) -> Outcome {
         let prompt = if task.prompt.trim().is_empty() { task.title.clone() } else { task.prompt.clone() };
+        let policy = match crate::policy_cmd::load(&self.rt, Some(&agent.name)) {
+            Ok(p) => Arc::new(p),
+            Err(e) => return Outcome::Failed { reason: format!("the policy cannot be read: {e}") },
+        };
+        // The policy's budgets cap the run, under the configured ones.
+        let b = policy.budgets();
+        let min_u = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        let min_f = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        let budget = Budget {
+            max_tokens: min_u(self.rt.config.budget.max_tokens, b.max_tokens),
+            max_cost_usd: min_f(self.rt.config.budget.max_cost_usd, b.max_cost_usd),
+        };
+        let gate: Option<Arc<dyn descartes_core::permission::ToolGate>> = if policy.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::policy_cmd::PolicyGate {
+                policy: policy.clone(),
+                task: crate::policy_cmd::task_facts(task),
+                agent: crate::policy_cmd::agent_facts(agent),
+                root: cwd.clone(),
+            }))
+        };
+        let time_limit = b.max_time_secs.map(Duration::from_secs_f64);
         let settings = RunSettings {
             provider: Some(agent.backend.clone()),
             model: agent.model.clone(),
@@ -192,24 +308,28 @@ impl Executor {
             max_turns: self.rt.config.max_turns,
             cwd,
             system_prompt: None,
-            budget: Budget {
-                max_tokens: self.rt.config.budget.max_tokens,
-                max_cost_usd: self.rt.config.budget.max_cost_usd,
-            },
+            budget,
         };
-        let io = DriverIo {
-            sink: Arc::new(NullSink),
-            prompter: Arc::new(NoPrompter),
-            cancel,
-            gate: None,
-            human: None,
-        };
+        if let Some(limit) = time_limit {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                cancel.cancel();
+            });
+        }
+        let started = std::time::Instant::now();
+        let io = DriverIo { sink: Arc::new(NullSink), prompter: Arc::new(NoPrompter), cancel, gate, human: None };
         let prepared = match prepare_driver(&self.rt, self.stores.events.clone(), &[], settings, io).await {
             Ok(p) => p,
             Err(e) => return Outcome::Failed { reason: format!("agent {} cannot start: {e:#}", agent.name) },
         };
         match prepared.start(run_id.clone(), prompt.clone(), Message::user_text(&prompt)).await {
             Ok(descartes_core::RunOutcome::Completed { result }) => Outcome::Succeeded { result: Some(result) },
+            Ok(descartes_core::RunOutcome::Cancelled)
+                if time_limit.is_some_and(|l| started.elapsed() >= l) =>
+            {
+                Outcome::Failed { reason: format!("run {run_id} stopped at the policy's time budget") }
+            }
             Ok(descartes_core::RunOutcome::Cancelled) => Outcome::Cancelled,
             Ok(descartes_core::RunOutcome::Failed { error, .. }) => {
                 Outcome::Failed { reason: format!("run {run_id} failed: {error}") }
@@ -335,8 +455,15 @@ impl TaskRunner for Executor {
         loop {
             let queue = tasks.peek_queued(limit).await?;
             for task in &queue {
-                let Ok(agent) = routing::route(task, &agents, &load, now) else { continue };
+                // Cheap check first: most tasks no agent can take now are skipped here.
+                if routing::route(task, &agents, &load, now).is_err() {
+                    continue;
+                }
+                let Choice::Agent(agent, record) = self.choose(task, &agents, &load).await else { continue };
                 if let Some(claim) = tasks.claim_one(&task.id, worker, ttl, Some((&agent.name, agent.max_concurrent))).await? {
+                    if let Some(r) = record {
+                        self.record(&claim.task.id, r).await;
+                    }
                     return Ok(Some(claim));
                 }
                 // Not ready (dependencies, locks) or the agent filled up meanwhile.

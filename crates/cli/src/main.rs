@@ -11,6 +11,7 @@ mod mcp_cmd;
 mod model_cmd;
 mod output;
 mod permissions_cmd;
+mod policy_cmd;
 mod providers_cmd;
 mod session_cmd;
 mod task_cmd;
@@ -104,6 +105,11 @@ enum Command {
     Ai {
         #[command(subcommand)]
         command: ai_cmd::AiCommand,
+    },
+    /// The project's policy engine: check policy files, explain a task's decisions.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
     },
     /// The tamper-evident trail of a task (`audit TASK`), and its check (`audit verify`).
     Audit(audit_cmd::AuditArgs),

@@ -51,6 +51,13 @@ pub enum TaskCommand {
     Merge { id: String },
     /// Remove the task's worktree and branch.
     Discard { id: String },
+    /// Approve what the project policy requires approval for: running the task (`claim`) or
+    /// merging it (`merge`).
+    Approve {
+        id: String,
+        #[arg(long, default_value = "claim", value_parser = ["claim", "merge"])]
+        stage: String,
+    },
     /// Claim the highest-priority ready task(s); prints `ID TOKEN` per task.
     Claim {
         #[arg(long)]
@@ -232,7 +239,11 @@ pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
     // their next poll.
     let wakes = matches!(command, TaskCommand::Create(_) | TaskCommand::Retry { .. } | TaskCommand::Release(_));
     let result = match command {
-        TaskCommand::Execute { .. } | TaskCommand::Diff { .. } | TaskCommand::Merge { .. } | TaskCommand::Discard { .. } => {
+        TaskCommand::Execute { .. }
+        | TaskCommand::Diff { .. }
+        | TaskCommand::Merge { .. }
+        | TaskCommand::Discard { .. }
+        | TaskCommand::Approve { .. } => {
             crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await
         }
         TaskCommand::Show { ref id, json, evidence } if !json => {
@@ -411,7 +422,11 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
         TaskCommand::Watch { all, json } => watch(events, all, json).await?,
         TaskCommand::Graph { dot } => graph(tasks, dot).await?,
         // Handled by `task_exec_cmd` (they need the runtime).
-        TaskCommand::Execute { .. } | TaskCommand::Diff { .. } | TaskCommand::Merge { .. } | TaskCommand::Discard { .. } => {
+        TaskCommand::Execute { .. }
+        | TaskCommand::Diff { .. }
+        | TaskCommand::Merge { .. }
+        | TaskCommand::Discard { .. }
+        | TaskCommand::Approve { .. } => {
             return Ok(2);
         }
     }

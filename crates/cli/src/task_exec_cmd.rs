@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use descartes_core::{Clock, SystemClock, TaskError};
+use descartes_policy::{DecisionInput, Effect, Stage};
 use descartes_protocol::{RunId, TaskDiscarded, TaskMerged, TaskStatus};
 use descartes_runtime::daemon::{Outcome, TaskRunner};
 use descartes_runtime::{Runtime, Stores};
@@ -46,6 +47,40 @@ pub async fn run(rt: Arc<Runtime>, stores: Stores, command: TaskCommand) -> Resu
             if a.discarded {
                 bail!("task {id} was discarded; its branch is gone");
             }
+            // The policy at merge: a deny refuses, "require approval" needs `task approve --stage merge`.
+            let agent = match &task.agent {
+                Some(n) => stores.agents.get_agent(n).await?,
+                None => None,
+            };
+            let policy = crate::policy_cmd::load(&rt, agent.as_ref().map(|a| a.name.as_str()))?;
+            let mut input = DecisionInput::new(Stage::Merge).with_task(crate::policy_cmd::task_facts(&task));
+            if let Some(a) = &agent {
+                input = input.with_agent(crate::policy_cmd::agent_facts(a));
+            }
+            let d = policy.evaluate(&input);
+            let approved = stores.events.read_run(&RunId::from(id.as_str()), 0).await?.iter().any(
+                |e| matches!(&e.data, descartes_protocol::EventData::TaskApproved(a) if a.stage == "merge"),
+            );
+            if crate::policy_cmd::enforced(&d) {
+                let r = crate::policy_cmd::record(&d, "user");
+                stores.events.append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), r)]).await?;
+            }
+            match d.effect {
+                Effect::Deny => {
+                    descartes_runtime::audit::sync(&stores, &id).await?;
+                    eprintln!("descartes: error: the policy refuses to merge task {id}: {}", d.reason);
+                    return Ok(10);
+                }
+                Effect::RequireApproval if !approved => {
+                    descartes_runtime::audit::sync(&stores, &id).await?;
+                    eprintln!(
+                        "descartes: error: merging task {id} needs approval ({}); `descartes task approve {id} --stage merge`",
+                        d.reason
+                    );
+                    return Ok(10);
+                }
+                _ => {}
+            }
             match worktrees.merge(&wt).await {
                 Ok(m) => {
                     let fast_forward = matches!(m.kind, descartes_worktree::MergeKind::FastForward);
@@ -82,6 +117,16 @@ pub async fn run(rt: Arc<Runtime>, stores: Stores, command: TaskCommand) -> Resu
             stores.events.append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), event)]).await?;
             descartes_runtime::audit::sync(&stores, &id).await?;
             println!("discarded {} and {}", wt.branch, wt.path.display());
+            Ok(0)
+        }
+        TaskCommand::Approve { id, stage } => {
+            let id = resolve(&*tasks, &id).await?;
+            let by = std::env::var("USER").map(|u| format!("user:{u}")).unwrap_or_else(|_| "user".into());
+            let event = descartes_protocol::TaskApproved { stage: stage.clone(), by, rule: None };
+            stores.events.append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), event)]).await?;
+            descartes_runtime::audit::sync(&stores, &id).await?;
+            descartes_runtime::daemon::poke(&rt.places.state_dir);
+            println!("approved {stage} of task {id}");
             Ok(0)
         }
         _ => Ok(2),

@@ -289,3 +289,113 @@ fn claude_code_as_an_agent_works_in_the_worktree() {
         assert!(trail.contains(&format!("\"{kind}\"")), "{kind} in the trail");
     }
 }
+
+const POLICY: &str = "\
+version: 1
+rules:
+  - id: no-rm-rf
+    effect: deny
+    tools: [shell]
+    commands: [\"rm -rf *\"]
+    reason: never delete trees from an agent
+  - id: approve-deploys
+    effect: require_approval
+    on: claim
+    task_types: [deploy]
+";
+
+/// A model that tries to delete a tree, then reports what it got.
+fn deleter(req: &RecordedRequest) -> Reply {
+    match req.tool_results().last() {
+        Some((_, out)) => Reply::Stream(openai::text(&[&format!("got: {}", out.replace('\n', " "))])),
+        None => Reply::Stream(openai::tool_call("d1", "shell", &[r#"{"command":"rm -rf build"}"#])),
+    }
+}
+
+#[test]
+fn the_project_policy_denies_requires_approval_and_explains_itself() {
+    let env = repo_env(deleter);
+    let p = env.project();
+    std::fs::create_dir_all(p.join(".ai")).unwrap();
+    std::fs::write(p.join(".ai/policy.yaml"), POLICY).unwrap();
+    std::fs::create_dir_all(p.join("build")).unwrap();
+    std::fs::write(p.join("build/keep.txt"), "x").unwrap();
+    git(&p, &["add", "-f", ".ai/policy.yaml", "build/keep.txt"]);
+    git(&p, &["commit", "-q", "-m", "policy"]);
+    assert!(ok(&env, &["policy", "validate"]).contains("policy.yaml: ok"));
+    ok(&env, &["ai", "register", "gpt", "--backend", "openai", "--model", "gpt-4o-mini"]);
+
+    // The shell call matching `rm -rf *` is denied by the policy (not run), recorded, explained.
+    let clean = ok(&env, &["task", "create", "clean up", "--prompt", "delete the build"]);
+    let out = env.run(&["task", "execute", &clean]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("never delete trees"), "{}", stdout(&out));
+    let explain = ok(&env, &["policy", "explain", &clean]);
+    assert!(explain.contains("tool   deny") && explain.contains("rule no-rm-rf"), "{explain}");
+    assert!(explain.contains(".ai/policy.yaml:3"), "the rule's file and line: {explain}");
+    assert!(explain.contains("actor agent:gpt") && explain.contains("rm -rf build"), "{explain}");
+    let diff = ok(&env, &["task", "diff", &clean]);
+    assert!(diff.is_empty(), "nothing was deleted: {diff}");
+
+    // The deploy task waits for approval: recorded once, shown, then approved and run.
+    let deploy = ok(&env, &["task", "create", "ship it", "--type", "deploy"]);
+    let out = env.run(&["task", "execute", &deploy]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(stderr(&out).contains("needs approval") && stderr(&out).contains("task approve"), "{}", stderr(&out));
+    let explain = ok(&env, &["policy", "explain", &deploy]);
+    assert!(explain.contains("claim  require_approval") && explain.contains("rule approve-deploys"), "{explain}");
+    ok(&env, &["task", "approve", &deploy]);
+    let out = env.run(&["task", "execute", &deploy]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(show(&env, &deploy)["status"], "done");
+
+    // Bad policy files are reported with file, line and column; conflicts are reported.
+    std::fs::write(p.join(".ai/policy.yaml"), "rules:\n  - id: a\n    effect: deny\n    tols: [shell]\n").unwrap();
+    let out = env.run(&["policy", "validate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(".ai/policy.yaml:4:5:") && stderr(&out).contains("tols"), "{}", stderr(&out));
+    std::fs::write(
+        p.join(".ai/policy.yaml"),
+        "rules:\n  - id: a\n    effect: deny\n    when: 'task.priority >'\n",
+    )
+    .unwrap();
+    let out = env.run(&["policy", "validate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains(".ai/policy.yaml:4:"), "{}", stderr(&out));
+    let conflicting = "rules:\n  - id: a\n    effect: deny\n    task_types: [deploy]\n  - id: b\n    effect: allow\n    task_types: [deploy]\n";
+    std::fs::write(p.join(".ai/policy.yaml"), conflicting).unwrap();
+    let out = env.run(&["policy", "validate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("conflict:"), "{}", stderr(&out));
+    // A broken policy stops work rather than being ignored.
+    std::fs::write(p.join(".ai/policy.yaml"), "rules: [").unwrap();
+    let t = ok(&env, &["task", "create", "x"]);
+    let out = env.run(&["task", "execute", &t]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(stderr(&out).contains("the policy cannot be read"), "{}", stderr(&out));
+}
+
+#[test]
+fn audit_verify_names_a_record_edited_in_the_database() {
+    let env = repo_env(|_| Reply::Stream(openai::text(&["unused"])));
+    ok(&env, &["ai", "register", "w", "--backend", "command", "--command", "echo hi > hi.txt"]);
+    let id = ok(&env, &["task", "create", "t", "--id", "audited"]);
+    ok(&env, &["task", "execute", &id]);
+    let trail = ok(&env, &["audit", &id, "--jsonl"]);
+    let n = trail.lines().count();
+    assert!(n >= 6, "{trail}");
+    for line in trail.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["record"]["task_id"], "audited");
+        assert!(v["event"].is_object(), "each record has its event: {v}");
+    }
+    assert_eq!(ok(&env, &["audit", "verify"]), "audit trail intact: 1 tasks");
+    // Edit one audit row by hand.
+    let db = rusqlite::Connection::open(env.project().join(".descartes/descartes.db")).unwrap();
+    let changed = db.execute("UPDATE audit SET kind = 'task_failed' WHERE task_id = 'audited' AND n = 3", []).unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let out = env.run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("task audited, audit record 3: its content does not match its hash"), "{}", stderr(&out));
+}
