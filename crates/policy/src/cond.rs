@@ -105,21 +105,22 @@ pub(crate) fn available(input: &DecisionInput) -> u8 {
     bits
 }
 
-/// The evaluation context of an input: `stage`, and `task`, `agent`, `tool`, `usage` for the
-/// facts it has. Optional tool fields are absent keys when unknown (`has(tool.command)`).
-pub(crate) fn context(input: &DecisionInput) -> Context<'static, 'static> {
+/// The evaluation context of an input: `stage`, and those of `task`, `agent`, `tool`, `usage`
+/// that are in `needs` (`VAR_*` bits) and that the input has. Optional tool fields are absent
+/// keys when unknown (`has(tool.command)`).
+pub(crate) fn context(input: &DecisionInput, needs: u8) -> Context<'static, 'static> {
     let mut ctx = Context::with_env(Arc::clone(env()));
     ctx.add_variable_from_value("stage", input.stage.as_str());
-    if let Some(t) = &input.task {
+    if let Some(t) = input.task.as_ref().filter(|_| needs & VAR_TASK != 0) {
         ctx.add_variable_from_value("task", task_value(t));
     }
-    if let Some(a) = &input.agent {
+    if let Some(a) = input.agent.as_ref().filter(|_| needs & VAR_AGENT != 0) {
         ctx.add_variable_from_value("agent", agent_value(a));
     }
-    if let Some(t) = &input.tool {
+    if let Some(t) = input.tool.as_ref().filter(|_| needs & VAR_TOOL != 0) {
         ctx.add_variable_from_value("tool", tool_value(t));
     }
-    if let Some(u) = &input.usage {
+    if let Some(u) = input.usage.as_ref().filter(|_| needs & VAR_USAGE != 0) {
         ctx.add_variable_from_value("usage", usage_value(u));
     }
     ctx
@@ -196,7 +197,7 @@ mod tests {
     }
 
     fn eval(src: &str) -> Result<bool, String> {
-        Condition::compile(src).unwrap().eval(&context(&input()))
+        Condition::compile(src).unwrap().eval(&context(&input(), 0xff))
     }
 
     #[test]
@@ -217,6 +218,76 @@ mod tests {
         assert!(eval("task.priority").unwrap_err().contains("integer"));
         assert!(eval("task.priority / 0 == 1").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn compiling_and_running_any_text_never_panics(src in "[a-z0-9_ .()\\[\\]{}<>=!&|+*/%?:,'\"-]{0,40}|\\PC{0,40}") {
+            if let Ok(c) = Condition::compile(&src) {
+                let _ = c.eval(&context(&input(), 0xff));
+            }
+        }
+
+        #[test]
+        fn running_any_expression_of_known_tokens_never_panics(
+            tokens in proptest::collection::vec(proptest::sample::select(TOKENS), 1..12)
+        ) {
+            if let Ok(c) = Condition::compile(&tokens.join(" ")) {
+                let _ = c.eval(&context(&input(), 0xff));
+            }
+        }
+    }
+
+    const TOKENS: &[&str] = &[
+        "task.priority",
+        "task.labels",
+        "task.title",
+        "tool.command",
+        "tool.path",
+        "usage.tokens",
+        "stage",
+        "1",
+        "0",
+        "-1",
+        "9223372036854775807",
+        "1.5",
+        "'a'",
+        "'[('",
+        "true",
+        "null",
+        "&&",
+        "||",
+        ">",
+        "<",
+        "==",
+        "in",
+        "+",
+        "-",
+        "*",
+        "/",
+        "%",
+        "!",
+        "?",
+        ":",
+        "(",
+        ")",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "size(",
+        "has(",
+        ".exists(x,",
+        "x",
+        ".matches(",
+        ".startsWith(",
+        "int(",
+        "string(",
+        "double(",
+        ".split(",
+        ".map(y,",
+        "y",
+    ];
 
     #[test]
     fn references_and_compile_errors() {

@@ -245,11 +245,14 @@ impl PolicySet {
             candidates.push((key, i));
         }
         candidates.sort_by(|(ka, a), (kb, b)| kb.cmp(ka).then_with(|| self.rules[*a].id.cmp(&self.rules[*b].id)));
+        // The CEL context holds only the facts some candidate's condition reads.
+        let needs =
+            candidates.iter().filter_map(|(_, i)| self.compiled[*i].condition.as_ref()).fold(0, |m, c| m | c.needs);
         let mut ctx = None;
         for (_, i) in candidates {
             let (rule, c) = (&self.rules[i], &self.compiled[i]);
             if let Some(cond) = &c.condition {
-                let ctx = ctx.get_or_insert_with(|| cond::context(input));
+                let ctx = ctx.get_or_insert_with(|| cond::context(input, needs));
                 match cond.eval(ctx) {
                     Ok(true) => {}
                     Ok(false) => continue,

@@ -866,3 +866,23 @@ proptest! {
         let _ = validate_str(Path::new("x.yaml"), &text);
     }
 }
+
+#[test]
+fn the_documented_format_example_is_valid() {
+    let docs = include_str!("lib.rs");
+    let start = docs.find("//! ```yaml\n").unwrap() + "//! ```yaml\n".len();
+    let end = start + docs[start..].find("//! ```\n").unwrap();
+    let yaml: String =
+        docs[start..end].lines().map(|l| format!("{}\n", l.strip_prefix("//! ").unwrap_or(""))).collect();
+    assert_eq!(errors(&yaml), Vec::<String>::new());
+    let p = project(&yaml);
+    assert_eq!(p.rules().len(), 5, "`enabled: false` only removes");
+    assert_eq!(p.budgets().max_attempts, Some(3));
+    let fetch = DecisionInput::new(Stage::Tool).with_agent(agent("claude-2")).with_tool(ToolFacts {
+        name: "http_request".into(),
+        host: Some("docs.example.com".into()),
+        ..ToolFacts::default()
+    });
+    assert_eq!(decide(&p, &fetch), by(Allow, "docs-site"));
+    assert_eq!(decide(&p, &file_call("read_file", "secrets/k", Access::Read)), by(Deny, "secrets"));
+}
