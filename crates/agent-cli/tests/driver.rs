@@ -292,7 +292,8 @@ async fn configured_rules_answer_the_cli_and_a_deny_wins_over_yes() {
     use descartes_core::policy::{PermissionRules, Policy, RuleSpec, Source};
     let rules = |allow: &[&str], deny: &[&str]| {
         let specs = |l: &[&str]| l.iter().map(|t| RuleSpec::parse(t).unwrap()).collect::<Vec<_>>();
-        Policy::new(&[(Source::Project, PermissionRules { allow: specs(allow), ask: vec![], deny: specs(deny) })]).unwrap()
+        Policy::new(&[(Source::Project, PermissionRules { allow: specs(allow), ask: vec![], deny: specs(deny) })])
+            .unwrap()
     };
     // (policy, -y, expected decision, expected rule)
     let cases = [

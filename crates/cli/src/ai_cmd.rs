@@ -142,7 +142,11 @@ pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
                 eprintln!("no agents; register one with `descartes ai register NAME --backend B`");
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  LABELS / CAPABILITIES", "NAME", "BACKEND", "STATUS", "LOAD", "SUCCESS")?;
+                writeln!(
+                    out,
+                    "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  LABELS / CAPABILITIES",
+                    "NAME", "BACKEND", "STATUS", "LOAD", "SUCCESS"
+                )?;
                 for (a, row) in list.iter().zip(&rows) {
                     let running = row["running"].as_u64().unwrap_or(0);
                     let success = if a.stats.recent.is_empty() {

@@ -325,9 +325,7 @@ impl Executor {
         };
         match prepared.start(run_id.clone(), prompt.clone(), Message::user_text(&prompt)).await {
             Ok(descartes_core::RunOutcome::Completed { result }) => Outcome::Succeeded { result: Some(result) },
-            Ok(descartes_core::RunOutcome::Cancelled)
-                if time_limit.is_some_and(|l| started.elapsed() >= l) =>
-            {
+            Ok(descartes_core::RunOutcome::Cancelled) if time_limit.is_some_and(|l| started.elapsed() >= l) => {
                 Outcome::Failed { reason: format!("run {run_id} stopped at the policy's time budget") }
             }
             Ok(descartes_core::RunOutcome::Cancelled) => Outcome::Cancelled,
@@ -384,7 +382,8 @@ impl Executor {
                             (false, Some(c)) => format!("exit {c}"),
                             (false, None) => "killed".to_owned(),
                         };
-                        outcome = Outcome::Failed { reason: format!("the test command `{}` failed ({how})", t.command) };
+                        outcome =
+                            Outcome::Failed { reason: format!("the test command `{}` failed ({how})", t.command) };
                     }
                     match self.evidence.put_evidence(&ev) {
                         Ok(r) => manifest["files"] = json!(r),
@@ -460,7 +459,9 @@ impl TaskRunner for Executor {
                     continue;
                 }
                 let Choice::Agent(agent, record) = self.choose(task, &agents, &load).await else { continue };
-                if let Some(claim) = tasks.claim_one(&task.id, worker, ttl, Some((&agent.name, agent.max_concurrent))).await? {
+                if let Some(claim) =
+                    tasks.claim_one(&task.id, worker, ttl, Some((&agent.name, agent.max_concurrent))).await?
+                {
                     if let Some(r) = record {
                         self.record(&claim.task.id, r).await;
                     }

@@ -90,7 +90,10 @@ impl ToolGate for PolicyGate {
     fn check(&self, tool: &str, input: &Value, _cwd: &Path) -> Option<GateVerdict> {
         let facts = ToolFacts::from_call(tool, input, &self.root);
         let d = self.policy.evaluate(
-            &DecisionInput::new(Stage::Tool).with_task(self.task.clone()).with_agent(self.agent.clone()).with_tool(facts),
+            &DecisionInput::new(Stage::Tool)
+                .with_task(self.task.clone())
+                .with_agent(self.agent.clone())
+                .with_tool(facts),
         );
         if !enforced(&d) {
             return None;
@@ -169,8 +172,10 @@ fn default_files(rt: &Runtime) -> Vec<PathBuf> {
     let root = project_root(rt);
     let mut files: Vec<PathBuf> = global_policy(rt).into_iter().chain([root.join(".ai/policy.yaml")]).collect();
     if let Ok(dir) = std::fs::read_dir(root.join(".ai/policies")) {
-        let mut agents: Vec<PathBuf> =
-            dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "yaml")).collect();
+        let mut agents: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
         agents.sort();
         files.extend(agents);
     }

@@ -243,9 +243,7 @@ pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
         | TaskCommand::Diff { .. }
         | TaskCommand::Merge { .. }
         | TaskCommand::Discard { .. }
-        | TaskCommand::Approve { .. } => {
-            crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await
-        }
+        | TaskCommand::Approve { .. } => crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await,
         TaskCommand::Show { ref id, json, evidence } if !json => {
             let id = resolve(&*tasks, id).await;
             match id {

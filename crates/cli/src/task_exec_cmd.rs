@@ -58,9 +58,12 @@ pub async fn run(rt: Arc<Runtime>, stores: Stores, command: TaskCommand) -> Resu
                 input = input.with_agent(crate::policy_cmd::agent_facts(a));
             }
             let d = policy.evaluate(&input);
-            let approved = stores.events.read_run(&RunId::from(id.as_str()), 0).await?.iter().any(
-                |e| matches!(&e.data, descartes_protocol::EventData::TaskApproved(a) if a.stage == "merge"),
-            );
+            let approved = stores
+                .events
+                .read_run(&RunId::from(id.as_str()), 0)
+                .await?
+                .iter()
+                .any(|e| matches!(&e.data, descartes_protocol::EventData::TaskApproved(a) if a.stage == "merge"));
             if crate::policy_cmd::enforced(&d) {
                 let r = crate::policy_cmd::record(&d, "user");
                 stores.events.append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), r)]).await?;
@@ -90,7 +93,10 @@ pub async fn run(rt: Arc<Runtime>, stores: Stores, command: TaskCommand) -> Resu
                         commit: m.commit.clone(),
                         fast_forward,
                     };
-                    stores.events.append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), event)]).await?;
+                    stores
+                        .events
+                        .append(vec![descartes_protocol::NewEvent::new(&RunId::from(id.as_str()), event)])
+                        .await?;
                     descartes_runtime::audit::sync(&stores, &id).await?;
                     let how = match m.kind {
                         descartes_worktree::MergeKind::UpToDate => "already merged",
@@ -235,7 +241,13 @@ pub async fn show_extra(rt: &Arc<Runtime>, stores: &Stores, id: &str, evidence: 
             (false, Some(c)) => format!("exit {c}"),
             (false, None) => "killed".to_owned(),
         };
-        writeln!(out, "  test:    `{}`: {status} in {} ms (output blob {})", t.command, t.duration_ms, t.output.as_str())?;
+        writeln!(
+            out,
+            "  test:    `{}`: {status} in {} ms (output blob {})",
+            t.command,
+            t.duration_ms,
+            t.output.as_str()
+        )?;
     }
     if let Some(run) = manifest["run_id"].as_str() {
         writeln!(out, "  run:     {run} (transcript blob {})", manifest["transcript"].as_str().unwrap_or("-"))?;

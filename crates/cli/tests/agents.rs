@@ -89,7 +89,22 @@ fn tasks_go_to_agents_by_label_load_is_spread_and_a_disabled_agent_gets_nothing(
     env.init();
     let slow = "sleep 1; echo \"$DESCARTES_AGENT did $DESCARTES_TASK_TITLE\"";
     for (name, label) in [("rusty-1", "rust"), ("rusty-2", "rust"), ("snake", "python")] {
-        ok(&env, &["ai", "register", name, "--backend", "command", "--command", slow, "--label", label, "--max-concurrent", "2"]);
+        ok(
+            &env,
+            &[
+                "ai",
+                "register",
+                name,
+                "--backend",
+                "command",
+                "--command",
+                slow,
+                "--label",
+                label,
+                "--max-concurrent",
+                "2",
+            ],
+        );
     }
     // Bad registrations are refused clearly.
     let out = env.run(&["ai", "register", "x", "--backend", "command"]);
@@ -105,9 +120,8 @@ fn tasks_go_to_agents_by_label_load_is_spread_and_a_disabled_agent_gets_nothing(
         list.as_array().unwrap().iter().map(|a| (a["name"].as_str().unwrap(), a["status"].as_str().unwrap())).collect();
     assert_eq!(status, [("rusty-1", "idle"), ("rusty-2", "idle"), ("snake", "disabled")]);
 
-    let rust: Vec<String> = (0..4)
-        .map(|i| ok(&env, &["task", "create", &format!("r{i}"), "--needs-label", "rust"]))
-        .collect();
+    let rust: Vec<String> =
+        (0..4).map(|i| ok(&env, &["task", "create", &format!("r{i}"), "--needs-label", "rust"])).collect();
     let py = ok(&env, &["task", "create", "p", "--needs-label", "python"]);
     let d = daemon(&env, "4");
     wait_until("the rust tasks", Duration::from_secs(60), || rust.iter().all(|id| show(&env, id)["status"] == "done"));
@@ -147,8 +161,22 @@ fn parallel_tasks_run_in_their_own_worktrees_with_their_own_evidence() {
     let edit = "sleep 1; echo \"$DESCARTES_TASK_TITLE\" > \"$DESCARTES_TASK_PROMPT\"; echo edited";
     ok(&env, &["ai", "register", "editor", "--backend", "command", "--command", edit, "--max-concurrent", "2"]);
     let a = ok(&env, &["task", "create", "alpha", "--prompt", "a.txt", "--lock", "a.txt", "--id", "task-a"]);
-    let b = ok(&env, &["task", "create", "beta", "--prompt", "b.txt", "--lock", "src/**", "--id", "task-b",
-        "--test-command", "test -f b.txt"]);
+    let b = ok(
+        &env,
+        &[
+            "task",
+            "create",
+            "beta",
+            "--prompt",
+            "b.txt",
+            "--lock",
+            "src/**",
+            "--id",
+            "task-b",
+            "--test-command",
+            "test -f b.txt",
+        ],
+    );
     let head = git(&p, &["rev-parse", "HEAD"]);
     let d = daemon(&env, "2");
     wait_until("both tasks", Duration::from_secs(60), || [&a, &b].iter().all(|id| show(&env, id)["status"] == "done"));
@@ -191,7 +219,16 @@ fn parallel_tasks_run_in_their_own_worktrees_with_their_own_evidence() {
     // The audit trail holds every step, in order, and verifies.
     let trail = ok(&env, &["audit", &a]);
     let kinds: Vec<&str> = trail.lines().map(|l| l.split_whitespace().nth(3).unwrap()).collect();
-    for k in ["task_created", "task_claimed", "task_routed", "task_worktree", "task_evidence", "task_completed", "task_merged", "task_discarded"] {
+    for k in [
+        "task_created",
+        "task_claimed",
+        "task_routed",
+        "task_worktree",
+        "task_evidence",
+        "task_completed",
+        "task_merged",
+        "task_discarded",
+    ] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
     assert_eq!(ok(&env, &["audit", "verify"]), "audit trail intact: 2 tasks");
@@ -354,11 +391,8 @@ fn the_project_policy_denies_requires_approval_and_explains_itself() {
     let out = env.run(&["policy", "validate"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(".ai/policy.yaml:4:5:") && stderr(&out).contains("tols"), "{}", stderr(&out));
-    std::fs::write(
-        p.join(".ai/policy.yaml"),
-        "rules:\n  - id: a\n    effect: deny\n    when: 'task.priority >'\n",
-    )
-    .unwrap();
+    std::fs::write(p.join(".ai/policy.yaml"), "rules:\n  - id: a\n    effect: deny\n    when: 'task.priority >'\n")
+        .unwrap();
     let out = env.run(&["policy", "validate"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains(".ai/policy.yaml:4:"), "{}", stderr(&out));
@@ -397,5 +431,9 @@ fn audit_verify_names_a_record_edited_in_the_database() {
     drop(db);
     let out = env.run(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stderr(&out).contains("task audited, audit record 3: its content does not match its hash"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("task audited, audit record 3: its content does not match its hash"),
+        "{}",
+        stderr(&out)
+    );
 }

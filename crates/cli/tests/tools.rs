@@ -70,7 +70,8 @@ fn invalid_tool_arguments_go_back_to_the_model_and_the_run_goes_on() {
 
 #[test]
 fn a_command_printing_100_mb_gives_a_bounded_result() {
-    let env = Env::new(one_call("shell", r#"{"command":"head -c 100000000 /dev/zero | tr '\\0' a; echo tail-marker"}"#));
+    let env =
+        Env::new(one_call("shell", r#"{"command":"head -c 100000000 /dev/zero | tr '\\0' a; echo tail-marker"}"#));
     env.init();
     std::fs::write(env.project().join(".descartes/config.toml"), "[tools]\nmax_output_bytes = 65536\n").unwrap();
     let started = std::time::Instant::now();

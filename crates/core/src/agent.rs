@@ -642,7 +642,13 @@ impl Agent {
         tool: &dyn Tool,
         input: &Value,
     ) -> Result<PermissionDecided> {
-        let q = Question { call_id: Some(id.to_owned()), tool: name, input, read_only: tool.read_only(), cwd: &self.config.cwd };
+        let q = Question {
+            call_id: Some(id.to_owned()),
+            tool: name,
+            input,
+            read_only: tool.read_only(),
+            cwd: &self.config.cwd,
+        };
         let (step, record) =
             permission::decide_gated(self.gate.as_deref(), &self.policy, &q, &st.run_allowed, st.auto_approve);
         if let Some(r) = record {

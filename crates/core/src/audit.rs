@@ -190,7 +190,8 @@ mod tests {
         let next = plan_sync("t", &records, &more);
         assert_eq!((next.len(), next[0].n, next[0].prev.clone()), (1, 4, records[2].hash.clone()));
 
-        let find = |log: Vec<Event>| move |s: &str, q: Seq| log.iter().find(|e| e.run_id.as_str() == s && e.seq == q).cloned();
+        let find =
+            |log: Vec<Event>| move |s: &str, q: Seq| log.iter().find(|e| e.run_id.as_str() == s && e.seq == q).cloned();
         assert!(verify_chain(&records, &find(events.clone())).is_empty());
 
         let mut edited = records.clone();

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use descartes_protocol::{
-    BackendSession, BudgetExceeded, ContentPart, Decision, EventData, Message, MessageAdded,
-    ModelCallCompleted, ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed,
-    RunId, RunParked, RunResumed, RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
+    BackendSession, BudgetExceeded, ContentPart, Decision, EventData, Message, MessageAdded, ModelCallCompleted,
+    ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunParked,
+    RunResumed, RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;

@@ -69,10 +69,7 @@ pub fn ineligible(agent: &AgentRecord, task: &Task, running: u32, now: Timestamp
     match status(agent, running, now) {
         AgentStatus::Disabled => return Some("disabled".into()),
         AgentStatus::Unhealthy => {
-            return Some(format!(
-                "unhealthy after {} failed attempts in a row",
-                agent.stats.consecutive_failures
-            ));
+            return Some(format!("unhealthy after {} failed attempts in a row", agent.stats.consecutive_failures));
         }
         _ => {}
     }

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -339,9 +339,7 @@ impl ToolRegistry {
         let output = match self.entry(name) {
             None => ToolOutput::error(format!("unknown tool `{name}`; available tools: {}", self.names().join(", "))),
             Some(e) => match validate_against(&e.spec, name, &input) {
-                Err(message) => {
-                    ToolOutput::error(message).with_details(serde_json::json!({"invalid_arguments": true}))
-                }
+                Err(message) => ToolOutput::error(message).with_details(serde_json::json!({"invalid_arguments": true})),
                 Ok(()) => call_with_timeout(e.tool.as_ref(), input, ctx, e.tool.timeout()).await,
             },
         };

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use descartes_core::audit::{AuditRecord, Tamper, linked_runs, plan_sync, verify_chain};
 use descartes_core::StoreError;
+use descartes_core::audit::{AuditRecord, Tamper, linked_runs, plan_sync, verify_chain};
 use descartes_protocol::{Event, RunId, Seq};
 
 use crate::Stores;

@@ -29,9 +29,7 @@ impl PgStore {
                 None => client.query(&stmt, &[]),
             }
             .map_err(|e| target.error(&e))?;
-            rows.iter()
-                .map(|r| decode(r.try_get::<_, &str>(0).map_err(|e| target.error(&e))?))
-                .collect()
+            rows.iter().map(|r| decode(r.try_get::<_, &str>(0).map_err(|e| target.error(&e))?)).collect()
         })
         .await
     }
@@ -157,7 +155,10 @@ impl descartes_core::audit::AuditStore for PgStore {
         .map_err(|e| StoreError::Io { message: format!("database task failed: {e}"), busy: false })?
     }
 
-    async fn audit_records(&self, task_id: Option<&str>) -> Result<Vec<descartes_core::audit::AuditRecord>, StoreError> {
+    async fn audit_records(
+        &self,
+        task_id: Option<&str>,
+    ) -> Result<Vec<descartes_core::audit::AuditRecord>, StoreError> {
         let task_id = task_id.map(str::to_owned);
         self.with_conn(move |conn, target| {
             let Conn { client, stmts, .. } = conn;

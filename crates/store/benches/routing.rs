@@ -87,7 +87,12 @@ fn main() {
         decide.push(t.elapsed());
         let t = Instant::now();
         let c = rt
-            .block_on(store.claim_one(&task.id, "bench", Duration::from_secs(600), Some((&agent.name, agent.max_concurrent))))
+            .block_on(store.claim_one(
+                &task.id,
+                "bench",
+                Duration::from_secs(600),
+                Some((&agent.name, agent.max_concurrent)),
+            ))
             .unwrap()
             .unwrap();
         claim.push(t.elapsed());

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use descartes_core::task::{self, TaskTxn};
 use descartes_core::audit::{AuditRecord, AuditStore};
 use descartes_core::routing::{AgentStore, agent_stream};
+use descartes_core::task::{self, TaskTxn};
 use descartes_core::{StoreError, TaskError, TaskFilter, TaskStore};
 use descartes_protocol::{
     AgentRecord, AgentRemoved, Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp,
@@ -263,8 +263,10 @@ impl TaskStore for SqliteEventStore {
     ) -> Result<Option<Claim>, TaskError> {
         let (id, worker, now) = (id.to_owned(), worker.to_owned(), self.clock.now());
         let agent = agent.map(|(a, n)| (a.to_owned(), n));
-        self.task_op(move |txn| task::claim_one(txn, &id, &worker, ttl, agent.as_ref().map(|(a, n)| (a.as_str(), *n)), now))
-            .await
+        self.task_op(move |txn| {
+            task::claim_one(txn, &id, &worker, ttl, agent.as_ref().map(|(a, n)| (a.as_str(), *n)), now)
+        })
+        .await
     }
 
     async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
@@ -389,7 +391,8 @@ impl SqliteEventStore {
 }
 
 fn append_raw(tx: &Transaction<'_>, stream: &str, data: &EventData) -> Result<(), StoreError> {
-    let json = data.to_json().map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode event: {e}") })?;
+    let json =
+        data.to_json().map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode event: {e}") })?;
     tx.prepare_cached("INSERT INTO events (id, run_id, type, v, at, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
         .map_err(io_err)?
         .execute(params![
@@ -438,10 +441,12 @@ impl AgentStore for SqliteEventStore {
             .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode agent: {e}") })?;
         let name = agent.name.clone();
         self.write_op(move |tx| {
-            tx.prepare_cached("INSERT INTO agents (name, data) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET data = ?2")
-                .map_err(io_err)?
-                .execute(params![name, data])
-                .map_err(io_err)?;
+            tx.prepare_cached(
+                "INSERT INTO agents (name, data) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET data = ?2",
+            )
+            .map_err(io_err)?
+            .execute(params![name, data])
+            .map_err(io_err)?;
             append_raw(tx, &agent_stream(&name), &event)
         })
         .await
@@ -450,7 +455,11 @@ impl AgentStore for SqliteEventStore {
     async fn remove_agent(&self, name: &str) -> Result<bool, StoreError> {
         let name = name.to_owned();
         self.write_op(move |tx| {
-            let n = tx.prepare_cached("DELETE FROM agents WHERE name = ?1").map_err(io_err)?.execute([&name]).map_err(io_err)?;
+            let n = tx
+                .prepare_cached("DELETE FROM agents WHERE name = ?1")
+                .map_err(io_err)?
+                .execute([&name])
+                .map_err(io_err)?;
             if n > 0 {
                 append_raw(tx, &agent_stream(&name), &AgentRemoved { name: name.clone() }.into())?;
             }
@@ -481,11 +490,23 @@ impl AuditStore for SqliteEventStore {
     async fn audit_append(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
         self.write_op(move |tx| {
             let mut stmt = tx
-                .prepare_cached(&format!("INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"))
+                .prepare_cached(&format!(
+                    "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                ))
                 .map_err(io_err)?;
             for r in &records {
-                stmt.execute(params![r.task_id, r.n, r.stream, r.seq, r.kind, r.at.as_micros(), r.digest, r.prev, r.hash])
-                    .map_err(io_err)?;
+                stmt.execute(params![
+                    r.task_id,
+                    r.n,
+                    r.stream,
+                    r.seq,
+                    r.kind,
+                    r.at.as_micros(),
+                    r.digest,
+                    r.prev,
+                    r.hash
+                ])
+                .map_err(io_err)?;
             }
             Ok(())
         })

@@ -83,7 +83,14 @@ async fn sqlite_task_store_follows_the_rules() {
                 .unwrap()
                 .with_clock(clock.clone()),
         );
-        descartes_test_support::task_suite::Stores { tasks: store.clone(), events: store.clone(), agents: store.clone(), audit: store, clock, guard: Box::new(dir) }
+        descartes_test_support::task_suite::Stores {
+            tasks: store.clone(),
+            events: store.clone(),
+            agents: store.clone(),
+            audit: store,
+            clock,
+            guard: Box::new(dir),
+        }
     })
     .await;
 }
@@ -95,7 +102,14 @@ fn sqlite_stores(clock: Arc<descartes_core::testing::ManualClock>) -> descartes_
             .unwrap()
             .with_clock(clock.clone()),
     );
-    descartes_test_support::task_suite::Stores { tasks: store.clone(), events: store.clone(), agents: store.clone(), audit: store, clock, guard: Box::new(dir) }
+    descartes_test_support::task_suite::Stores {
+        tasks: store.clone(),
+        events: store.clone(),
+        agents: store.clone(),
+        audit: store,
+        clock,
+        guard: Box::new(dir),
+    }
 }
 
 proptest::proptest! {

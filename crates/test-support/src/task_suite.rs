@@ -9,9 +9,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use descartes_core::testing::ManualClock;
 use descartes_core::audit::{AuditStore, plan_sync, verify_chain};
 use descartes_core::routing::{AgentStore, agent_stream};
+use descartes_core::testing::ManualClock;
 use descartes_core::{EventStore, TaskError, TaskFilter, TaskStore};
 use descartes_protocol::{
     AgentRecord, AgentRegistered, AgentStats, AgentUpdated, NewTask, Requirements, RunId, TaskStatus, Timestamp,
@@ -523,10 +523,7 @@ async fn routed_claims_respect_capacity_and_readiness(s: &Stores) {
     let events = s.events.read_run(&RunId::from(b.id.as_str()), 0).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
     assert_eq!(kinds, ["task_created", "task_claimed", "task_routed", "task_completed"]);
-    assert!(matches!(
-        s.tasks.claim_one("nope", "w", TTL, None).await,
-        Err(TaskError::NotFound(_))
-    ));
+    assert!(matches!(s.tasks.claim_one("nope", "w", TTL, None).await, Err(TaskError::NotFound(_))));
     assert!(matches!(s.tasks.claim_one(&d.id, "w", Duration::ZERO, None).await, Err(TaskError::Invalid(_))));
 }
 
