@@ -437,3 +437,21 @@ fn audit_verify_names_a_record_edited_in_the_database() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_policy_budget_on_attempts_stops_retries() {
+    let env = repo_env(|_| Reply::Stream(openai::text(&["unused"])));
+    let p = env.project();
+    std::fs::create_dir_all(p.join(".ai")).unwrap();
+    std::fs::write(p.join(".ai/policy.yaml"), "budgets:\n  max_attempts: 1\n").unwrap();
+    ok(&env, &["ai", "register", "w", "--backend", "command", "--command", "echo broken >&2; exit 1"]);
+    let id = ok(&env, &["task", "create", "t", "--max-attempts", "3"]);
+    let out = env.run(&["task", "execute", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(show(&env, &id)["status"], "queued", "the task itself has attempts left");
+    let out = env.run(&["task", "execute", &id]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the policy denies it to w"), "{}", stderr(&out));
+    let explain = ok(&env, &["policy", "explain", &id]);
+    assert!(explain.contains("claim  deny") && explain.contains("budget:max_attempts"), "{explain}");
+}
