@@ -167,6 +167,11 @@ pub trait TaskTxn {
     fn next_token(&mut self) -> Result<i64, TaskError>;
     /// How many leased tasks are routed to `agent`.
     fn leased_by_agent(&mut self, agent: &str) -> Result<u32, TaskError>;
+    /// A hint that up to `n` tokens will be asked for: a store may take them from its counter
+    /// at once (tokens it does not hand out are skipped; tokens only need to increase).
+    fn reserve_tokens(&mut self, _n: usize) -> Result<(), TaskError> {
+        Ok(())
+    }
 }
 
 /// Backoff before attempt `attempts + 1`: 1 s, 2 s, 4 s, ... at most [`MAX_BACKOFF`].
@@ -455,6 +460,9 @@ pub fn claim(
     reap_expired(txn, now)?;
     let mut held: Vec<Vec<String>> = txn.leased_locks()?;
     let mut claims = Vec::new();
+    if max > 1 {
+        txn.reserve_tokens(max)?;
+    }
     // Scan the queue in priority order; look a little further than `max` since some may not be
     // ready, and widen the window while too few are.
     let mut window = max + max / 4 + 4;

@@ -20,6 +20,8 @@ use crate::sqlite::{Cmd, SqliteEventStore, TxDone, TxOp, io_err};
 
 struct SqliteTxn<'a> {
     tx: &'a Transaction<'a>,
+    /// Fencing tokens reserved by this transaction and not handed out yet.
+    reserved: std::ops::Range<i64>,
 }
 
 fn sql(e: rusqlite::Error) -> TaskError {
@@ -153,11 +155,27 @@ impl TaskTxn for SqliteTxn<'_> {
     }
 
     fn next_token(&mut self) -> Result<i64, TaskError> {
-        self.tx
-            .prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'fencing' RETURNING value")
+        if let Some(t) = self.reserved.next() {
+            return Ok(t);
+        }
+        self.reserve_tokens(1)?;
+        self.reserved.next().ok_or_else(|| TaskError::Invalid("no fencing token".into()))
+    }
+
+    fn reserve_tokens(&mut self, n: usize) -> Result<(), TaskError> {
+        if self.reserved.end - self.reserved.start >= i64::try_from(n).unwrap_or(i64::MAX) {
+            return Ok(());
+        }
+        let n = i64::try_from(n.max(1)).unwrap_or(1);
+        let last: i64 = self
+            .tx
+            .prepare_cached("UPDATE meta SET value = value + ?1 WHERE key = 'fencing' RETURNING value")
             .map_err(sql)?
-            .query_row([], |r| r.get(0))
-            .map_err(sql)
+            .query_row([n], |r| r.get(0))
+            .map_err(sql)?;
+        // Tokens left over from an earlier reservation are skipped: tokens only need to grow.
+        self.reserved = (last - n + 1)..(last + 1);
+        Ok(())
     }
 }
 
@@ -169,7 +187,7 @@ impl SqliteEventStore {
     ) -> Result<T, TaskError> {
         let (reply, rx) = oneshot::channel::<Result<T, TaskError>>();
         let op: TxOp = Box::new(move |tx: &Transaction<'_>| {
-            let mut txn = SqliteTxn { tx };
+            let mut txn = SqliteTxn { tx, reserved: 0..0 };
             let result = f(&mut txn);
             let ok = result.is_ok();
             let done: TxDone = Box::new(move |commit: Result<(), StoreError>| {
