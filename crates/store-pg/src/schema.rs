@@ -100,8 +100,6 @@ CREATE TABLE agents (
     name  TEXT PRIMARY KEY,
     data  JSONB NOT NULL
 );
--- Routed leases per agent (`agent_load`, capacity checks).
-CREATE INDEX tasks_by_agent ON tasks ((data->>'agent')) WHERE status IN ('claimed', 'running');
 -- The tasks' audit trail: hash-chained records, one per event (see descartes_core::audit).
 CREATE TABLE audit (
     task_id  TEXT NOT NULL,

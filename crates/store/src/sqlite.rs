@@ -123,9 +123,6 @@ CREATE TABLE agents (
     name  TEXT PRIMARY KEY,
     data  TEXT NOT NULL
 ) WITHOUT ROWID;
--- Routed leases per agent (`agent_load`, capacity checks).
-CREATE INDEX tasks_by_agent ON tasks(json_extract(data, '$.agent'))
-    WHERE status IN ('claimed', 'running');
 -- The tasks' audit trail: hash-chained records, one per event (see descartes_core::audit).
 CREATE TABLE audit (
     task_id  TEXT NOT NULL,

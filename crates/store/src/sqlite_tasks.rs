@@ -146,7 +146,7 @@ impl TaskTxn for SqliteTxn<'_> {
     fn leased_by_agent(&mut self, agent: &str) -> Result<u32, TaskError> {
         self.tx
             .prepare_cached(
-                "SELECT count(*) FROM tasks WHERE status IN ('claimed', 'running')
+                "SELECT count(*) FROM tasks WHERE lease_expires_at IS NOT NULL AND status IN ('claimed', 'running')
                  AND json_extract(data, '$.agent') = ?1",
             )
             .map_err(sql)?
@@ -316,8 +316,8 @@ impl TaskStore for SqliteEventStore {
             let mut stmt = c
                 .prepare_cached(
                     "SELECT json_extract(data, '$.agent'), count(*) FROM tasks
-                     WHERE status IN ('claimed', 'running') AND json_extract(data, '$.agent') IS NOT NULL
-                     GROUP BY 1",
+                     WHERE lease_expires_at IS NOT NULL AND status IN ('claimed', 'running')
+                     AND json_extract(data, '$.agent') IS NOT NULL GROUP BY 1",
                 )
                 .map_err(io_err)?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?))).map_err(io_err)?;
