@@ -202,14 +202,15 @@ impl SqliteEventStore {
         rx.await.map_err(|_| TaskError::Store(StoreError::Closed))?
     }
 
-    async fn read_tasks(&self, sql_text: &'static str, id: Option<String>) -> Result<Vec<Task>, TaskError> {
+    async fn read_tasks(
+        &self,
+        sql_text: &'static str,
+        params: Vec<rusqlite::types::Value>,
+    ) -> Result<Vec<Task>, TaskError> {
         self.with_reader(move |c| {
             let mut stmt = c.prepare_cached(sql_text).map_err(io_err)?;
-            let params: Vec<&dyn rusqlite::ToSql> = match &id {
-                Some(id) => vec![id as &dyn rusqlite::ToSql],
-                None => vec![],
-            };
-            let rows = stmt.query_map(params.as_slice(), |r| r.get::<_, String>(0)).map_err(io_err)?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| r.get::<_, String>(0)).map_err(io_err)?;
             let mut out = Vec::new();
             for row in rows {
                 let data = row.map_err(io_err)?;
@@ -244,7 +245,7 @@ impl TaskStore for SqliteEventStore {
     }
 
     async fn get_task(&self, id: &str) -> Result<Task, TaskError> {
-        self.read_tasks("SELECT data FROM tasks WHERE id = ?1", Some(id.to_owned()))
+        self.read_tasks("SELECT data FROM tasks WHERE id = ?1", vec![id.to_owned().into()])
             .await?
             .pop()
             .ok_or_else(|| TaskError::NotFound(id.to_owned()))
@@ -255,11 +256,11 @@ impl TaskStore for SqliteEventStore {
             Some(s) => {
                 self.read_tasks(
                     "SELECT data FROM tasks WHERE status = ?1 ORDER BY created_at, id",
-                    Some(s.as_str().to_owned()),
+                    vec![s.as_str().to_owned().into()],
                 )
                 .await?
             }
-            None => self.read_tasks("SELECT data FROM tasks ORDER BY created_at, id", None).await?,
+            None => self.read_tasks("SELECT data FROM tasks ORDER BY created_at, id", vec![]).await?,
         };
         Ok(match &filter.label {
             Some(l) => tasks.into_iter().filter(|t| t.labels.contains(l)).collect(),
@@ -289,26 +290,12 @@ impl TaskStore for SqliteEventStore {
 
     async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
         let (now, limit) = (self.clock.now().as_micros(), i64::try_from(limit).unwrap_or(i64::MAX));
-        self.with_reader(move |c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT data FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1)
-                     ORDER BY priority DESC, created_at, id LIMIT ?2",
-                )
-                .map_err(io_err)?;
-            let rows = stmt.query_map(params![now, limit], |r| r.get::<_, String>(0)).map_err(io_err)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let data = row.map_err(io_err)?;
-                out.push(
-                    serde_json::from_str(&data)
-                        .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("task record: {e}") })?,
-                );
-            }
-            Ok(out)
-        })
+        self.read_tasks(
+            "SELECT data FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= ?1)
+             ORDER BY priority DESC, created_at, id LIMIT ?2",
+            vec![now.into(), limit.into()],
+        )
         .await
-        .map_err(TaskError::Store)
     }
 
     async fn agent_load(&self) -> Result<HashMap<String, u32>, TaskError> {
