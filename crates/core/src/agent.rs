@@ -19,19 +19,20 @@ use std::time::Instant;
 
 use descartes_protocol::{
     BudgetExceeded, ContentPart, Decision, Event, EventData, Message, MessageAdded, ModelCallCompleted,
-    ModelCallFailed, ModelCallStarted, NewEvent, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
+    ModelCallFailed, ModelCallStarted, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
     RunFailed, RunId, RunParked, RunResumed, RunStarted, SessionStarted, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::outbox::Outbox;
 use crate::permission::{self, Prompter, Question, Step};
 use crate::policy::Policy;
 use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
 use crate::resilience::ChainEntry;
 use crate::state::{NextStep, PermissionOutcome, RunState};
-use crate::store::{DeferredAppend, EventStore};
+use crate::store::EventStore;
 use crate::tool::{Recovery, Tool, ToolContext, ToolOutput, ToolRegistry};
 use crate::{CoreError, Result};
 
@@ -117,36 +118,30 @@ struct ReadyCall {
     fresh: bool,
 }
 
-/// Events not yet handed to the store, and deferred appends not yet known to be written.
-#[derive(Default)]
-struct Outbox {
-    events: Vec<NewEvent>,
-    deferred: Vec<DeferredAppend>,
-}
-
 impl Agent {
+    /// The `run_started` event of a new run with this agent's configuration.
+    fn run_started(&self, prompt: String) -> RunStarted {
+        let c = &self.config;
+        RunStarted {
+            prompt,
+            provider: c.provider.clone(),
+            model: c.model.clone(),
+            cwd: c.cwd.display().to_string(),
+            max_turns: c.max_turns,
+            auto_approve: c.auto_approve,
+            system_prompt: c.system_prompt.clone(),
+            tools: self.tools.names(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            budget: c.budget,
+        }
+    }
+
     /// Starts a new run with the given goal.
     pub async fn start(&self, run_id: RunId, prompt: String, goal: Message) -> Result<RunOutcome> {
         let mut st = RunState::new(run_id);
         let mut ob = Outbox::default();
-        let c = &self.config;
-        self.push(
-            &mut st,
-            &mut ob,
-            RunStarted {
-                prompt,
-                provider: c.provider.clone(),
-                model: c.model.clone(),
-                cwd: c.cwd.display().to_string(),
-                max_turns: c.max_turns,
-                auto_approve: c.auto_approve,
-                system_prompt: c.system_prompt.clone(),
-                tools: self.tools.names(),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                budget: c.budget,
-            },
-        );
+        self.push(&mut st, &mut ob, self.run_started(prompt));
         self.push(&mut st, &mut ob, MessageAdded { message: goal, model_call_id: None });
         self.commit(&mut st, &mut ob).await?;
         self.drive(st, ob).await
@@ -686,32 +681,15 @@ impl Agent {
     }
 
     fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
-        let event = NewEvent::new(&st.run_id, data);
-        st.apply(0, &event.data);
-        ob.events.push(event);
+        ob.push(st, data);
     }
 
     fn send_deferred(&self, ob: &mut Outbox) {
-        if !ob.events.is_empty() {
-            ob.deferred.push(self.store.append_deferred(std::mem::take(&mut ob.events)));
-        }
+        ob.send_deferred(&*self.store);
     }
 
-    /// Writes the outbox durably and reports the written events to the sink, in log order.
     async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        let written =
-            if ob.events.is_empty() { Vec::new() } else { self.store.append(std::mem::take(&mut ob.events)).await? };
-        for deferred in ob.deferred.drain(..) {
-            for e in deferred.await? {
-                st.last_seq = st.last_seq.max(e.seq);
-                self.sink.event(&e);
-            }
-        }
-        for e in &written {
-            st.last_seq = st.last_seq.max(e.seq);
-            self.sink.event(e);
-        }
-        Ok(())
+        ob.commit(st, &*self.store, &*self.sink).await
     }
 
     /// Starts an interactive session (`descartes chat`): `run_started`, `session_started`
@@ -720,24 +698,7 @@ impl Agent {
     pub async fn start_session(&self, run_id: RunId, session: SessionStarted, first: Message) -> Result<RunOutcome> {
         let mut st = RunState::new(run_id);
         let mut ob = Outbox::default();
-        let c = &self.config;
-        self.push(
-            &mut st,
-            &mut ob,
-            RunStarted {
-                prompt: first.text(),
-                provider: c.provider.clone(),
-                model: c.model.clone(),
-                cwd: c.cwd.display().to_string(),
-                max_turns: c.max_turns,
-                auto_approve: c.auto_approve,
-                system_prompt: c.system_prompt.clone(),
-                tools: self.tools.names(),
-                pid: std::process::id(),
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-                budget: c.budget,
-            },
-        );
+        self.push(&mut st, &mut ob, self.run_started(first.text()));
         self.push(&mut st, &mut ob, session);
         self.push(&mut st, &mut ob, MessageAdded { message: first, model_call_id: None });
         self.commit(&mut st, &mut ob).await?;

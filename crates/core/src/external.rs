@@ -27,18 +27,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use descartes_protocol::{
     BackendSession, BudgetExceeded, ContentPart, Decision, EventData, Message, MessageAdded, ModelCallCompleted,
-    ModelCallStarted, NewEvent, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunParked,
-    RunResumed, RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
+    ModelCallStarted, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunParked, RunResumed,
+    RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentConfig, OutputSink};
+use crate::outbox::Outbox;
 use crate::permission::{self, Prompter, Question};
 use crate::policy::Policy;
 use crate::provider::ProviderError;
 use crate::state::RunState;
-use crate::store::{DeferredAppend, EventStore};
+use crate::store::EventStore;
 use crate::{CoreError, Result};
 
 /// The prompt a resumed CLI session is given.
@@ -173,12 +174,6 @@ pub struct ExternalAgent {
     /// `provider` is ignored (the backend's name is recorded); an empty `model` means the
     /// CLI's default; `max_turns`, `max_tokens` and `spool_root` are not used by CLIs.
     pub config: AgentConfig,
-}
-
-#[derive(Default)]
-struct Outbox {
-    events: Vec<NewEvent>,
-    deferred: Vec<DeferredAppend>,
 }
 
 /// A final assistant message held back until the CLI's result, which may add usage and cost.
@@ -767,32 +762,15 @@ impl ExternalAgent {
     }
 
     fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
-        let event = NewEvent::new(&st.run_id, data);
-        st.apply(0, &event.data);
-        ob.events.push(event);
+        ob.push(st, data);
     }
 
     fn send_deferred(&self, ob: &mut Outbox) {
-        if !ob.events.is_empty() {
-            ob.deferred.push(self.store.append_deferred(std::mem::take(&mut ob.events)));
-        }
+        ob.send_deferred(&*self.store);
     }
 
-    /// Writes the outbox durably and reports the written events to the sink, in log order.
     async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        let written =
-            if ob.events.is_empty() { Vec::new() } else { self.store.append(std::mem::take(&mut ob.events)).await? };
-        for deferred in ob.deferred.drain(..) {
-            for e in deferred.await? {
-                st.last_seq = st.last_seq.max(e.seq);
-                self.sink.event(&e);
-            }
-        }
-        for e in &written {
-            st.last_seq = st.last_seq.max(e.seq);
-            self.sink.event(e);
-        }
-        Ok(())
+        ob.commit(st, &*self.store, &*self.sink).await
     }
 }
 

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod cost;
 pub mod error;
 pub mod external;
+mod outbox;
 pub mod permission;
 pub mod policy;
 pub mod provider;
