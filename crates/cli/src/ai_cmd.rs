@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use descartes_core::routing::{self, AgentStore};
 use descartes_core::{Clock, SystemClock};
-use descartes_protocol::{AgentRecord, AgentRegistered, AgentStats, AgentUpdated};
+use descartes_protocol::{AgentRecord, AgentRegistered, AgentStats};
 use descartes_runtime::Runtime;
 
 #[derive(Subcommand, Debug)]
@@ -172,7 +172,8 @@ pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
             }
         }
         AiCommand::Label { name, label } => {
-            return update(&*agents, &name, &format!("label +{label}"), |a| {
+            let what = format!("label +{label}");
+            return update(&*agents, &name, &what, move |a| {
                 if !a.labels.contains(&label) {
                     a.labels.push(label.clone());
                 }
@@ -180,7 +181,8 @@ pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
             .await;
         }
         AiCommand::Unlabel { name, label } => {
-            return update(&*agents, &name, &format!("label -{label}"), |a| a.labels.retain(|l| *l != label)).await;
+            let what = format!("label -{label}");
+            return update(&*agents, &name, &what, move |a| a.labels.retain(|l| *l != label)).await;
         }
         AiCommand::Disable { name } => return update(&*agents, &name, "disabled", |a| a.disabled = true).await,
         AiCommand::Enable { name } => {
@@ -223,14 +225,20 @@ fn backend_label(a: &AgentRecord) -> String {
     }
 }
 
-async fn update(agents: &dyn AgentStore, name: &str, change: &str, f: impl FnOnce(&mut AgentRecord)) -> Result<u8> {
-    let Some(mut a) = agents.get_agent(name).await? else {
+async fn update(
+    agents: &dyn AgentStore,
+    name: &str,
+    what: &str,
+    f: impl Fn(&mut AgentRecord) + Send + Sync + 'static,
+) -> Result<u8> {
+    let change = Box::new(move |a: &mut AgentRecord| {
+        f(a);
+        a.updated_at = SystemClock.now();
+    });
+    if agents.update_agent(name, what, change).await?.is_none() {
         eprintln!("descartes: error: no agent named `{name}`; `descartes ai list` shows them");
         return Ok(5);
-    };
-    f(&mut a);
-    a.updated_at = SystemClock.now();
-    agents.put_agent(&a, AgentUpdated { change: change.to_owned(), agent: a.clone() }.into()).await?;
-    println!("{name}: {change}");
+    }
+    println!("{name}: {what}");
     Ok(0)
 }

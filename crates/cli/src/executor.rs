@@ -27,8 +27,8 @@ use descartes_core::routing::{self};
 use descartes_core::{Budget, Clock, SystemClock, TaskError, TaskStore};
 use descartes_policy::{DecisionInput, Effect, Stage, UsageFacts};
 use descartes_protocol::{
-    AgentRecord, AgentUpdated, Claim, EventData, Message, NewEvent, PolicyDecided, RunId, Task, TaskEvidence,
-    TaskRunLinked, TaskWorktree,
+    AgentRecord, Claim, EventData, Message, NewEvent, PolicyDecided, RunId, Task, TaskEvidence, TaskRunLinked,
+    TaskWorktree,
 };
 use descartes_runtime::daemon::{CommandRunner, Outcome, TaskRunner};
 use descartes_runtime::{Runtime, Stores};
@@ -405,13 +405,14 @@ impl Executor {
     }
 
     async fn note_outcome(&self, agent: &AgentRecord, succeeded: bool) {
-        let agents = &self.stores.agents;
-        let Ok(Some(mut a)) = agents.get_agent(&agent.name).await else { return };
-        routing::record_outcome(&mut a.stats, succeeded, SystemClock.now());
-        a.updated_at = SystemClock.now();
-        let change = if succeeded { "attempt succeeded" } else { "attempt failed" };
-        if let Err(e) = agents.put_agent(&a, AgentUpdated { change: change.into(), agent: a.clone() }.into()).await {
-            tracing::warn!(agent = %a.name, error = %e, "cannot record the agent's statistics");
+        let what = if succeeded { "attempt succeeded" } else { "attempt failed" };
+        let change = Box::new(move |a: &mut AgentRecord| {
+            let now = SystemClock.now();
+            routing::record_outcome(&mut a.stats, succeeded, now);
+            a.updated_at = now;
+        });
+        if let Err(e) = self.stores.agents.update_agent(&agent.name, what, change).await {
+            tracing::warn!(agent = %agent.name, error = %e, "cannot record the agent's statistics");
         }
     }
 

@@ -27,7 +27,19 @@ pub trait AgentStore: Send + Sync {
     async fn put_agent(&self, agent: &AgentRecord, event: EventData) -> Result<(), StoreError>;
     /// Removes the agent (true if it was there) and appends `agent_removed`.
     async fn remove_agent(&self, name: &str) -> Result<bool, StoreError>;
+    /// Changes an agent in one transaction (read, `change`, write, and an `agent_updated`
+    /// event saying `what`), so concurrent updates (two workers recording outcomes) never lose
+    /// one. None when there is no such agent.
+    async fn update_agent(
+        &self,
+        name: &str,
+        what: &str,
+        change: AgentChange,
+    ) -> Result<Option<AgentRecord>, StoreError>;
 }
+
+/// A change to an agent's record (see [`AgentStore::update_agent`]).
+pub type AgentChange = Box<dyn Fn(&mut AgentRecord) + Send + Sync>;
 
 /// The stream of an agent's registration events.
 pub fn agent_stream(name: &str) -> String {

@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 use descartes_core::StoreError;
-use descartes_core::routing::{AgentStore, agent_stream};
-use descartes_protocol::{AgentRecord, AgentRemoved, EVENT_VERSION, EventData, EventId, Timestamp};
+use descartes_core::routing::{AgentChange, AgentStore, agent_stream};
+use descartes_protocol::{AgentRecord, AgentRemoved, AgentUpdated, EVENT_VERSION, EventData, EventId, Timestamp};
 
 use crate::PgStore;
 use crate::conn::Conn;
@@ -17,6 +17,32 @@ const DELETE: &str = "DELETE FROM agents WHERE name = $1";
 
 fn decode(data: &str) -> Result<AgentRecord, StoreError> {
     serde_json::from_str(data).map_err(|e| StoreError::Corrupt { seq: 0, message: format!("agent record: {e}") })
+}
+
+/// Appends one event in `tx`; returns the event counter's value before it (its seq is one more).
+fn insert_event(
+    tx: &mut postgres::Transaction<'_>,
+    stmts: &mut crate::conn::StmtCache,
+    stream: &str,
+    kind: &str,
+    json: &str,
+) -> Result<i64, postgres::Error> {
+    let insert = stmts.get(tx, crate::store::INSERT_EVENTS)?;
+    let id = EventId::generate();
+    let row = tx.query_one(
+        &insert,
+        &[
+            &1i64,
+            &vec![id.as_str()],
+            &vec![stream],
+            &vec![kind],
+            &vec![i32::from(EVENT_VERSION)],
+            &vec![Timestamp::now().as_micros()],
+            &vec![None::<&str>],
+            &vec![json],
+        ],
+    )?;
+    row.try_get(0)
 }
 
 impl PgStore {
@@ -61,25 +87,8 @@ impl PgStore {
                 if only_if_changed && n == 0 {
                     return Ok((n, None));
                 }
-                let stream = agent_stream(&name);
-                let insert = stmts.get(&mut tx, crate::store::INSERT_EVENTS).map_err(|e| target.error(&e))?;
-                let id = EventId::generate();
-                let row = tx
-                    .query_one(
-                        &insert,
-                        &[
-                            &1i64,
-                            &vec![id.as_str()],
-                            &vec![stream.as_str()],
-                            &vec![kind.as_str()],
-                            &vec![i32::from(EVENT_VERSION)],
-                            &vec![Timestamp::now().as_micros()],
-                            &vec![None::<&str>],
-                            &vec![json.as_str()],
-                        ],
-                    )
-                    .map_err(|e| target.error(&e))?;
-                let base: i64 = row.try_get(0).map_err(|e| target.error(&e))?;
+                let base =
+                    insert_event(&mut tx, stmts, &agent_stream(&name), &kind, &json).map_err(|e| target.error(&e))?;
                 tx.commit().map_err(|e| target.error(&e))?;
                 Ok((n, Some(base + 1)))
             })
@@ -106,6 +115,43 @@ impl AgentStore for PgStore {
             .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode agent: {e}") })?;
         self.agent_write(UPSERT, agent.name.clone(), Some(data), event, false).await?;
         Ok(())
+    }
+
+    async fn update_agent(
+        &self,
+        name: &str,
+        what: &str,
+        change: AgentChange,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let (name, what) = (name.to_owned(), what.to_owned());
+        let done = self
+            .with_conn(move |conn, target| {
+                let Conn { client, stmts, .. } = conn;
+                let mut tx = client.transaction().map_err(|e| target.error(&e))?;
+                let row = tx
+                    .query_opt("SELECT data::text FROM agents WHERE name = $1 FOR UPDATE", &[&name])
+                    .map_err(|e| target.error(&e))?;
+                let Some(row) = row else { return Ok(None) };
+                let mut agent = decode(row.try_get::<_, &str>(0).map_err(|e| target.error(&e))?)?;
+                change(&mut agent);
+                let data = serde_json::to_string(&agent)
+                    .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode agent: {e}") })?;
+                tx.execute("UPDATE agents SET data = $2::text::jsonb WHERE name = $1", &[&name, &data])
+                    .map_err(|e| target.error(&e))?;
+                let event: EventData = AgentUpdated { change: what.clone(), agent: agent.clone() }.into();
+                let json = event
+                    .to_json()
+                    .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode event: {e}") })?;
+                let base = insert_event(&mut tx, stmts, &agent_stream(&name), event.kind(), &json)
+                    .map_err(|e| target.error(&e))?;
+                tx.commit().map_err(|e| target.error(&e))?;
+                Ok(Some((agent, base + 1)))
+            })
+            .await?;
+        Ok(done.map(|(agent, seq)| {
+            self.notify(seq);
+            agent
+        }))
     }
 
     async fn remove_agent(&self, name: &str) -> Result<bool, StoreError> {

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use descartes_core::audit::{AuditRecord, AuditStore};
-use descartes_core::routing::{AgentStore, agent_stream};
+use descartes_core::routing::{AgentChange, AgentStore, agent_stream};
 use descartes_core::task::{self, TaskTxn};
 use descartes_core::{StoreError, TaskError, TaskFilter, TaskStore};
 use descartes_protocol::{
-    AgentRecord, AgentRemoved, Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp,
+    AgentRecord, AgentRemoved, AgentUpdated, Claim, EVENT_VERSION, EventData, EventId, NewTask, Seq, Task, Timestamp,
 };
 use rusqlite::{OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
@@ -453,6 +453,35 @@ impl AgentStore for SqliteEventStore {
             .execute(params![name, data])
             .map_err(io_err)?;
             append_raw(tx, &agent_stream(&name), &event)
+        })
+        .await
+    }
+
+    async fn update_agent(
+        &self,
+        name: &str,
+        what: &str,
+        change: AgentChange,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let (name, what) = (name.to_owned(), what.to_owned());
+        self.write_op(move |tx| {
+            let data: Option<String> = tx
+                .prepare_cached("SELECT data FROM agents WHERE name = ?1")
+                .map_err(io_err)?
+                .query_row([&name], |r| r.get(0))
+                .optional()
+                .map_err(io_err)?;
+            let Some(data) = data else { return Ok(None) };
+            let mut agent = decode_agent(&data)?;
+            change(&mut agent);
+            let json = serde_json::to_string(&agent)
+                .map_err(|e| StoreError::Corrupt { seq: 0, message: format!("cannot encode agent: {e}") })?;
+            tx.prepare_cached("UPDATE agents SET data = ?2 WHERE name = ?1")
+                .map_err(io_err)?
+                .execute(params![name, json])
+                .map_err(io_err)?;
+            append_raw(tx, &agent_stream(&name), &AgentUpdated { change: what.clone(), agent: agent.clone() }.into())?;
+            Ok(Some(agent))
         })
         .await
     }

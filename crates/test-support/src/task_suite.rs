@@ -496,6 +496,8 @@ async fn routed_claims_respect_capacity_and_readiness(s: &Stores) {
     let a = s.tasks.create_task(NewTask { priority: 1, ..new("A") }).await.unwrap();
     let b = s.tasks.create_task(NewTask { priority: 5, ..new("B") }).await.unwrap();
     let c = s.tasks.create_task(NewTask { depends_on: vec![a.id.clone()], ..new("C") }).await.unwrap();
+    // Same priority as C: older first (the clock moves, so "older" is not left to the ids).
+    s.clock.advance(Duration::from_millis(1));
     let needs = Requirements { labels: vec!["rust".into()], ..Default::default() };
     let d = s.tasks.create_task(NewTask { needs: needs.clone(), ..new("D") }).await.unwrap();
     assert_eq!(s.tasks.get_task(&d.id).await.unwrap().needs, needs, "requirements are stored");
@@ -558,6 +560,17 @@ async fn agents_are_stored_with_their_events(s: &Stores) {
     let events = s.events.read_run(&RunId::from(agent_stream("coder").as_str()), 0).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind()).collect();
     assert_eq!(kinds, ["agent_registered", "agent_updated", "agent_removed"]);
+    // Concurrent updates (workers recording outcomes) lose none.
+    let updates = (0..20).map(|_| {
+        s.agents.update_agent("another", "attempt succeeded", Box::new(|a: &mut AgentRecord| a.stats.succeeded += 1))
+    });
+    for r in futures::future::join_all(updates).await {
+        assert!(r.unwrap().is_some());
+    }
+    assert_eq!(s.agents.get_agent("another").await.unwrap().unwrap().stats.succeeded, 20);
+    assert!(s.agents.update_agent("nobody", "x", Box::new(|_: &mut AgentRecord| {})).await.unwrap().is_none());
+    let events = s.events.read_run(&RunId::from(agent_stream("another").as_str()), 0).await.unwrap();
+    assert_eq!(events.len(), 21, "each update is an event");
 }
 
 async fn audit_records_chain_and_refuse_duplicates(s: &Stores) {
