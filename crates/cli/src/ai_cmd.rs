@@ -39,12 +39,14 @@ pub struct RegisterArgs {
     /// `command` (with --command).
     #[arg(long)]
     pub backend: String,
+    /// The model of a provider or agent CLI (default: the backend's own).
     #[arg(long)]
     pub model: Option<String>,
     /// The shell command of a `command` agent (run in the task's worktree, with the task in
     /// `DESCARTES_TASK_*` variables).
     #[arg(long)]
     pub command: Option<String>,
+    /// A label tasks can ask for with `task create --needs-label` (repeatable).
     #[arg(long = "label")]
     pub labels: Vec<String>,
     /// A capability to declare (repeatable); detected ones are added.
