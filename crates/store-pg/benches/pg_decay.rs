@@ -5,10 +5,9 @@
 //! `DESCARTES_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench -p descartes-store-pg --bench pg_decay`
 //!
 //! Every task is updated several times, so the tasks table needs vacuuming: PostgreSQL's
-//! autovacuum does it (on by default). The development machine's server runs with
-//! `autovacuum = off`, so this benchmark runs `VACUUM (ANALYZE) tasks` itself every
-//! `DESCARTES_BENCH_VACUUM_SECS` seconds (default 15; 0 leaves the table alone, to see what a
-//! server without vacuuming does).
+//! autovacuum does it (on by default), and a store that finds autovacuum off vacuums the task
+//! tables itself (see the `maintenance` module). `DESCARTES_BENCH_VACUUM_SECS` (default 0:
+//! none) makes this benchmark run `VACUUM (ANALYZE) tasks` every so many seconds on top.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -73,7 +72,7 @@ fn main() {
             })
             .collect();
         let vacuum_every: u64 =
-            std::env::var("DESCARTES_BENCH_VACUUM_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+            std::env::var("DESCARTES_BENCH_VACUUM_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         let vacuum = (vacuum_every > 0).then(|| {
             let stop = stop.clone();
             let url = db.url().to_owned();

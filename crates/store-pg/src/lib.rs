@@ -44,6 +44,7 @@
 
 mod agents;
 mod conn;
+mod maintenance;
 mod schema;
 mod store;
 mod tasks;

@@ -114,6 +114,12 @@ CREATE TABLE audit (
     PRIMARY KEY (task_id, n)
 );
 "#,
+    r#"
+-- Every task row is rewritten several times (never as a HOT update: the writes change indexed
+-- columns), so the table needs vacuuming long before the default 20% of it is dead.
+ALTER TABLE tasks SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
+                       autovacuum_analyze_scale_factor = 0.05);
+"#,
 ];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.

@@ -55,6 +55,8 @@ pub struct PgStore {
     writer: Mutex<Option<JoinHandle<()>>>,
     pub(crate) last: watch::Sender<Seq>,
     pub(crate) tasks: crate::tasks::Grouper,
+    /// The vacuuming thread (when the server's autovacuum is off) and what stops it.
+    maintenance: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
 
 enum Cmd {
@@ -91,7 +93,7 @@ impl PgStore {
 
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
         let target = Target::parse(url)?;
-        let (conn, writer_conn, last) = off_runtime(|| {
+        let (conn, writer_conn, last, autovacuum) = off_runtime(|| {
             let mut conn = Conn::open(&target, &options).map_err(|e| target.open_error(&e))?;
             schema::migrate(&mut conn.client).map_err(|e| {
                 let StoreError::Open { path, message } = target.open_error(&e) else { return target.open_error(&e) };
@@ -99,7 +101,11 @@ impl PgStore {
             })?;
             let last: Seq = conn.client.query_one(LAST_SEQ, &[]).map_err(|e| target.open_error(&e))?.get(0);
             let writer_conn = Conn::open(&target, &options).map_err(|e| target.open_error(&e))?;
-            Ok((conn, writer_conn, last))
+            let autovacuum = crate::maintenance::autovacuum_on(&mut conn.client).unwrap_or_else(|e| {
+                tracing::debug!(error = %target.error(&e), "cannot tell whether autovacuum is on; assuming it is");
+                true
+            });
+            Ok((conn, writer_conn, last, autovacuum))
         })?;
         let pool = Arc::new(Pool::new(target, options));
         pool.add(conn);
@@ -112,6 +118,22 @@ impl PgStore {
             .spawn(move || writer_loop(Some(writer_conn), writer_pool, rx, notify))
             .map_err(|e| StoreError::Open { path: pool.target.display.clone(), message: e.to_string() })?;
         let tasks = crate::tasks::Grouper::start(pool.clone(), last_tx.clone())?;
+        let maintenance = if autovacuum {
+            None
+        } else {
+            tracing::info!(
+                "autovacuum is off on {}: this store vacuums the task tables every {:?}",
+                pool.target.display,
+                crate::maintenance::VACUUM_EVERY
+            );
+            let (stop, stopped) = mpsc::channel();
+            let (target, options, ops) = (pool.target.clone(), pool.options.clone(), tasks.ops.clone());
+            let h = std::thread::Builder::new()
+                .name("descartes-pg-vacuum".into())
+                .spawn(move || crate::maintenance::run(target, options, ops, stopped))
+                .map_err(|e| StoreError::Open { path: pool.target.display.clone(), message: e.to_string() })?;
+            Some((stop, h))
+        };
         Ok(PgStore {
             tasks,
             pool,
@@ -119,6 +141,7 @@ impl PgStore {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             last: last_tx,
+            maintenance: Mutex::new(maintenance),
         })
     }
 
@@ -137,6 +160,10 @@ impl PgStore {
     /// Later appends fail with `StoreError::Closed`.
     pub fn close(&self) {
         self.tasks.close();
+        if let Some((stop, h)) = self.maintenance.lock().ok().and_then(|mut m| m.take()) {
+            drop(stop);
+            let _ = h.join();
+        }
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }

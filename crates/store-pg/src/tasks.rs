@@ -758,6 +758,8 @@ const GROUP_THREADS: usize = 2;
 /// The task operations' group commit: threads that each take every operation queued, run them
 /// in one transaction (each under its own savepoint) and commit them together.
 pub(crate) struct Grouper {
+    /// Task operations sent so far (the vacuuming thread vacuums only after some).
+    pub(crate) ops: Arc<std::sync::atomic::AtomicU64>,
     tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Box<dyn Job>>>>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -775,10 +777,15 @@ impl Grouper {
                 .map_err(|e| StoreError::Open { path: String::new(), message: e.to_string() })?;
             handles.push(h);
         }
-        Ok(Grouper { tx: std::sync::Mutex::new(Some(tx)), threads: std::sync::Mutex::new(handles) })
+        Ok(Grouper {
+            ops: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            tx: std::sync::Mutex::new(Some(tx)),
+            threads: std::sync::Mutex::new(handles),
+        })
     }
 
     fn send(&self, job: Box<dyn Job>) -> Result<(), StoreError> {
+        self.ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let guard = self.tx.lock().map_err(|_| StoreError::Closed)?;
         guard.as_ref().ok_or(StoreError::Closed)?.send(job).map_err(|_| StoreError::Closed)
     }
