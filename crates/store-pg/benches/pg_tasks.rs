@@ -4,7 +4,8 @@
 //! `DESCARTES_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench -p descartes-store-pg --bench pg_tasks`
 //!
 //! Without that variable a throwaway cluster is started (with `fsync=off`, so "durable" figures
-//! from it are not). `DESCARTES_BENCH_TASKS` sets the number of tasks per run (default 3000).
+//! from it are not). `DESCARTES_BENCH_TASKS` sets the number of tasks per run (default 3000);
+//! `DESCARTES_BENCH_ONLY=single` runs only the durable one-task-per-claim case.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -165,6 +166,11 @@ fn main() {
             }
         }
         println!("{} workers, each claim then complete (one transaction each)", workers());
+        if std::env::var("DESCARTES_BENCH_ONLY").is_ok_and(|v| v == "single") {
+            // Only the durable one-task-per-claim run (`DESCARTES_BENCH_ONLY=single`).
+            run(true, 1, false, n).await;
+            return;
+        }
         run(true, 1, false, n).await;
         run(true, 32, false, n).await;
         run(true, 32, true, n * 4).await;

@@ -63,7 +63,8 @@ pub(crate) fn run(target: Target, options: PgOptions, ops: Arc<AtomicU64>, stop:
             },
         };
         let mut c = c;
-        let sql = if round % ANALYZE_EVERY == 1 { "VACUUM (ANALYZE) tasks, event_seq" } else { "VACUUM tasks, event_seq" };
+        let sql =
+            if round % ANALYZE_EVERY == 1 { "VACUUM (ANALYZE) tasks, event_seq" } else { "VACUUM tasks, event_seq" };
         let started = std::time::Instant::now();
         match c.client.batch_execute(sql) {
             Ok(()) => tracing::debug!(took = ?started.elapsed(), "{sql}"),

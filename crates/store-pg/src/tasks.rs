@@ -675,8 +675,14 @@ trait Job: Send {
     /// value until the group's commit.
     /// `st` is the transaction's state, shared with the group's earlier operations; with
     /// `defer`, the operation's row writes stay buffered in it for the group's last statement.
-    fn run(&mut self, client: &mut Client, stmts: &mut StmtCache, target: &Target, st: &mut TxnState, defer: bool)
-    -> Attempted;
+    fn run(
+        &mut self,
+        client: &mut Client,
+        stmts: &mut StmtCache,
+        target: &Target,
+        st: &mut TxnState,
+        defer: bool,
+    ) -> Attempted;
     /// Sends the result: `Ok(seq)` once the group committed, or the error.
     fn finish(self: Box<Self>, outcome: Result<Seq, (TaskError, Again)>);
 }
