@@ -124,3 +124,58 @@ proptest::proptest! {
         });
     }
 }
+
+/// New task rows are numbered by priority band, so the tasks a claim takes sit together on disk
+/// whatever the mix of priorities; rows from before (plain rowids) keep working beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_task_rows_are_placed_by_priority_band() {
+    use descartes_core::TaskStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    // A row as an older version wrote it: a plain rowid.
+    {
+        let s = SqliteEventStore::open(&path, SqliteOptions { sync: SyncMode::Normal }).unwrap();
+        s.create_task(NewTask { title: "old".into(), priority: 5, ..Default::default() }).await.unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute("UPDATE tasks SET rowid = 1 WHERE data->>'title' = 'old'", []).unwrap();
+    }
+    let s = SqliteEventStore::open(&path, SqliteOptions { sync: SyncMode::Normal }).unwrap();
+    let mut made = Vec::new();
+    for i in 0..30 {
+        let priority = [1, 5, i32::MAX, i32::MIN, -3][i % 5];
+        made.push(s.create_task(NewTask { title: format!("t{i}"), priority, ..Default::default() }).await.unwrap());
+    }
+    s.close();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let rows: Vec<(i64, i32, String)> = c
+        .prepare("SELECT rowid, priority, data->>'title' FROM tasks ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 31);
+    assert_eq!(rows[0], (1, 5, "old".to_owned()), "the old row keeps its place");
+    // In rowid order: highest priority first, each priority's tasks together and in creation
+    // order.
+    let prios: Vec<i32> = rows[1..].iter().map(|r| r.1).collect();
+    let mut expected: Vec<i32> = prios.clone();
+    expected.sort_by(|a, b| b.cmp(a));
+    assert_eq!(prios, expected, "{rows:?}");
+    for p in [1, 5, i32::MAX, i32::MIN, -3] {
+        let titles: Vec<usize> = rows[1..].iter().filter(|r| r.1 == p).map(|r| r.2[1..].parse().unwrap()).collect();
+        assert!(titles.windows(2).all(|w| w[0] < w[1]), "priority {p}: {titles:?}");
+        assert_eq!(titles.len(), 6);
+    }
+    // The tasks still read and claim in queue order.
+    let s = SqliteEventStore::open(&path, SqliteOptions { sync: SyncMode::Normal }).unwrap();
+    let claims = s.claim("w", std::time::Duration::from_secs(30), 40).await.unwrap();
+    let order: Vec<i32> = claims.iter().map(|c| c.task.priority).collect();
+    let mut sorted = order.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(order, sorted);
+    assert_eq!(claims.len(), 31);
+    assert_eq!(s.get_task(&made[0].id).await.unwrap().status, TaskStatus::Claimed);
+}
