@@ -92,41 +92,19 @@ const EXPIRED: &str = "SELECT version, data::text FROM tasks
     ORDER BY lease_expires_at, id
     FOR UPDATE SKIP LOCKED";
 /// The start of a claim, in one round trip: takes the claim lock when a ready task with path
-/// locks is queued, locks the expired leases to reap, and, when no lock is needed, locks up to
-/// `$4` ready candidates (none of the ids in `$5`: rows this transaction already holds) and
-/// takes a fencing token for each. Rows: one header (kind 0: whether the lock was taken), the
-/// expired leases (kind 1, by expiry), the candidates (kind 2, in queue order, each with every
-/// token). The gates of `lk` and `q` are evaluated on the same snapshot, so exactly one of them
-/// applies.
-const CLAIM_FAST: &str = "WITH lk AS (
+/// locks is queued (first column: 1 if taken), and locks the expired leases to reap.
+const CLAIM_BEGIN: &str = "WITH lk AS (
     SELECT pg_advisory_xact_lock($1, $2)::text AS l
     WHERE EXISTS (SELECT 1 FROM tasks WHERE has_locks AND status = 'queued'
                   AND (not_before IS NULL OR not_before <= $3))
 ), ex AS (
     SELECT version, data::text AS data, lease_expires_at AS exp, id FROM tasks
-    WHERE status IN ('claimed', 'running') AND lease_expires_at < $3 AND id <> ALL($5::text[])
+    WHERE status IN ('claimed', 'running') AND lease_expires_at < $3
     FOR UPDATE SKIP LOCKED
-), q AS (
-    SELECT t.version, t.data::text AS data, t.priority, t.created_at, t.id FROM tasks t
-    WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= $3) AND NOT t.has_locks
-      AND t.id <> ALL($5::text[])
-      AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.dep_id
-                      WHERE d.task_id = t.id AND p.status <> 'done')
-      AND NOT EXISTS (SELECT 1 FROM tasks WHERE has_locks AND status = 'queued'
-                      AND (not_before IS NULL OR not_before <= $3))
-    ORDER BY t.priority DESC, t.created_at, t.id
-    LIMIT $4
-    FOR UPDATE OF t SKIP LOCKED
-), tok AS (
-    SELECT array_agg(nextval('task_tokens')) AS a FROM generate_series(1, (SELECT count(*) FROM q))
 )
-SELECT 0 AS kind, (SELECT count(*) FROM lk) AS n, NULL::int8 AS version, NULL::text AS data, NULL::int8[] AS tokens,
-       0 AS p, 0::int8 AS o, ''::text AS id
-UNION ALL SELECT 1, 0, version, data, NULL, 0, exp, id FROM ex
-UNION ALL SELECT 2, 0, version, data, (SELECT a FROM tok), -priority, created_at, id FROM q
-ORDER BY 1, 6, 7, 8";
-/// A task, locked.
-const LOCK_ONE: &str = "SELECT version, data::text FROM tasks WHERE id = $1 FOR UPDATE";
+SELECT (SELECT count(*) FROM lk), ex.version, ex.data
+FROM (SELECT 1) AS one LEFT JOIN ex ON TRUE
+ORDER BY ex.exp, ex.id";
 /// The buffered writes to task rows this transaction holds locked, in one round trip. Fails
 /// (division by zero) if a row did not match.
 const FLUSH: &str = "WITH up AS (
@@ -176,8 +154,6 @@ enum Op {
     /// A claim of one given task: under the claim advisory lock, so path locks and agent
     /// capacities are checked against every lease committed before it.
     ClaimOne,
-    /// Operations on one existing task, locked up front.
-    One(String),
 }
 
 /// A write to a task row this transaction holds, sent with the flush.
@@ -231,21 +207,6 @@ struct PendingEvent {
     data: String,
 }
 
-/// What a transaction knows of the task rows it touched. Valid until it commits or rolls back,
-/// so the operations of a group that share a transaction share it.
-#[derive(Default)]
-struct TxnState {
-    /// The version of each task in the database as first read in this transaction (`None`: it
-    /// did not exist), then as written by it.
-    versions: HashMap<String, Option<i64>>,
-    /// The dependencies of each task as first read (to insert only new `task_deps` rows).
-    deps: HashMap<String, Vec<String>>,
-    /// Rows this transaction holds `FOR UPDATE`, as they are now (buffered writes included).
-    cache: HashMap<String, Task>,
-    /// Buffered writes to rows in `cache`.
-    pending: Vec<PendingPut>,
-}
-
 /// One PostgreSQL transaction as the rules see it.
 ///
 /// Round trips are what a task operation costs, so: rows this transaction holds `FOR UPDATE`
@@ -259,16 +220,19 @@ struct PgTxn<'a> {
     target: &'a Target,
     read_lock: ReadLock,
     claim: ClaimMode,
-    /// What this transaction knows of the rows it touched (shared by the operations of a group
-    /// that runs without savepoints).
-    st: &'a mut TxnState,
+    /// The version of each task in the database as first read in this transaction (`None`: it
+    /// did not exist), then as written by it.
+    versions: HashMap<String, Option<i64>>,
+    /// The dependencies of each task as first read (to insert only new `task_deps` rows).
+    deps: HashMap<String, Vec<String>>,
+    /// Rows this transaction holds `FOR UPDATE`, as they are now (buffered writes included).
+    cache: HashMap<String, Task>,
+    pending: Vec<PendingPut>,
     events: Vec<PendingEvent>,
     /// Fencing tokens fetched with the candidates of an unlocked claim.
     tokens: VecDeque<i64>,
     /// Expired leases found (and locked) by the claim's first statement.
     expired: Option<Vec<Task>>,
-    /// Ready candidates found (and locked, with tokens) by an unlocked claim's first statement.
-    prefetched: Option<Vec<Task>>,
     /// The failure was a lost race: the operation may be retried.
     conflict: bool,
     /// The connection broke before the commit: the operation may be retried on another.
@@ -276,15 +240,17 @@ struct PgTxn<'a> {
 }
 
 impl<'a> PgTxn<'a> {
-    fn new(tx: &'a mut Client, stmts: &'a mut StmtCache, target: &'a Target, st: &'a mut TxnState) -> Self {
+    fn new(tx: &'a mut Client, stmts: &'a mut StmtCache, target: &'a Target) -> Self {
         PgTxn {
             tx,
             stmts,
             target,
             read_lock: ReadLock::None,
             claim: ClaimMode::None,
-            st,
-            prefetched: None,
+            versions: HashMap::new(),
+            deps: HashMap::new(),
+            cache: HashMap::new(),
+            pending: Vec::new(),
             events: Vec::new(),
             tokens: VecDeque::new(),
             expired: None,
@@ -341,10 +307,10 @@ impl<'a> PgTxn<'a> {
         let version: i64 = row.try_get(at).map_err(|e| self.db(e))?;
         let data: &str = row.try_get(at + 1).map_err(|e| self.db(e))?;
         let task = decode(data)?;
-        self.st.versions.entry(task.id.clone()).or_insert(Some(version));
-        self.st.deps.entry(task.id.clone()).or_insert_with(|| task.depends_on.clone());
+        self.versions.entry(task.id.clone()).or_insert(Some(version));
+        self.deps.entry(task.id.clone()).or_insert_with(|| task.depends_on.clone());
         if locked {
-            self.st.cache.entry(task.id.clone()).or_insert_with(|| task.clone());
+            self.cache.entry(task.id.clone()).or_insert_with(|| task.clone());
         }
         Ok(task)
     }
@@ -361,16 +327,18 @@ impl<'a> PgTxn<'a> {
                 self.query(GRAPH_LOCK, &[&LOCK_NS, &LOCK_GRAPH])?;
                 self.read_lock = ReadLock::Share;
             }
-            // Rows an earlier operation of the group holds (and may have written, unflushed)
-            // are left out: the claim acts as if it ran before those operations.
-            Op::Claim { max } => self.claim_fast(*max, now)?,
-            Op::One(id) => {
-                if !self.st.cache.contains_key(id) {
-                    let row = self.query_opt(LOCK_ONE, &[id])?;
-                    if let Some(row) = row {
-                        self.task_at(&row, 0, true)?;
+            Op::Claim { max } => {
+                let rows = self.query(CLAIM_BEGIN, &[&LOCK_NS, &LOCK_CLAIM, &now.as_micros()])?;
+                let mut locked = false;
+                let mut expired = Vec::new();
+                for row in &rows {
+                    locked |= row.try_get::<_, i64>(0).map_err(|e| self.db(e))? > 0;
+                    if row.try_get::<_, Option<i64>>(1).map_err(|e| self.db(e))?.is_some() {
+                        expired.push(self.task_at(row, 1, true)?);
                     }
                 }
+                self.expired = Some(expired);
+                self.claim = if locked { ClaimMode::Locked } else { ClaimMode::Unlocked { hint: (*max).max(1) } };
             }
             Op::Many(ids) => {
                 let rows = self.query(LOCK_MANY, &[ids])?;
@@ -383,46 +351,14 @@ impl<'a> PgTxn<'a> {
         Ok(())
     }
 
-    /// The start of a claim and, when it needs no lock, its candidates (see `CLAIM_FAST`).
-    fn claim_fast(&mut self, max: usize, now: Timestamp) -> Result<(), TaskError> {
-        let held: Vec<String> = self.st.cache.keys().cloned().collect();
-        let rows = self.query(CLAIM_FAST, &[&LOCK_NS, &LOCK_CLAIM, &now.as_micros(), &limit(max.max(1)), &held])?;
-        let mut locked = false;
-        let (mut expired, mut ready) = (Vec::new(), Vec::new());
-        for row in &rows {
-            match row.try_get::<_, i32>(0).map_err(|e| self.db(e))? {
-                0 => locked = row.try_get::<_, i64>(1).map_err(|e| self.db(e))? > 0,
-                1 => expired.push(self.task_at(row, 2, true)?),
-                _ => {
-                    if ready.is_empty() {
-                        let mut tokens: Vec<i64> = row.try_get(4).map_err(|e| self.db(e))?;
-                        tokens.sort_unstable();
-                        self.tokens.extend(tokens);
-                    }
-                    ready.push(self.task_at(row, 2, true)?);
-                }
-            }
-        }
-        self.claim = if locked { ClaimMode::Locked } else { ClaimMode::Unlocked { hint: max.max(1) } };
-        // Reaped tasks may be claimable too: then the queue is read again after reaping (the
-        // candidates stay locked until the commit, unclaimed; their tokens are never used).
-        if expired.is_empty() {
-            self.prefetched = Some(ready);
-        } else {
-            self.tokens.clear();
-        }
-        self.expired = Some(expired);
-        Ok(())
-    }
-
     /// Sends the buffered row writes (events stay buffered for the group commit).
     fn flush(&mut self) -> Result<(), TaskError> {
-        if self.st.pending.is_empty() {
+        if self.pending.is_empty() {
             return Ok(());
         }
-        if self.st.pending.len() == 1 {
+        if self.pending.len() == 1 {
             // One row: the plain statement is the cheapest.
-            let pending = std::mem::take(&mut self.st.pending);
+            let pending = std::mem::take(&mut self.pending);
             let p = &pending[0];
             let row = self.query_opt(
                 UPDATE,
@@ -430,10 +366,10 @@ impl<'a> PgTxn<'a> {
             )?;
             let Some(row) = row else { return Err(self.lost_race(&p.id)) };
             let new: i64 = row.try_get(0).map_err(|e| self.db(e))?;
-            self.st.versions.insert(p.id.clone(), Some(new));
+            self.versions.insert(p.id.clone(), Some(new));
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.st.pending);
+        let pending = std::mem::take(&mut self.pending);
         let w = Writes::of(&pending);
         let result = self.query_opt(
             FLUSH,
@@ -448,7 +384,7 @@ impl<'a> PgTxn<'a> {
         match result {
             Ok(Some(row)) => {
                 for p in pending {
-                    self.st.versions.insert(p.id, Some(p.version + 1));
+                    self.versions.insert(p.id, Some(p.version + 1));
                 }
                 Ok(row)
             }
@@ -473,7 +409,7 @@ fn limit(n: usize) -> i64 {
 
 impl TaskTxn for PgTxn<'_> {
     fn get(&mut self, id: &str) -> Result<Option<Task>, TaskError> {
-        if let Some(t) = self.st.cache.get(id) {
+        if let Some(t) = self.cache.get(id) {
             return Ok(Some(t.clone()));
         }
         let sql = match self.read_lock {
@@ -483,7 +419,7 @@ impl TaskTxn for PgTxn<'_> {
         match self.query_opt(sql, &[&id])? {
             Some(row) => Ok(Some(self.task_at(&row, 0, false)?)),
             None => {
-                self.st.versions.entry(id.to_owned()).or_insert(None);
+                self.versions.entry(id.to_owned()).or_insert(None);
                 Ok(None)
             }
         }
@@ -495,10 +431,10 @@ impl TaskTxn for PgTxn<'_> {
         let not_before = task.not_before.map(Timestamp::as_micros);
         let lease = if task.status.is_leased() { task.lease_expires_at.map(Timestamp::as_micros) } else { None };
         let has_locks = !task.locks.is_empty();
-        let version = self.st.versions.get(&task.id).copied().flatten();
+        let version = self.versions.get(&task.id).copied().flatten();
         match version {
             // A row we hold: buffer the write.
-            Some(version) if self.st.cache.contains_key(&task.id) => {
+            Some(version) if self.cache.contains_key(&task.id) => {
                 let put = PendingPut {
                     id: task.id.clone(),
                     status,
@@ -509,9 +445,9 @@ impl TaskTxn for PgTxn<'_> {
                     data,
                     version,
                 };
-                match self.st.pending.iter_mut().find(|p| p.id == task.id) {
+                match self.pending.iter_mut().find(|p| p.id == task.id) {
                     Some(p) => *p = put,
-                    None => self.st.pending.push(put),
+                    None => self.pending.push(put),
                 }
             }
             Some(version) => {
@@ -521,7 +457,7 @@ impl TaskTxn for PgTxn<'_> {
                 )?;
                 let Some(row) = row else { return Err(self.lost_race(&task.id)) };
                 let new: i64 = row.try_get(0).map_err(|e| self.db(e))?;
-                self.st.versions.insert(task.id.clone(), Some(new));
+                self.versions.insert(task.id.clone(), Some(new));
             }
             None => {
                 self.execute(
@@ -537,17 +473,17 @@ impl TaskTxn for PgTxn<'_> {
                         &data,
                     ],
                 )?;
-                self.st.versions.insert(task.id.clone(), Some(1));
+                self.versions.insert(task.id.clone(), Some(1));
             }
         }
-        self.st.cache.insert(task.id.clone(), task.clone());
-        let known = self.st.deps.get(&task.id);
+        self.cache.insert(task.id.clone(), task.clone());
+        let known = self.deps.get(&task.id);
         let new_deps: Vec<&str> =
             task.depends_on.iter().filter(|d| known.is_none_or(|k| !k.contains(d))).map(String::as_str).collect();
         if !new_deps.is_empty() {
             self.execute(INSERT_DEPS, &[&task.id, &new_deps])?;
         }
-        self.st.deps.insert(task.id.clone(), task.depends_on.clone());
+        self.deps.insert(task.id.clone(), task.depends_on.clone());
         Ok(())
     }
 
@@ -587,11 +523,6 @@ impl TaskTxn for PgTxn<'_> {
     }
 
     fn queued(&mut self, now: Timestamp, limit_: usize) -> Result<Vec<Task>, TaskError> {
-        if let ClaimMode::Unlocked { .. } = self.claim
-            && let Some(ready) = self.prefetched.take()
-        {
-            return Ok(ready);
-        }
         self.flush()?;
         if let ClaimMode::Unlocked { hint } = self.claim {
             // Every row returned is claimable: lock no more than the claim takes, and fetch
@@ -673,16 +604,7 @@ type Outcome<T> = Result<(T, Seq), (TaskError, Again)>;
 trait Job: Send {
     /// Runs the operation in the group's transaction (under its own savepoint), keeping its
     /// value until the group's commit.
-    /// `st` is the transaction's state, shared with the group's earlier operations; with
-    /// `defer`, the operation's row writes stay buffered in it for the group's last statement.
-    fn run(
-        &mut self,
-        client: &mut Client,
-        stmts: &mut StmtCache,
-        target: &Target,
-        st: &mut TxnState,
-        defer: bool,
-    ) -> Attempted;
+    fn run(&mut self, client: &mut Client, stmts: &mut StmtCache, target: &Target) -> Attempted;
     /// Sends the result: `Ok(seq)` once the group committed, or the error.
     fn finish(self: Box<Self>, outcome: Result<Seq, (TaskError, Again)>);
 }
@@ -703,21 +625,12 @@ struct TaskJob<T> {
 }
 
 impl<T: Send + 'static> Job for TaskJob<T> {
-    fn run(
-        &mut self,
-        client: &mut Client,
-        stmts: &mut StmtCache,
-        target: &Target,
-        st: &mut TxnState,
-        defer: bool,
-    ) -> Attempted {
+    fn run(&mut self, client: &mut Client, stmts: &mut StmtCache, target: &Target) -> Attempted {
         let now = self.clock.now();
-        let mut txn = PgTxn::new(client, stmts, target, st);
+        let mut txn = PgTxn::new(client, stmts, target);
         let (op, rules) = (&self.op, &self.rules);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            txn.begin(op, now)
-                .and_then(|()| rules(&mut txn, now))
-                .and_then(|v| if defer { Ok(v) } else { txn.flush().map(|()| v) })
+            txn.begin(op, now).and_then(|()| rules(&mut txn, now)).and_then(|v| txn.flush().map(|()| v))
         }))
         .unwrap_or_else(|_| {
             Err(TaskError::Store(StoreError::Io { message: "task operation panicked".into(), busy: false }))
@@ -874,20 +787,17 @@ type GroupResult = (Vec<Result<Seq, (TaskError, Again)>>, bool);
 /// if a job is refused, that transaction is rolled back and the group runs again with a
 /// savepoint around each job.
 fn run_group(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>]) -> GroupResult {
-    match run_group_as(conn, target, jobs, false) {
-        Some(done) => return done,
-        None => tracing::trace!("a task operation was refused; running its group again with savepoints"),
+    if jobs.len() > 1 {
+        match run_group_as(conn, target, jobs, false) {
+            Some(done) => return done,
+            None => tracing::trace!("a task operation was refused; running its group again with savepoints"),
+        }
     }
     run_group_as(conn, target, jobs, true).unwrap_or_else(|| (Vec::new(), false))
 }
 
-/// [`run_group`], with or without savepoints. Without, `None` when one of several jobs was
-/// refused (then nothing was written).
-///
-/// Without savepoints, the jobs share what the transaction knows of its rows, and their writes
-/// to rows it holds stay buffered: they go to the server with the group's events, in the
-/// group's last statement before `COMMIT`. So a task operation on a row it locks costs one
-/// round trip of its own (e.g. a claim: its first statement; a complete: reading its task).
+/// [`run_group`], with or without savepoints. Without, `None` when a job was refused (then
+/// nothing was written).
 fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], savepoints: bool) -> Option<GroupResult> {
     let Conn { client, stmts, .. } = conn;
     let all = |e: &postgres::Error, n: usize| -> GroupResult {
@@ -909,8 +819,6 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
     // Per job: how many events were appended before it and by it.
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(jobs.len());
     let mut any_ok = false;
-    let mut shared = TxnState::default();
-    let single = jobs.len() == 1;
     for (i, job) in jobs.iter_mut().enumerate() {
         if savepoints
             && i > 0
@@ -919,9 +827,7 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
             let _ = client.batch_execute("ROLLBACK");
             return Some(all(&e, jobs.len()));
         }
-        let mut own = TxnState::default();
-        let st = if savepoints { &mut own } else { &mut shared };
-        let done = job.run(client, stmts, target, st, !savepoints);
+        let done = job.run(client, stmts, target);
         match done.result {
             Ok(()) => {
                 any_ok = true;
@@ -947,10 +853,9 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
                 out[i] = Err((e, Again::Reconnect));
                 return Some((out, true));
             }
-            Err(err) if !savepoints => {
+            Err(_) if !savepoints => {
                 let _ = client.batch_execute("ROLLBACK");
-                // Alone in its group, a refused job needs no second run.
-                return single.then(|| (vec![Err(err)], false));
+                return None;
             }
             Err(err) => {
                 if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT t") {
@@ -962,26 +867,11 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
             }
         }
     }
-    if !events.is_empty() || !shared.pending.is_empty() {
-        // The events of the whole group (and its buffered row writes), in one statement: it
-        // takes the `event_seq` lock, which is held from here to the commit only (seqs are
-        // visible in commit order).
-        match write_group(client, stmts, &events, &shared.pending) {
-            Ok(None) => {
-                // A buffered write matched no row (cannot happen to rows held locked): run the
-                // group again with a savepoint around each job, which finds the culprit.
-                let _ = client.batch_execute("ROLLBACK");
-                if savepoints || single {
-                    let e = || StoreError::Io {
-                        message: "a task row changed under its lock; retry the operation".into(),
-                        busy: true,
-                    };
-                    let out = (0..jobs.len()).map(|_| Err((TaskError::Store(e()), Again::Conflict))).collect();
-                    return Some((out, false));
-                }
-                return None;
-            }
-            Ok(Some(base)) => {
+    if !events.is_empty() {
+        // The events of the whole group, in one statement: it takes the `event_seq` lock, which
+        // is held from here to the commit only (seqs are visible in commit order).
+        match insert_events(client, stmts, &events) {
+            Ok(base) => {
                 for (r, (before, n)) in results.iter_mut().zip(&spans) {
                     if let Ok(seq) = r
                         && *n > 0
@@ -1018,83 +908,6 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
             Some((out, broken))
         }
     }
-}
-
-/// The buffered row writes and the events of a group, flushed together.
-const WRITE_GROUP: &str = "WITH up AS (
-    UPDATE tasks t SET status = u.status, priority = u.priority, not_before = u.not_before,
-        lease_expires_at = u.lease, has_locks = u.has_locks, data = u.data::jsonb, version = t.version + 1
-    FROM UNNEST($9::text[], $10::text[], $11::int4[], $12::int8[], $13::int8[], $14::bool[], $15::text[], $16::int8[])
-        AS u(id, status, priority, not_before, lease, has_locks, data, version)
-    WHERE t.id = u.id AND t.version = u.version
-    RETURNING 1
-), c AS (UPDATE event_seq SET value = value + $1 RETURNING value - $1 AS base),
-ins AS (
-    INSERT INTO events (seq, id, run_id, type, v, at, key, data)
-    SELECT c.base + u.ord, u.id, u.run_id, u.type, u.v, u.at, u.key, u.data
-    FROM c, UNNEST($2::text[], $3::text[], $4::text[], $5::int4[], $6::int8[], $7::text[], $8::text[])
-        WITH ORDINALITY AS u(id, run_id, type, v, at, key, data, ord)
-)
-SELECT base, (SELECT count(*) FROM up) FROM c";
-
-/// Writes the buffered row writes of a group and its events (with consecutive seqs). Returns
-/// the seq before the first event, or `None` when a row write matched no row.
-fn write_group(
-    client: &mut Client,
-    stmts: &mut StmtCache,
-    events: &[PendingEvent],
-    pending: &[PendingPut],
-) -> Result<Option<Seq>, postgres::Error> {
-    if pending.is_empty() {
-        return insert_events(client, stmts, events).map(Some);
-    }
-    let w = Writes::of(pending);
-    if events.is_empty() {
-        let s = stmts.get(client, FLUSH)?;
-        return match client.query_one(
-            &s,
-            &[&w.ids, &w.statuses, &w.prios, &w.not_befores, &w.leases, &w.locks, &w.data, &w.versions, &w.n],
-        ) {
-            Ok(_) => Ok(Some(0)),
-            Err(e) if e.code() == Some(&postgres::error::SqlState::DIVISION_BY_ZERO) => Ok(None),
-            Err(e) => Err(e),
-        };
-    }
-    let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-    let runs: Vec<&str> = events.iter().map(|e| e.run_id.as_str()).collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let vs: Vec<i32> = events.iter().map(|_| i32::from(EVENT_VERSION)).collect();
-    let ats: Vec<i64> = events.iter().map(|e| e.at).collect();
-    let keys: Vec<Option<&str>> = events.iter().map(|_| None).collect();
-    let datas: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
-    let s = stmts.get(client, WRITE_GROUP)?;
-    let row = client.query_one(
-        &s,
-        &[
-            &n,
-            &ids,
-            &runs,
-            &kinds,
-            &vs,
-            &ats,
-            &keys,
-            &datas,
-            &w.ids,
-            &w.statuses,
-            &w.prios,
-            &w.not_befores,
-            &w.leases,
-            &w.locks,
-            &w.data,
-            &w.versions,
-        ],
-    )?;
-    let written: i64 = row.try_get(1)?;
-    if written != w.n {
-        return Ok(None);
-    }
-    row.try_get(0).map(Some)
 }
 
 /// Inserts `events` with consecutive seqs; returns the seq before the first.
@@ -1315,37 +1128,37 @@ impl TaskStore for PgStore {
 
     async fn start(&self, id: &str, token: i64) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::start(txn, &id, token, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::start(txn, &id, token, now)).await
     }
 
     async fn heartbeat(&self, id: &str, token: i64, ttl: Duration) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::heartbeat(txn, &id, token, ttl, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::heartbeat(txn, &id, token, ttl, now)).await
     }
 
     async fn complete(&self, id: &str, token: i64, result: Option<String>) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::complete(txn, &id, token, result.clone(), now)).await
+        self.task_op(Op::Plain, move |txn, now| task::complete(txn, &id, token, result.clone(), now)).await
     }
 
     async fn fail(&self, id: &str, token: i64, reason: &str) -> Result<Task, TaskError> {
         let (id, reason) = (id.to_owned(), reason.to_owned());
-        self.task_op(Op::One(id.clone()), move |txn, now| task::fail(txn, &id, token, &reason, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::fail(txn, &id, token, &reason, now)).await
     }
 
     async fn release(&self, id: &str, token: i64) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::release(txn, &id, token, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::release(txn, &id, token, now)).await
     }
 
     async fn cancel(&self, id: &str) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::cancel(txn, &id, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::cancel(txn, &id, now)).await
     }
 
     async fn retry(&self, id: &str) -> Result<Task, TaskError> {
         let id = id.to_owned();
-        self.task_op(Op::One(id.clone()), move |txn, now| task::retry(txn, &id, now)).await
+        self.task_op(Op::Plain, move |txn, now| task::retry(txn, &id, now)).await
     }
 
     async fn reap_expired(&self) -> Result<Vec<Task>, TaskError> {
