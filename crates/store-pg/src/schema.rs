@@ -120,6 +120,18 @@ CREATE TABLE audit (
 ALTER TABLE tasks SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
                        autovacuum_analyze_scale_factor = 0.05);
 "#,
+    r#"
+-- A task row is rewritten at every step of its life, and every rewrite adds an entry to each
+-- index of the table: keep only the indexes the queue, the leases and the path locks need
+-- (listing sorts), and keep the record as text (no JSONB parse on every write; queries that
+-- look inside cast it).
+DROP INDEX IF EXISTS tasks_by_age;
+DROP INDEX IF EXISTS tasks_by_status;
+ALTER TABLE tasks ALTER COLUMN data TYPE TEXT USING data::text;
+-- Most events have no idempotency key: index only those that do.
+ALTER TABLE events DROP CONSTRAINT IF EXISTS events_key_key;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (key) WHERE key IS NOT NULL;
+"#,
 ];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.

@@ -55,18 +55,18 @@ const GET: &str = "SELECT version, data::text FROM tasks WHERE id = $1";
 const GET_SHARE: &str = "SELECT version, data::text FROM tasks WHERE id = $1 FOR SHARE";
 const LOCK_MANY: &str = "SELECT version, data::text FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const UPDATE: &str = "UPDATE tasks SET status = $2, priority = $3, not_before = $4, lease_expires_at = $5,
-        has_locks = $6, data = $7::text::jsonb, version = version + 1
+        has_locks = $6, data = $7, version = version + 1
     WHERE id = $1 AND version = $8 RETURNING version";
 const INSERT: &str =
     "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, has_locks, version, data)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8::text::jsonb)";
+    VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $8)";
 const INSERT_DEPS: &str =
     "INSERT INTO task_deps (task_id, dep_id) SELECT $1, d FROM UNNEST($2::text[]) AS d ON CONFLICT DO NOTHING";
 const DEPENDENTS: &str = "SELECT task_id FROM task_deps WHERE dep_id = $1 ORDER BY task_id";
 const LEASED_WITH_LOCKS: &str =
     "SELECT version, data::text FROM tasks WHERE has_locks AND status IN ('claimed', 'running') ORDER BY id";
 const LEASED_LOCKS: &str =
-    "SELECT (data->'locks')::text FROM tasks WHERE has_locks AND status IN ('claimed', 'running')";
+    "SELECT (data::jsonb->'locks')::text FROM tasks WHERE has_locks AND status IN ('claimed', 'running')";
 const QUEUED: &str = "SELECT t.version, t.data::text FROM tasks t
     WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= $1)
       AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.dep_id
@@ -109,7 +109,7 @@ ORDER BY ex.exp, ex.id";
 /// (division by zero) if a row did not match.
 const FLUSH: &str = "WITH up AS (
     UPDATE tasks t SET status = u.status, priority = u.priority, not_before = u.not_before,
-        lease_expires_at = u.lease, has_locks = u.has_locks, data = u.data::jsonb, version = t.version + 1
+        lease_expires_at = u.lease, has_locks = u.has_locks, data = u.data, version = t.version + 1
     FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[], $5::int8[], $6::bool[], $7::text[], $8::int8[])
         AS u(id, status, priority, not_before, lease, has_locks, data, version)
     WHERE t.id = u.id AND t.version = u.version
@@ -118,7 +118,7 @@ const FLUSH: &str = "WITH up AS (
 SELECT 1 / (CASE WHEN (SELECT count(*) FROM up) = $9 THEN 1 ELSE 0 END)";
 const NEXT_TOKEN: &str = "SELECT nextval('task_tokens')";
 const LEASED_BY_AGENT: &str =
-    "SELECT count(*) FROM tasks WHERE status IN ('claimed', 'running') AND data->>'agent' = $1";
+    "SELECT count(*) FROM tasks WHERE status IN ('claimed', 'running') AND data::jsonb->>'agent' = $1";
 const GRAPH_LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)::text";
 
 /// How reads of single tasks lock.
@@ -1058,7 +1058,7 @@ impl TaskStore for PgStore {
         let label = filter.label.clone();
         self.read_tasks(
             "SELECT data::text FROM tasks
-             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR data->'labels' ? $2)
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR data::jsonb->'labels' ? $2)
              ORDER BY created_at, id",
             move || vec![Box::new(status.clone()), Box::new(label.clone())],
         )
@@ -1109,8 +1109,8 @@ impl TaskStore for PgStore {
             let stmt = stmts
                 .get(
                     client,
-                    "SELECT data->>'agent', count(*) FROM tasks
-                     WHERE status IN ('claimed', 'running') AND data->>'agent' IS NOT NULL GROUP BY 1",
+                    "SELECT data::jsonb->>'agent' AS agent, count(*) FROM tasks
+                     WHERE status IN ('claimed', 'running') AND data::jsonb->>'agent' IS NOT NULL GROUP BY 1",
                 )
                 .map_err(|e| target.error(&e))?;
             let rows = client.query(&stmt, &[]).map_err(|e| target.error(&e))?;
