@@ -24,6 +24,11 @@ fn workers() -> usize {
     *WORKERS_VAR.get_or_init(|| std::env::var("DESCARTES_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4))
 }
 
+/// Priority levels the tasks are spread over (`DESCARTES_BENCH_PRIORITIES`, default 3).
+fn priorities() -> usize {
+    std::env::var("DESCARTES_BENCH_PRIORITIES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(3)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> String {
     if sorted.is_empty() {
         return "-".into();
@@ -39,7 +44,7 @@ async fn fill(db: &TestDb, n: usize) {
         let s = s.clone();
         hs.push(tokio::spawn(async move {
             for i in (w..n).step_by(workers()) {
-                s.create_task(NewTask { title: format!("t{i}"), priority: (i % 3) as i32, ..Default::default() })
+                s.create_task(NewTask { title: format!("t{i}"), priority: (i % priorities()) as i32, ..Default::default() })
                     .await
                     .unwrap();
             }
