@@ -44,9 +44,13 @@ async fn fill(db: &TestDb, n: usize) {
         let s = s.clone();
         hs.push(tokio::spawn(async move {
             for i in (w..n).step_by(workers()) {
-                s.create_task(NewTask { title: format!("t{i}"), priority: (i % priorities()) as i32, ..Default::default() })
-                    .await
-                    .unwrap();
+                s.create_task(NewTask {
+                    title: format!("t{i}"),
+                    priority: (i % priorities()) as i32,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             }
         }));
     }

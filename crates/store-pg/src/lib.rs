@@ -26,9 +26,10 @@
 //! appends of one process into one transaction, and task operations are grouped likewise (each
 //! group writes its events in one statement just before its commit, so the counter is held only
 //! from there to the commit). On the development machine (2 CPUs, durable commits) that gives
-//! about 1,300-1,800 claim+complete per second with 4 workers and one task per claim,
-//! 2,300-3,700 with claims of 32, and 10,000-15,500 with claims of 32 completed by
-//! [`PgStore::complete_many`] (see the `pg_tasks` benchmark).
+//! about 1,600-2,300 claim+complete per second with 4 workers and one task per claim, and
+//! 10,000-15,500 with claims of 32 completed by [`PgStore::complete_many`] (see the `pg_tasks`
+//! benchmark and `docs/PERFORMANCE.md`); the CPU, two thirds of it in the server, is then the
+//! limit.
 //!
 //! The way past that bound is to let appenders commit in parallel and make *readers* wait
 //! instead: e.g. seqs derived from the transaction id (`xid8 << 20 | n`) and followers reading
