@@ -74,6 +74,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<StoreError>().is_some() {
         return 4;
     }
+    if let Some(t) = err.downcast_ref::<descartes_core::TaskError>() {
+        return crate::task_cmd::exit_code(t);
+    }
     if let Some(c) = err.downcast_ref::<CoreError>() {
         return match c {
             CoreError::Store(_) => 4,

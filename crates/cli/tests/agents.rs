@@ -381,6 +381,10 @@ fn the_project_policy_denies_requires_approval_and_explains_itself() {
     assert!(stderr(&out).contains("needs approval") && stderr(&out).contains("task approve"), "{}", stderr(&out));
     let explain = ok(&env, &["policy", "explain", &deploy]);
     assert!(explain.contains("claim  require_approval") && explain.contains("rule approve-deploys"), "{explain}");
+    // An unknown task is "not found" (exit 5), as for every task command.
+    let out = env.run(&["policy", "explain", "no-such-task"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no-such-task"), "{}", stderr(&out));
     ok(&env, &["task", "approve", &deploy]);
     let out = env.run(&["task", "execute", &deploy]);
     assert!(out.status.success(), "{}", stderr(&out));
