@@ -76,23 +76,7 @@ fn corrupt_database_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_task_store_follows_the_rules() {
-    descartes_test_support::task_suite::run_all(|clock| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            SqliteEventStore::open(&dir.path().join("t.db"), SqliteOptions { sync: SyncMode::Normal })
-                .unwrap()
-                .with_clock(clock.clone()),
-        );
-        descartes_test_support::task_suite::Stores {
-            tasks: store.clone(),
-            events: store.clone(),
-            agents: store.clone(),
-            audit: store,
-            clock,
-            guard: Box::new(dir),
-        }
-    })
-    .await;
+    descartes_test_support::task_suite::run_all(|clock| async move { sqlite_stores(clock) }).await;
 }
 
 fn sqlite_stores(clock: Arc<descartes_core::testing::ManualClock>) -> descartes_test_support::task_suite::Stores {
