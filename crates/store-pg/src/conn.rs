@@ -227,18 +227,80 @@ pub(crate) struct Conn {
     pub last_used: std::time::Instant,
 }
 
+/// A statement: fixed SQL text, or a template whose row limit is written into the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sql {
+    Fixed(&'static str),
+    /// A template containing [`LIMIT_MARK`] once, and the limit to write there.
+    ///
+    /// Statements are planned once per connection (`force_generic_plan`), and a generic plan
+    /// cannot know a `LIMIT $n`: PostgreSQL then plans for 10% of the rows, which for a queue
+    /// scan means reading and sorting the whole queue (an external sort of tens of thousands
+    /// of rows on every claim) instead of walking the queue's index for the first few. With the
+    /// limit in the text the plan is the right one for it.
+    Limit(&'static str, i64),
+}
+
+/// Where [`Sql::Limit`] writes its limit.
+pub(crate) const LIMIT_MARK: &str = "{limit}";
+
+/// How many [`Sql::Limit`] statements a connection keeps prepared (most recently used).
+const MAX_LIMITED: usize = 32;
+
+impl Sql {
+    /// The SQL text to prepare.
+    pub fn text(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Sql::Fixed(sql) => sql.into(),
+            Sql::Limit(template, limit) => template.replace(LIMIT_MARK, &limit.max(0).to_string()).into(),
+        }
+    }
+}
+
+impl From<&'static str> for Sql {
+    fn from(sql: &'static str) -> Sql {
+        Sql::Fixed(sql)
+    }
+}
+
 /// Prepared statements of one connection, by SQL text.
 #[derive(Default)]
-pub(crate) struct StmtCache(HashMap<&'static str, Statement>);
+pub(crate) struct StmtCache {
+    fixed: HashMap<&'static str, Statement>,
+    /// By template and limit, the most recently used last.
+    limited: Vec<((&'static str, i64), Statement)>,
+}
 
 impl StmtCache {
-    pub fn get(&mut self, c: &mut impl GenericClient, sql: &'static str) -> Result<Statement, postgres::Error> {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
+    pub fn get(&mut self, c: &mut impl GenericClient, sql: impl Into<Sql>) -> Result<Statement, postgres::Error> {
+        let sql = sql.into();
+        match sql {
+            Sql::Fixed(sql) => {
+                if let Some(s) = self.fixed.get(sql) {
+                    return Ok(s.clone());
+                }
+                let s = c.prepare(sql)?;
+                self.fixed.insert(sql, s.clone());
+                Ok(s)
+            }
+            Sql::Limit(template, limit) => {
+                let key = (template, limit);
+                if let Some(i) = self.limited.iter().position(|(k, _)| *k == key) {
+                    let entry = self.limited.remove(i);
+                    let s = entry.1.clone();
+                    self.limited.push(entry);
+                    return Ok(s);
+                }
+                debug_assert!(template.contains(LIMIT_MARK), "a limited statement without {LIMIT_MARK}");
+                let s = c.prepare(&sql.text())?;
+                if self.limited.len() >= MAX_LIMITED {
+                    // Dropping the statement closes it on the server.
+                    self.limited.remove(0);
+                }
+                self.limited.push((key, s.clone()));
+                Ok(s)
+            }
         }
-        let s = c.prepare(sql)?;
-        self.0.insert(sql, s.clone());
-        Ok(s)
     }
 }
 

@@ -45,7 +45,7 @@ use postgres::types::ToSql;
 use postgres::{Client, Row};
 
 use crate::PgStore;
-use crate::conn::{Conn, Pool, StmtCache, Target, is_conflict, is_connection_error};
+use crate::conn::{Conn, Pool, Sql, StmtCache, Target, is_conflict, is_connection_error};
 use crate::schema::{LOCK_CLAIM, LOCK_GRAPH, LOCK_NS};
 
 /// How many times an operation is retried after losing a race with another transaction.
@@ -67,26 +67,31 @@ const LEASED_WITH_LOCKS: &str =
     "SELECT version, data::text FROM tasks WHERE has_locks AND status IN ('claimed', 'running') ORDER BY id";
 const LEASED_LOCKS: &str =
     "SELECT (data::jsonb->'locks')::text FROM tasks WHERE has_locks AND status IN ('claimed', 'running')";
+/// Queued, ready tasks in claim order; a template for `Sql::Limit` (see there why).
 const QUEUED: &str = "SELECT t.version, t.data::text FROM tasks t
     WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= $1)
       AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.dep_id
                       WHERE d.task_id = t.id AND p.status <> 'done')
     ORDER BY t.priority DESC, t.created_at, t.id
-    LIMIT $2
+    LIMIT {limit}
     FOR UPDATE OF t SKIP LOCKED";
 /// Queued, ready tasks without path locks, with one fencing token per row (every row is claimed).
+/// Like `QUEUED`, a template for `Sql::Limit` (see there why).
 const QUEUED_WITH_TOKENS: &str = "WITH q AS (
     SELECT t.version, t.data::text AS data, t.priority, t.created_at, t.id FROM tasks t
     WHERE t.status = 'queued' AND (t.not_before IS NULL OR t.not_before <= $1) AND NOT t.has_locks
       AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks p ON p.id = d.dep_id
                       WHERE d.task_id = t.id AND p.status <> 'done')
     ORDER BY t.priority DESC, t.created_at, t.id
-    LIMIT $2
+    LIMIT {limit}
     FOR UPDATE OF t SKIP LOCKED
 )
 SELECT q.version, q.data,
        (SELECT array_agg(nextval('task_tokens')) FROM generate_series(1, (SELECT count(*) FROM q)))
 FROM q ORDER BY q.priority DESC, q.created_at, q.id";
+/// The queue's head, without locks (the executor's routing looks ahead); a `Sql::Limit` template.
+const PEEK: &str = "SELECT data::text FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= $1)
+    ORDER BY priority DESC, created_at, id LIMIT {limit}";
 const EXPIRED: &str = "SELECT version, data::text FROM tasks
     WHERE status IN ('claimed', 'running') AND lease_expires_at < $1
     ORDER BY lease_expires_at, id
@@ -277,7 +282,7 @@ impl<'a> PgTxn<'a> {
         })
     }
 
-    fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, TaskError> {
+    fn query(&mut self, sql: impl Into<Sql>, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, TaskError> {
         let stmt = match self.stmts.get(self.tx, sql) {
             Ok(s) => s,
             Err(e) => return Err(self.db(e)),
@@ -527,7 +532,7 @@ impl TaskTxn for PgTxn<'_> {
         if let ClaimMode::Unlocked { hint } = self.claim {
             // Every row returned is claimable: lock no more than the claim takes, and fetch
             // their fencing tokens with them.
-            let rows = self.query(QUEUED_WITH_TOKENS, &[&now.as_micros(), &limit(limit_.min(hint))])?;
+            let rows = self.query(Sql::Limit(QUEUED_WITH_TOKENS, limit(limit_.min(hint))), &[&now.as_micros()])?;
             if let Some(row) = rows.first() {
                 let mut tokens: Vec<i64> = row.try_get(2).map_err(|e| self.db(e))?;
                 tokens.sort_unstable();
@@ -535,7 +540,7 @@ impl TaskTxn for PgTxn<'_> {
             }
             return self.tasks(&rows, true);
         }
-        let rows = self.query(QUEUED, &[&now.as_micros(), &limit(limit_)])?;
+        let rows = self.query(Sql::Limit(QUEUED, limit(limit_)), &[&now.as_micros()])?;
         self.tasks(&rows, true)
     }
 
@@ -971,7 +976,7 @@ impl PgStore {
     }
     async fn read_tasks(
         &self,
-        sql: &'static str,
+        sql: Sql,
         params: impl Fn() -> Vec<Box<dyn ToSql + Sync + Send>> + Send + 'static,
     ) -> Result<Vec<Task>, TaskError> {
         self.with_conn(move |conn, target| {
@@ -1047,7 +1052,7 @@ impl TaskStore for PgStore {
 
     async fn get_task(&self, id: &str) -> Result<Task, TaskError> {
         let key = id.to_owned();
-        self.read_tasks("SELECT data::text FROM tasks WHERE id = $1", move || vec![Box::new(key.clone())])
+        self.read_tasks(Sql::Fixed("SELECT data::text FROM tasks WHERE id = $1"), move || vec![Box::new(key.clone())])
             .await?
             .pop()
             .ok_or_else(|| TaskError::NotFound(id.to_owned()))
@@ -1057,9 +1062,11 @@ impl TaskStore for PgStore {
         let status = filter.status.map(|s| s.as_str().to_owned());
         let label = filter.label.clone();
         self.read_tasks(
-            "SELECT data::text FROM tasks
+            Sql::Fixed(
+                "SELECT data::text FROM tasks
              WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR data::jsonb->'labels' ? $2)
              ORDER BY created_at, id",
+            ),
             move || vec![Box::new(status.clone()), Box::new(label.clone())],
         )
         .await
@@ -1095,12 +1102,7 @@ impl TaskStore for PgStore {
     async fn peek_queued(&self, limit: usize) -> Result<Vec<Task>, TaskError> {
         let now = self.clock.now().as_micros();
         let n = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.read_tasks(
-            "SELECT data::text FROM tasks WHERE status = 'queued' AND (not_before IS NULL OR not_before <= $1)
-             ORDER BY priority DESC, created_at, id LIMIT $2",
-            move || vec![Box::new(now), Box::new(n)],
-        )
-        .await
+        self.read_tasks(Sql::Limit(PEEK, n), move || vec![Box::new(now)]).await
     }
 
     async fn agent_load(&self) -> Result<HashMap<String, u32>, TaskError> {
@@ -1202,5 +1204,57 @@ impl TaskTxn for NoTxn {
     }
     fn leased_by_agent(&mut self, _: &str) -> Result<u32, TaskError> {
         Self::unreachable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::testing::TestDb;
+
+    /// The queue scans are planned once per connection (generic plans): with a long queue they
+    /// must still walk the queue's index for the first rows, not read and sort the whole queue
+    /// (which a `LIMIT $n` made PostgreSQL do, and made every claim cost tens of milliseconds).
+    #[test]
+    fn queue_scans_walk_the_queue_index_however_long_the_queue() {
+        let Some(db) = TestDb::create() else { return };
+        drop(db.store().unwrap());
+        let plans = db
+            .with_client(|c| {
+                c.batch_execute(
+                    "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, has_locks, version, data)
+                     SELECT 't' || g, CASE WHEN g % 2 = 0 THEN 'queued' ELSE 'done' END, g % 3, g, NULL, NULL, FALSE, 1,
+                            '{\"title\": \"' || repeat('x', 200) || '\"}'
+                     FROM generate_series(1, 40000) AS g;
+                     ANALYZE tasks;
+                     SET plan_cache_mode = force_generic_plan;",
+                )
+                .unwrap();
+                let mut plans = Vec::new();
+                for (name, template) in [("QUEUED", QUEUED), ("QUEUED_WITH_TOKENS", QUEUED_WITH_TOKENS), ("PEEK", PEEK)] {
+                    for n in [1, 64] {
+                        c.batch_execute("DEALLOCATE ALL").unwrap();
+                        c.batch_execute(&format!("PREPARE q(int8) AS {}", Sql::Limit(template, n).text())).unwrap();
+                        let plan: Vec<String> = c
+                            .query("EXPLAIN EXECUTE q(0)", &[])
+                            .unwrap()
+                            .iter()
+                            .map(|r| r.get::<_, String>(0))
+                            .collect();
+                        plans.push((format!("{name} LIMIT {n}"), plan.join("\n")));
+                    }
+                }
+                plans
+            })
+            .unwrap();
+        for (what, plan) in plans {
+            assert!(
+                plan.contains("Index Scan using tasks_queue on tasks"),
+                "{what} does not walk the queue index:\n{plan}"
+            );
+            assert!(!plan.contains("Seq Scan on tasks"), "{what} reads the whole table:\n{plan}");
+        }
     }
 }
