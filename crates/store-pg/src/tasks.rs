@@ -788,21 +788,21 @@ type GroupResult = (Vec<Result<Seq, (TaskError, Again)>>, bool);
 /// race, ...) rolls back that job alone. Returns each job's outcome, and whether the connection
 /// broke.
 ///
-/// Refusals are rare, so the group first runs without savepoints (each costs a round trip);
-/// if a job is refused, that transaction is rolled back and the group runs again with a
-/// savepoint around each job.
+/// Refusals are rare, so the group first runs without savepoints (each costs a round trip and a
+/// subtransaction); if one of several jobs is refused, that transaction is rolled back and the group
+/// runs again with a savepoint around each job.
 fn run_group(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>]) -> GroupResult {
-    if jobs.len() > 1 {
-        match run_group_as(conn, target, jobs, false) {
-            Some(done) => return done,
-            None => tracing::trace!("a task operation was refused; running its group again with savepoints"),
+    match run_group_as(conn, target, jobs, false) {
+        Some(done) => done,
+        None => {
+            tracing::trace!("a task operation was refused; running its group again with savepoints");
+            run_group_as(conn, target, jobs, true).unwrap_or_else(|| (Vec::new(), false))
         }
     }
-    run_group_as(conn, target, jobs, true).unwrap_or_else(|| (Vec::new(), false))
 }
 
-/// [`run_group`], with or without savepoints. Without, `None` when a job was refused (then
-/// nothing was written).
+/// [`run_group`], with or without savepoints. Without, `None` when a job of several was refused
+/// (then nothing was written); a job alone is refused alone without one.
 fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], savepoints: bool) -> Option<GroupResult> {
     let Conn { client, stmts, .. } = conn;
     let all = |e: &postgres::Error, n: usize| -> GroupResult {
@@ -858,9 +858,10 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
                 out[i] = Err((e, Again::Reconnect));
                 return Some((out, true));
             }
-            Err(_) if !savepoints => {
+            Err(err) if !savepoints => {
                 let _ = client.batch_execute("ROLLBACK");
-                return None;
+                // A job alone in its group needs no savepoint to be refused alone.
+                return (jobs.len() == 1).then(|| (vec![Err(err)], false));
             }
             Err(err) => {
                 if let Err(e) = client.batch_execute("ROLLBACK TO SAVEPOINT t") {
