@@ -316,9 +316,11 @@ impl Conn {
             client.batch_execute("SET synchronous_commit = off")?;
         }
         // Our statements are prepared once per connection and look rows up by key: plan them
-        // once (re-planning the larger ones on every execution costs more than running them).
-        // Servers before 12 lack the setting and plan as they like.
-        if let Err(e) = client.batch_execute("SET plan_cache_mode = force_generic_plan") {
+        // once (re-planning the larger ones on every execution costs more than running them),
+        // and never compile them (JIT costs hundreds of milliseconds, and the task groups'
+        // index-walk settings raise plan costs past its threshold; see `tasks::BEGIN`).
+        // Servers before 12 lack a setting and plan as they like.
+        if let Err(e) = client.batch_execute("SET plan_cache_mode = force_generic_plan; SET jit = off") {
             if client.is_closed() {
                 return Err(e);
             }

@@ -673,6 +673,18 @@ impl<T: Send + 'static> Job for TaskJob<T> {
     }
 }
 
+/// Starts a group's transaction. The statements of task operations find rows by key or walk an
+/// index in its order (the queue, the leases), and their plans are made once per connection
+/// (`force_generic_plan`), from the statistics of the moment: a young table's (a few rows) make
+/// "read the whole queue and sort it" look cheaper than walking the queue's index, and that plan
+/// would then cost every claim a read of the whole queue for as long as the connection lives.
+/// So within these transactions the planner walks indexes whatever the statistics say (a sort
+/// or a full scan is still used where nothing else can answer).
+const BEGIN: &str =
+    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
+const BEGIN_SAVEPOINT: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
+    SET LOCAL enable_sort = off; SAVEPOINT t";
+
 /// Largest number of task operations in one group commit.
 const MAX_GROUP: usize = 64;
 /// How many threads run group commits of task operations. While one group commits (its WAL
@@ -816,7 +828,7 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
         };
         ((0..n).map(|_| Err((store_err(target, e), again))).collect(), broken)
     };
-    if let Err(e) = client.batch_execute(if savepoints { "BEGIN; SAVEPOINT t" } else { "BEGIN" }) {
+    if let Err(e) = client.batch_execute(if savepoints { BEGIN_SAVEPOINT } else { BEGIN }) {
         return Some(all(&e, jobs.len()));
     }
     let mut results: Vec<Result<Seq, (TaskError, Again)>> = Vec::with_capacity(jobs.len());
@@ -1213,49 +1225,72 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::PgOptions;
     use crate::testing::TestDb;
 
-    /// The queue scans are planned once per connection (generic plans): with a long queue they
-    /// must still walk the queue's index for the first rows, not read and sort the whole queue
-    /// (which a `LIMIT $n` made PostgreSQL do, and made every claim cost tens of milliseconds).
+    /// The plans of the queue scans for `limit`, made the way the store makes them: on a
+    /// connection of the store, the claim's scans inside a task group's `BEGIN`.
+    fn queue_plans(conn: &mut Conn, limit: i64) -> Vec<(String, String)> {
+        let mut plans = Vec::new();
+        for (name, template, begin) in
+            [("QUEUED", QUEUED, BEGIN), ("QUEUED_WITH_TOKENS", QUEUED_WITH_TOKENS, BEGIN), ("PEEK", PEEK, "BEGIN")]
+        {
+            let c = &mut conn.client;
+            c.batch_execute(begin).unwrap();
+            c.batch_execute(&format!("PREPARE q(int8) AS {}", Sql::Limit(template, limit).text())).unwrap();
+            let plan: Vec<String> =
+                c.query("EXPLAIN EXECUTE q(0)", &[]).unwrap().iter().map(|r| r.get::<_, String>(0)).collect();
+            c.batch_execute("ROLLBACK; DEALLOCATE q").unwrap();
+            plans.push((format!("{name} LIMIT {limit}"), plan.join("\n")));
+        }
+        plans
+    }
+
+    /// The queue scans are planned once per connection (generic plans), from the statistics
+    /// of the moment. However long the queue, and even when the last statistics are those of
+    /// the empty table, they must walk the queue's index for the first rows rather than read
+    /// and sort the whole queue, which made claims cost tens of milliseconds (`LIMIT $n` planned
+    /// as 10% of the table; plans made from an empty table's statistics; JIT compiling them).
     #[test]
     fn queue_scans_walk_the_queue_index_however_long_the_queue() {
         let Some(db) = TestDb::create() else { return };
         drop(db.store().unwrap());
-        let plans = db
-            .with_client(|c| {
-                c.batch_execute(
-                    "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, has_locks, version, data)
-                     SELECT 't' || g, CASE WHEN g % 2 = 0 THEN 'queued' ELSE 'done' END, g % 3, g, NULL, NULL, FALSE, 1,
-                            '{\"title\": \"' || repeat('x', 200) || '\"}'
-                     FROM generate_series(1, 40000) AS g;
-                     ANALYZE tasks;
-                     SET plan_cache_mode = force_generic_plan;",
-                )
-                .unwrap();
-                let mut plans = Vec::new();
-                for (name, template) in [("QUEUED", QUEUED), ("QUEUED_WITH_TOKENS", QUEUED_WITH_TOKENS), ("PEEK", PEEK)] {
-                    for n in [1, 64] {
-                        c.batch_execute("DEALLOCATE ALL").unwrap();
-                        c.batch_execute(&format!("PREPARE q(int8) AS {}", Sql::Limit(template, n).text())).unwrap();
-                        let plan: Vec<String> = c
-                            .query("EXPLAIN EXECUTE q(0)", &[])
-                            .unwrap()
-                            .iter()
-                            .map(|r| r.get::<_, String>(0))
-                            .collect();
-                        plans.push((format!("{name} LIMIT {n}"), plan.join("\n")));
-                    }
-                }
+        let target = Target::parse(db.url()).unwrap();
+        let fill = |c: &mut Client, from: i64, to: i64| {
+            c.execute(
+                "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, has_locks, version, data)
+                 SELECT 't' || g, CASE WHEN g % 2 = 0 THEN 'queued' ELSE 'done' END, (g % 3)::int4, g, NULL, NULL,
+                        FALSE, 1, '{\"title\": \"' || repeat('x', 200) || '\"}'
+                 FROM generate_series($1::int8, $2::int8) AS g",
+                &[&from, &to],
+            )
+            .unwrap();
+        };
+        let plans = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut conn = Conn::open(&target, &PgOptions::default()).unwrap();
+                // Statistics of the empty table; then it fills without new ones.
+                conn.client.batch_execute("ANALYZE tasks").unwrap();
+                fill(&mut conn.client, 1, 40_000);
+                let mut plans = queue_plans(&mut conn, 1);
+                plans.extend(queue_plans(&mut conn, 64));
+                // And with statistics that know the queue's length.
+                conn.client.batch_execute("ANALYZE tasks").unwrap();
+                plans.extend(queue_plans(&mut conn, 1));
+                plans.extend(queue_plans(&mut conn, 64));
                 plans
             })
-            .unwrap();
+            .join()
+            .unwrap()
+        });
+        assert_eq!(plans.len(), 12);
         for (what, plan) in plans {
             assert!(
                 plan.contains("Index Scan using tasks_queue on tasks"),
                 "{what} does not walk the queue index:\n{plan}"
             );
             assert!(!plan.contains("Seq Scan on tasks"), "{what} reads the whole table:\n{plan}");
+            assert!(!plan.contains("JIT"), "{what} is compiled:\n{plan}");
         }
     }
 }
