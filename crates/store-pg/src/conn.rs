@@ -318,13 +318,15 @@ impl Conn {
         // Our statements are prepared once per connection and look rows up by key: plan them
         // once (re-planning the larger ones on every execution costs more than running them),
         // and never compile them (JIT costs hundreds of milliseconds, and the task groups'
-        // index-walk settings raise plan costs past its threshold; see `tasks::BEGIN`).
-        // Servers before 12 lack a setting and plan as they like.
-        if let Err(e) = client.batch_execute("SET plan_cache_mode = force_generic_plan; SET jit = off") {
-            if client.is_closed() {
-                return Err(e);
+        // index-walk settings raise plan costs past its threshold; see `tasks::BEGIN`). Each
+        // setting on its own: a server that lacks one (before 11 or 12) still gets the other.
+        for setting in ["SET plan_cache_mode = force_generic_plan", "SET jit = off"] {
+            if let Err(e) = client.batch_execute(setting) {
+                if client.is_closed() {
+                    return Err(e);
+                }
+                tracing::debug!(error = %e, setting, "connection setting not applied");
             }
-            tracing::debug!(error = %e, "plan_cache_mode not set");
         }
         Ok(Conn { client, stmts: StmtCache::default(), last_used: std::time::Instant::now() })
     }
