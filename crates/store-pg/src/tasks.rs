@@ -3,7 +3,8 @@
 //!
 //! **Group commit**: the task operations of one process are queued to a few threads (see
 //! `Grouper`); each takes every operation queued and runs them in one transaction, one after
-//! the other, and commits them together (one WAL flush, one hold of the `event_seq` lock). An
+//! the other (operations queued meanwhile join before the commit, when the other thread is busy
+//! too), and commits them together (one WAL flush, one hold of the `event_seq` lock). An
 //! operation that is refused (stale token, illegal transition, lost race) rolls back alone: the
 //! group first runs without savepoints (they cost a round trip each) and, if one operation is
 //! refused, runs again with a savepoint around each. A lost race is retried in a later group.
@@ -774,7 +775,12 @@ fn group_loop(
             }
         };
         let mut jobs = jobs;
-        let (results, broken) = run_group(&mut conn, &pool.target, &mut jobs);
+        // Operations queued while this group runs join it before its commit (never waiting for
+        // them): its commit is shared by more operations, and the time it would spend waiting
+        // for `event_seq` (held by the other thread's commit) goes to their statements instead.
+        // Only when the other thread is busy too: an idle one holds the queue and takes them.
+        let mut more = || rx.try_lock().ok().and_then(|rx| rx.try_recv().ok());
+        let (results, broken) = run_group(&mut conn, &pool.target, &mut jobs, &mut more);
         if broken {
             conn.discard();
         } else {
@@ -794,6 +800,17 @@ fn store_err(target: &Target, e: &postgres::Error) -> TaskError {
     TaskError::Store(target.error(e))
 }
 
+/// Adds the next queued operation, if any, to `jobs`.
+fn take_more(jobs: &mut Vec<Box<dyn Job>>, more: &mut dyn FnMut() -> Option<Box<dyn Job>>) -> bool {
+    match more() {
+        Some(job) => {
+            jobs.push(job);
+            true
+        }
+        None => false,
+    }
+}
+
 type GroupResult = (Vec<Result<Seq, (TaskError, Again)>>, bool);
 
 /// Runs `jobs` in one transaction and commits the lot; each job's refusal (stale token, lost
@@ -803,19 +820,30 @@ type GroupResult = (Vec<Result<Seq, (TaskError, Again)>>, bool);
 /// Refusals are rare, so the group first runs without savepoints (each costs a round trip and a
 /// subtransaction); if one of several jobs is refused, that transaction is rolled back and the group
 /// runs again with a savepoint around each job.
-fn run_group(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>]) -> GroupResult {
-    match run_group_as(conn, target, jobs, false) {
+fn run_group(
+    conn: &mut Conn,
+    target: &Target,
+    jobs: &mut Vec<Box<dyn Job>>,
+    more: &mut dyn FnMut() -> Option<Box<dyn Job>>,
+) -> GroupResult {
+    match run_group_as(conn, target, jobs, false, more) {
         Some(done) => done,
         None => {
             tracing::trace!("a task operation was refused; running its group again with savepoints");
-            run_group_as(conn, target, jobs, true).unwrap_or_else(|| (Vec::new(), false))
+            run_group_as(conn, target, jobs, true, &mut || None).unwrap_or_else(|| (Vec::new(), false))
         }
     }
 }
 
 /// [`run_group`], with or without savepoints. Without, `None` when a job of several was refused
 /// (then nothing was written); a job alone is refused alone without one.
-fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], savepoints: bool) -> Option<GroupResult> {
+fn run_group_as(
+    conn: &mut Conn,
+    target: &Target,
+    jobs: &mut Vec<Box<dyn Job>>,
+    savepoints: bool,
+    more: &mut dyn FnMut() -> Option<Box<dyn Job>>,
+) -> Option<GroupResult> {
     let Conn { client, stmts, .. } = conn;
     let all = |e: &postgres::Error, n: usize| -> GroupResult {
         let broken = is_connection_error(e) || client_closed(e);
@@ -836,7 +864,9 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
     // Per job: how many events were appended before it and by it.
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(jobs.len());
     let mut any_ok = false;
-    for (i, job) in jobs.iter_mut().enumerate() {
+    let mut i = 0;
+    while i < jobs.len() || (!savepoints && jobs.len() < MAX_GROUP && take_more(jobs, more)) {
+        let job = &mut jobs[i];
         if savepoints
             && i > 0
             && let Err(e) = client.batch_execute("RELEASE SAVEPOINT t; SAVEPOINT t")
@@ -884,6 +914,7 @@ fn run_group_as(conn: &mut Conn, target: &Target, jobs: &mut [Box<dyn Job>], sav
                 results.push(Err(err));
             }
         }
+        i += 1;
     }
     if !events.is_empty() {
         // The events of the whole group, in one statement: it takes the `event_seq` lock, which
