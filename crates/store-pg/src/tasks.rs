@@ -681,10 +681,14 @@ impl<T: Send + 'static> Job for TaskJob<T> {
 /// would then cost every claim a read of the whole queue for as long as the connection lives.
 /// So within these transactions the planner walks indexes whatever the statistics say (a sort
 /// or a full scan is still used where nothing else can answer).
-const BEGIN: &str =
-    "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off";
-const BEGIN_SAVEPOINT: &str = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; \
-    SET LOCAL enable_sort = off; SAVEPOINT t";
+macro_rules! begin_sql {
+    () => {
+        "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off"
+    };
+}
+const BEGIN: &str = begin_sql!();
+/// [`BEGIN`], and the savepoint of a group's first job.
+const BEGIN_SAVEPOINT: &str = concat!(begin_sql!(), "; SAVEPOINT t");
 
 /// Largest number of task operations in one group commit.
 const MAX_GROUP: usize = 64;
@@ -865,6 +869,7 @@ fn run_group_as(
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(jobs.len());
     let mut any_ok = false;
     let mut i = 0;
+    // Every job in `jobs`; then, without savepoints, any queued since, while the group has room.
     while i < jobs.len() || (!savepoints && jobs.len() < MAX_GROUP && take_more(jobs, more)) {
         let job = &mut jobs[i];
         if savepoints
