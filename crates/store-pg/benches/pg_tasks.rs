@@ -5,7 +5,8 @@
 //!
 //! Without that variable a throwaway cluster is started (with `fsync=off`, so "durable" figures
 //! from it are not). `DESCARTES_BENCH_TASKS` sets the number of tasks per run (default 3000);
-//! `DESCARTES_BENCH_ONLY=single` runs only the durable one-task-per-claim case.
+//! `DESCARTES_BENCH_ONLY=single` runs only the durable one-task-per-claim case, `single-no-flush`
+//! the same without WAL flushes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -178,6 +179,11 @@ fn main() {
         if std::env::var("DESCARTES_BENCH_ONLY").is_ok_and(|v| v == "single") {
             // Only the durable one-task-per-claim run (`DESCARTES_BENCH_ONLY=single`).
             run(true, 1, false, n).await;
+            return;
+        }
+        if std::env::var("DESCARTES_BENCH_ONLY").is_ok_and(|v| v == "single-no-flush") {
+            // Only the one-task-per-claim run without WAL flushes: the bound flushes set.
+            run(false, 1, false, n).await;
             return;
         }
         run(true, 1, false, n).await;
