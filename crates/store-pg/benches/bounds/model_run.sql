@@ -1,0 +1,2 @@
+SELECT tid, tok FROM claim('w1', 1800000000000000) \gset
+SELECT complete(:tid, :tok, 1800000000000000);
