@@ -169,3 +169,19 @@ fn watch_prints_task_changes() {
     }
     assert!(out.contains("\"watched\""), "{out}");
 }
+
+#[test]
+fn task_list_lines_up_its_columns() {
+    let env = env();
+    create(&env, &["first", "--priority", "12"]);
+    create(&env, &["second", "--priority", "3"]);
+    claim(&env, "w1", "60s").unwrap();
+    let text = ok(&env, &["task", "list"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let title_at = lines[0].find("TITLE").unwrap();
+    for (line, title) in lines[1..].iter().zip(["first", "second"]) {
+        assert_eq!(line.find(title), Some(title_at), "the title is not under TITLE:\n{text}");
+    }
+    assert!(lines[1].contains("claimed") && lines[2].contains("queued"), "{text}");
+}
