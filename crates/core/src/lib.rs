@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod batch;
 pub mod cost;
 pub mod error;
 pub mod external;

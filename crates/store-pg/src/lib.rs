@@ -55,4 +55,4 @@ mod tasks;
 pub mod testing;
 
 pub use conn::{PgOptions, redact_url};
-pub use store::{COALESCE, DEFERRED_FLUSH, PgStore};
+pub use store::PgStore;

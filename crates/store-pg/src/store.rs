@@ -1,7 +1,7 @@
 //! `PgStore`: opening, the event writer thread (group commit), and the `EventStore` methods.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,12 +18,8 @@ use tokio::sync::{oneshot, watch};
 use crate::conn::{Conn, PgOptions, Pool, Target, is_connection_error};
 use crate::schema;
 
-/// Longest time a deferred event waits before it is written on its own.
-pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
-/// Longest time a commit waits for concurrent appenders to join it.
-pub const COALESCE: Duration = Duration::from_micros(300);
-/// Largest number of appends written in one transaction.
-const MAX_BATCH: usize = 4096;
+use descartes_core::batch::Batcher;
+
 /// How often a follower re-reads to see events written by other processes.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -346,50 +342,9 @@ fn insert_events(
 
 fn writer_loop(mut conn: Option<Conn>, pool: Arc<Pool>, rx: mpsc::Receiver<Cmd>, notify_tx: watch::Sender<Seq>) {
     let mut queue: Vec<Cmd> = Vec::new();
-    // How many appends the last commit carried: the concurrency we expect to see again.
-    let mut last_batch = 1usize;
+    let mut batcher = Batcher::default();
     let is_deferred = |c: &Cmd| matches!(c, Cmd::Append { durable: false, .. });
-    loop {
-        match rx.recv() {
-            Ok(cmd) => queue.push(cmd),
-            Err(_) => break,
-        }
-        let first = Instant::now();
-        while queue.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(cmd) => queue.push(cmd),
-                Err(_) => break,
-            }
-        }
-        // As in the SQLite store: deferred appends wait (up to DEFERRED_FLUSH) for a durable one
-        // to ride with; under concurrency a commit waits (up to COALESCE) for as many appenders
-        // as the last one carried. A lone sequential appender never waits.
-        let deadline = if queue.iter().all(is_deferred) {
-            Some(first + DEFERRED_FLUSH)
-        } else if last_batch > 1 && queue.len() < last_batch {
-            Some(first + COALESCE)
-        } else {
-            None
-        };
-        if let Some(deadline) = deadline {
-            while queue.len() < MAX_BATCH {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                match rx.recv_timeout(deadline - now) {
-                    Ok(cmd) => {
-                        queue.push(cmd);
-                        let all_deferred = queue.iter().all(is_deferred);
-                        if !all_deferred && (last_batch <= 1 || queue.len() >= last_batch) {
-                            break;
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
-            }
-        }
-        last_batch = queue.iter().filter(|c| !is_deferred(c)).count().max(1);
+    while batcher.gather(&rx, &mut queue, is_deferred) {
         write_batch(&mut conn, &pool, &mut queue, &notify_tx);
     }
     if !queue.is_empty() {

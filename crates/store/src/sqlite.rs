@@ -2,14 +2,14 @@
 //!
 //! Every append goes through one writer thread per store. The thread takes everything queued,
 //! writes it in one transaction and commits once, so many concurrent appenders share one
-//! fsync. Deferred appends wait (at most [`DEFERRED_FLUSH`]) for a durable one to ride with.
+//! fsync; `descartes_core::batch` decides how long a commit waits for more appends.
 //! Reads use their own connections (WAL lets them run beside the writer).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use descartes_core::store::DeferredAppend;
@@ -20,15 +20,11 @@ use tokio::sync::{oneshot, watch};
 
 use descartes_core::store::{RunChange, run_change};
 
-/// Longest time a deferred event waits before it is written on its own.
-pub const DEFERRED_FLUSH: Duration = Duration::from_millis(2);
+use descartes_core::batch::Batcher;
+
 /// Events left out of `run_index` before they are added in bulk (reads scan at most this many
 /// recent events besides the index).
 pub const INDEX_LAG: Seq = 1024;
-/// Longest time a commit waits for concurrent appenders to join it.
-pub const COALESCE: Duration = Duration::from_micros(300);
-/// Largest number of appends written in one transaction.
-const MAX_BATCH: usize = 4096;
 /// Page size of new databases.
 const PAGE_SIZE: i64 = 1024;
 /// How often a follower polls for events written by other processes.
@@ -339,51 +335,9 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, notify: watch::Sender<Seq>) {
     let mut queue: Vec<Cmd> = Vec::new();
-    // How many appends the last commit carried: the concurrency we expect to see again.
-    let mut last_batch = 1usize;
+    let mut batcher = Batcher::default();
     let is_deferred = |c: &Cmd| matches!(c, Cmd::Append { durable: false, .. });
-    loop {
-        match rx.recv() {
-            Ok(cmd) => queue.push(cmd),
-            Err(_) => break,
-        }
-        let first = Instant::now();
-        while queue.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(cmd) => queue.push(cmd),
-                Err(_) => break,
-            }
-        }
-        // Wait for more only while it pays: deferred appends wait (up to DEFERRED_FLUSH) for a
-        // durable one to ride with; under concurrency, a commit waits (up to COALESCE) for as
-        // many appenders as the last one carried, so they share one fsync. A lone sequential
-        // appender (last_batch == 1) never waits.
-        let deadline = if queue.iter().all(is_deferred) {
-            Some(first + DEFERRED_FLUSH)
-        } else if last_batch > 1 && queue.len() < last_batch {
-            Some(first + COALESCE)
-        } else {
-            None
-        };
-        if let Some(deadline) = deadline {
-            while queue.len() < MAX_BATCH {
-                let now = Instant::now();
-                if now >= deadline {
-                    break;
-                }
-                match rx.recv_timeout(deadline - now) {
-                    Ok(cmd) => {
-                        queue.push(cmd);
-                        let all_deferred = queue.iter().all(is_deferred);
-                        if !all_deferred && (last_batch <= 1 || queue.len() >= last_batch) {
-                            break;
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-                }
-            }
-        }
-        last_batch = queue.iter().filter(|c| !is_deferred(c)).count().max(1);
+    while batcher.gather(&rx, &mut queue, is_deferred) {
         write_batch(&mut conn, &mut queue, &notify);
     }
     if !queue.is_empty() {
