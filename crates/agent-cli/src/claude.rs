@@ -92,16 +92,12 @@ impl AgentCli for ClaudeCode {
     async fn start(&self, request: CliRequest) -> Result<Box<dyn CliSession>, ProviderError> {
         let mut stdin = user_message(&request.prompt);
         stdin.push('\n');
+        let program = self.options.program_or("claude");
+        let args = self.args(&request);
         let spawn = Spawn {
-            backend: self.name().to_owned(),
-            program: self.options.program_or("claude"),
-            args: self.args(&request).into_iter().map(Into::into).collect(),
-            env: self.options.env.clone(),
-            cwd: request.cwd.clone(),
             stdin: Some(stdin),
             keep_stdin: true,
-            install_hint: INSTALL_HINT.into(),
-            kill_grace: self.options.kill_grace,
+            ..self.options.spawn(self.name(), program, args, &request.cwd, INSTALL_HINT.into())
         };
         let process = CliProcess::spawn(spawn).await?;
         Ok(Box::new(ProcessSession::new(process, ClaudeDecoder::default())))

@@ -61,17 +61,10 @@ impl AgentCli for CommandCli {
 
     async fn start(&self, request: CliRequest) -> Result<Box<dyn CliSession>, ProviderError> {
         let stdin = if self.prompt_in_args() { None } else { Some(full_prompt(&request)) };
-        let spawn = Spawn {
-            backend: self.name.clone(),
-            program: self.program.clone().into(),
-            args: self.expand(&request).into_iter().map(Into::into).collect(),
-            env: self.options.env.clone(),
-            cwd: request.cwd.clone(),
-            stdin,
-            keep_stdin: false,
-            install_hint: format!("check the command configured for the `{}` backend", self.name),
-            kill_grace: self.options.kill_grace,
-        };
+        let hint = format!("check the command configured for the `{}` backend", self.name);
+        let args = self.expand(&request);
+        let spawn =
+            Spawn { stdin, ..self.options.spawn(&self.name, self.program.clone().into(), args, &request.cwd, hint) };
         let process = CliProcess::spawn(spawn).await?;
         Ok(Box::new(ProcessSession::new(process, TextDecoder::default())))
     }

@@ -10,7 +10,7 @@ use descartes_protocol::{ContentPart, Usage};
 use serde_json::{Map, Value};
 
 use crate::command::full_prompt;
-use crate::process::{CliProcess, Spawn};
+use crate::process::CliProcess;
 use crate::session::{Decoded, Decoder, ProcessSession, parse_json_line};
 use crate::{CliOptions, str_of, text_of, u64_of};
 
@@ -52,17 +52,8 @@ impl AgentCli for GeminiCli {
     }
 
     async fn start(&self, request: CliRequest) -> Result<Box<dyn CliSession>, ProviderError> {
-        let spawn = Spawn {
-            backend: self.name().to_owned(),
-            program: self.options.program_or("gemini"),
-            args: self.args(&request).into_iter().map(Into::into).collect(),
-            env: self.options.env.clone(),
-            cwd: request.cwd.clone(),
-            stdin: None,
-            keep_stdin: false,
-            install_hint: INSTALL_HINT.into(),
-            kill_grace: self.options.kill_grace,
-        };
+        let program = self.options.program_or("gemini");
+        let spawn = self.options.spawn(self.name(), program, self.args(&request), &request.cwd, INSTALL_HINT.into());
         let process = CliProcess::spawn(spawn).await?;
         Ok(Box::new(ProcessSession::new(process, GeminiDecoder::default())))
     }

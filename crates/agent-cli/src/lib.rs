@@ -60,6 +60,29 @@ impl CliOptions {
         self.program.clone().unwrap_or_else(|| PathBuf::from(default))
     }
 
+    /// How to start `program` for the `backend` with `args` in `cwd`, with these options'
+    /// environment and kill grace; nothing on stdin.
+    pub(crate) fn spawn(
+        &self,
+        backend: &str,
+        program: PathBuf,
+        args: Vec<String>,
+        cwd: &std::path::Path,
+        install_hint: String,
+    ) -> process::Spawn {
+        process::Spawn {
+            backend: backend.to_owned(),
+            program,
+            args: args.into_iter().map(Into::into).collect(),
+            env: self.env.clone(),
+            cwd: cwd.to_owned(),
+            stdin: None,
+            keep_stdin: false,
+            install_hint,
+            kill_grace: self.kill_grace,
+        }
+    }
+
     /// Adds an environment variable for the CLI.
     pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.env.push((key.into(), value.into()));
