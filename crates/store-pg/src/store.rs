@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use descartes_core::batch::Batcher;
 use descartes_core::store::DeferredAppend;
 use descartes_core::{Clock, CoreError, EventStore, RunState, RunSummary, StoreError, SystemClock};
 use descartes_protocol::{EVENT_VERSION, Event, EventData, EventId, NewEvent, RunId, Seq, Timestamp};
@@ -17,8 +18,6 @@ use tokio::sync::{oneshot, watch};
 
 use crate::conn::{Conn, PgOptions, Pool, Target, is_connection_error};
 use crate::schema;
-
-use descartes_core::batch::Batcher;
 
 /// How often a follower re-reads to see events written by other processes.
 const POLL: Duration = Duration::from_millis(100);

@@ -18,9 +18,8 @@ use descartes_protocol::{EVENT_VERSION, Event, EventData, EventId, NewEvent, Run
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{oneshot, watch};
 
-use descartes_core::store::{RunChange, run_change};
-
 use descartes_core::batch::Batcher;
+use descartes_core::store::{RunChange, run_change};
 
 /// Events left out of `run_index` before they are added in bulk (reads scan at most this many
 /// recent events besides the index).

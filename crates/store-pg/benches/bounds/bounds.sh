@@ -10,6 +10,8 @@
 #   model/counter        the store's own tables and indexes, claim and complete as PL/pgSQL functions
 #                        (one round trip each), seqs from the `event_seq` counter as the store does
 #   model/sequence       the same, seqs from a sequence (no commit-order guarantee: a bound only)
+#   model/sequence-text-record   the same, the new record written as text of the same size
+#                        (encoded by the client, as the store does) instead of edited as JSONB
 #   model/no-events      the same without event rows
 #   model/no-events-no-record   and without rewriting the task's JSON record
 # Every run starts from a fresh table of 200,000 queued tasks. Connection: PGHOST (127.0.0.1),
@@ -42,11 +44,12 @@ for _ in $(seq 1 "$rounds"); do
     bench raw raw_claim.sql
     psql -q -d "$db" -f raw.sql -f raw_events.sql >/dev/null 2>&1
     bench raw+events raw_claim_events.sql
-    for variant in counter sequence no-events no-events-no-record; do
+    for variant in counter sequence sequence-text-record no-events no-events-no-record; do
         case $variant in
-            counter) drop='@sequence' ;;
-            sequence) drop='@counter' ;;
-            no-events) drop='@events' ;;
+            counter) drop='@sequence|@text' ;;
+            sequence) drop='@counter|@text' ;;
+            sequence-text-record) drop='@counter|@json' ;;
+            no-events) drop='@events|@text' ;;
             no-events-no-record) drop='@events|@record' ;;
         esac
         grep -Ev -- "$drop" model.sql | psql -q -d "$db" >/dev/null 2>&1

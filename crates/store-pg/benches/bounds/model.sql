@@ -1,7 +1,9 @@
 -- The task model of `descartes-store-pg` (migrations 1-5: tables, indexes, a task record of
 -- about 600 bytes of JSON text) with a claim and a complete written as PL/pgSQL functions: one
 -- round trip per operation, no client-side work. `bounds.sh` runs it in variants by dropping
--- the lines tagged `@counter`, `@sequence`, `@events` or `@record`.
+-- the lines tagged `@counter`, `@sequence`, `@events`, `@record`, `@json` (the record rewritten by
+-- the server, as JSONB) or `@text` (a new record of the same size written as text, as the store
+-- does after encoding it itself).
 DROP TABLE IF EXISTS tasks, task_deps, events, event_seq CASCADE; DROP SEQUENCE IF EXISTS task_tokens;
 CREATE TABLE events (seq BIGINT PRIMARY KEY, id TEXT NOT NULL, run_id TEXT NOT NULL, type TEXT NOT NULL, v INTEGER NOT NULL, at BIGINT NOT NULL, key TEXT, data TEXT NOT NULL);
 CREATE INDEX events_by_run ON events (run_id, seq);
@@ -36,7 +38,8 @@ BEGIN
   IF NOT FOUND THEN RETURN; END IF;
   tok := nextval('task_tokens');
   UPDATE tasks SET status = 'claimed', lease_expires_at = now_us + 60000000, version = version + 1
-    , data = (data::jsonb || jsonb_build_object('status','claimed','claimed_by',w,'lease_expires_at','2026-12-05T09:31:00.123456Z','token',tok,'attempts',1,'updated_at','2026-12-05T09:30:00.123456Z'))::text -- @record
+    , data = (data::jsonb || jsonb_build_object('status','claimed','claimed_by',w,'lease_expires_at','2026-12-05T09:31:00.123456Z','token',tok,'attempts',1,'updated_at','2026-12-05T09:30:00.123456Z'))::text -- @record @json
+    , data = '{"id":"t_01JCX0000000000000017615","title":"t17615","prompt":"","type":"task","priority":2,"labels":[],"status":"claimed","depends_on":[],"locks":[],"claimed_by":"w1","lease_expires_at":"2026-12-05T09:31:00.123456Z","token":5872,"attempts":1,"max_attempts":3,"not_before":null,"result":null,"error":null,"blocked_reason":null,"blocked_by":null,"needs":{},"agent":null,"test_command":null,"created_at":"2026-12-05T09:30:00.123456Z","updated_at":"2026-12-05T09:30:00.123456Z"}' -- @record @text
     WHERE id = t.id AND version = t.version;
   UPDATE event_seq SET value = value + 1 RETURNING value INTO base; -- @events @counter
   base := nextval('evs'); -- @events @sequence
@@ -51,7 +54,8 @@ BEGIN
   SELECT id, data, version, status INTO t FROM tasks WHERE id = tid;
   IF t.status <> 'claimed' THEN RAISE EXCEPTION 'not claimed'; END IF;
   UPDATE tasks SET status = 'done', lease_expires_at = NULL, version = version + 1
-    , data = (data::jsonb || jsonb_build_object('status','done','lease_expires_at',null,'result',null,'updated_at','2026-12-05T09:30:00.123456Z'))::text -- @record
+    , data = (data::jsonb || jsonb_build_object('status','done','lease_expires_at',null,'result',null,'updated_at','2026-12-05T09:30:00.123456Z'))::text -- @record @json
+    , data = '{"id":"t_01JCX0000000000000017615","title":"t17615","prompt":"","type":"task","priority":2,"labels":[],"status":"claimed","depends_on":[],"locks":[],"claimed_by":"w1","lease_expires_at":"2026-12-05T09:31:00.123456Z","token":5872,"attempts":1,"max_attempts":3,"not_before":null,"result":null,"error":null,"blocked_reason":null,"blocked_by":null,"needs":{},"agent":null,"test_command":null,"created_at":"2026-12-05T09:30:00.123456Z","updated_at":"2026-12-05T09:30:00.123456Z"}' -- @record @text
     WHERE id = tid AND version = t.version;
   UPDATE event_seq SET value = value + 1 RETURNING value INTO base; -- @events @counter
   base := nextval('evs'); -- @events @sequence
