@@ -132,6 +132,15 @@ ALTER TABLE tasks ALTER COLUMN data TYPE TEXT USING data::text;
 ALTER TABLE events DROP CONSTRAINT IF EXISTS events_key_key;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_key ON events (key) WHERE key IS NOT NULL;
 "#,
+    r#"
+-- Task ids, run ids and idempotency keys compare byte by byte ("C", as SQLite's BINARY does)
+-- instead of by the database's locale: every index lookup and join on them otherwise pays for
+-- the locale's comparison (strcoll). Only the order of ids that differ in case or punctuation
+-- changes, and ids are used as the last tie-break of the queue's order.
+ALTER TABLE tasks ALTER COLUMN id TYPE TEXT COLLATE "C";
+ALTER TABLE task_deps ALTER COLUMN task_id TYPE TEXT COLLATE "C", ALTER COLUMN dep_id TYPE TEXT COLLATE "C";
+ALTER TABLE events ALTER COLUMN run_id TYPE TEXT COLLATE "C", ALTER COLUMN key TYPE TEXT COLLATE "C";
+"#,
 ];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.

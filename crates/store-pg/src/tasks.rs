@@ -1282,6 +1282,49 @@ mod tests {
         plans
     }
 
+    /// Task ids compare byte by byte, as in SQLite, whatever the database's locale: in a
+    /// database whose default collation is ICU's `en-US` (punctuation first, case ignored), the
+    /// queue's last tie-break still orders `B1`, `_1`, `a1`; and the id columns are "C".
+    #[test]
+    fn ids_compare_byte_by_byte_whatever_the_locale() {
+        let options = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'";
+        let Some(db) = TestDb::create_with(options) else { return };
+        drop(db.store().unwrap());
+        let (order, collations) = db
+            .with_client(|c| {
+                c.batch_execute(
+                    "INSERT INTO tasks (id, status, priority, created_at, not_before, lease_expires_at, has_locks, version, data)
+                     SELECT id, 'queued', 1, 7, NULL, NULL, FALSE, 1, '{}' FROM (VALUES ('a1'), ('B1'), ('_1')) AS v(id)",
+                )
+                .unwrap();
+                let order: Vec<String> = c
+                    .query(&Sql::Limit(PEEK, 10).text().replace("data::text", "id"), &[&8i64])
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let collations: Vec<(String, String)> = c
+                    .query(
+                        "SELECT cl.relname || '.' || a.attname, coalesce(co.collname, '')
+                         FROM pg_attribute a JOIN pg_class cl ON cl.oid = a.attrelid
+                         LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                         WHERE (cl.relname, a.attname) IN (('tasks', 'id'), ('task_deps', 'task_id'),
+                             ('task_deps', 'dep_id'), ('events', 'run_id'), ('events', 'key'))
+                         ORDER BY 1",
+                        &[],
+                    )
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                (order, collations)
+            })
+            .unwrap();
+        assert_eq!(order, ["B1", "_1", "a1"], "the queue's tie-break is byte order");
+        assert_eq!(collations.len(), 5, "{collations:?}");
+        assert!(collations.iter().all(|(_, c)| c == "C"), "{collations:?}");
+    }
+
     /// The queue scans are planned once per connection (generic plans), from the statistics
     /// of the moment. However long the queue, and even when the last statistics are those of
     /// the empty table, they must walk the queue's index for the first rows rather than read

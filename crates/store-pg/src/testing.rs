@@ -46,7 +46,12 @@ impl TestDb {
     /// A fresh database, or `None` after a loud warning when no PostgreSQL can be had (a panic
     /// instead when `DESCARTES_TEST_REQUIRE_POSTGRES` is set).
     pub fn create() -> Option<TestDb> {
-        match Self::try_create() {
+        Self::create_with("")
+    }
+
+    /// [`TestDb::create`] with options for `CREATE DATABASE` (e.g. a locale).
+    pub fn create_with(options: &str) -> Option<TestDb> {
+        match Self::try_create_with(options) {
             Ok(db) => Some(db),
             Err(why) => {
                 if std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0") {
@@ -72,6 +77,11 @@ impl TestDb {
 
     /// A fresh database, or why none can be had.
     pub fn try_create() -> Result<TestDb, String> {
+        Self::try_create_with("")
+    }
+
+    /// [`TestDb::try_create`] with options for `CREATE DATABASE`.
+    pub fn try_create_with(options: &str) -> Result<TestDb, String> {
         off_runtime(|| {
             let admin = admin_url()?;
             let name = format!("descartes_test_{}", descartes_protocol::RunId::generate());
@@ -79,7 +89,7 @@ impl TestDb {
             let mut tries = 0;
             loop {
                 // Concurrent CREATE DATABASE may find the template busy; try again.
-                match client.batch_execute(&format!("CREATE DATABASE {name}")) {
+                match client.batch_execute(&format!("CREATE DATABASE {name} {options}")) {
                     Ok(()) => break,
                     Err(e) if tries < 20 => {
                         tries += 1;
