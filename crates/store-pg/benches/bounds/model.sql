@@ -1,20 +1,20 @@
--- The task model of `descartes-store-pg` (migrations 1-5: tables, indexes, a task record of
+-- The task model of `descartes-store-pg` (migrations 1-6: tables, indexes, a task record of
 -- about 600 bytes of JSON text) with a claim and a complete written as PL/pgSQL functions: one
 -- round trip per operation, no client-side work. `bounds.sh` runs it in variants by dropping
 -- the lines tagged `@counter`, `@sequence`, `@events`, `@record`, `@json` (the record rewritten by
 -- the server, as JSONB) or `@text` (a new record of the same size written as text, as the store
 -- does after encoding it itself).
 DROP TABLE IF EXISTS tasks, task_deps, events, event_seq CASCADE; DROP SEQUENCE IF EXISTS task_tokens;
-CREATE TABLE events (seq BIGINT PRIMARY KEY, id TEXT NOT NULL, run_id TEXT NOT NULL, type TEXT NOT NULL, v INTEGER NOT NULL, at BIGINT NOT NULL, key TEXT, data TEXT NOT NULL);
+CREATE TABLE events (seq BIGINT PRIMARY KEY, id TEXT NOT NULL, run_id TEXT COLLATE "C" NOT NULL, type TEXT NOT NULL, v INTEGER NOT NULL, at BIGINT NOT NULL, key TEXT COLLATE "C", data TEXT NOT NULL);
 CREATE INDEX events_by_run ON events (run_id, seq);
 CREATE UNIQUE INDEX events_by_key ON events (key) WHERE key IS NOT NULL;
 CREATE TABLE event_seq (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), value BIGINT NOT NULL);
 INSERT INTO event_seq VALUES (TRUE, 0);
-CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, priority INTEGER NOT NULL, created_at BIGINT NOT NULL, not_before BIGINT, lease_expires_at BIGINT, has_locks BOOLEAN NOT NULL, version BIGINT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE tasks (id TEXT COLLATE "C" PRIMARY KEY, status TEXT NOT NULL, priority INTEGER NOT NULL, created_at BIGINT NOT NULL, not_before BIGINT, lease_expires_at BIGINT, has_locks BOOLEAN NOT NULL, version BIGINT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'queued';
 CREATE INDEX tasks_leases ON tasks (lease_expires_at) WHERE status IN ('claimed', 'running');
 CREATE INDEX tasks_locking ON tasks (status) WHERE has_locks;
-CREATE TABLE task_deps (task_id TEXT NOT NULL, dep_id TEXT NOT NULL, PRIMARY KEY (task_id, dep_id));
+CREATE TABLE task_deps (task_id TEXT COLLATE "C" NOT NULL, dep_id TEXT COLLATE "C" NOT NULL, PRIMARY KEY (task_id, dep_id));
 CREATE INDEX task_deps_by_dep ON task_deps (dep_id, task_id);
 CREATE SEQUENCE task_tokens;
 DROP SEQUENCE IF EXISTS evs; CREATE SEQUENCE evs;
