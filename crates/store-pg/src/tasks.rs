@@ -1287,8 +1287,16 @@ mod tests {
     /// queue's last tie-break still orders `B1`, `_1`, `a1`; and the id columns are "C".
     #[test]
     fn ids_compare_byte_by_byte_whatever_the_locale() {
-        let options = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'";
-        let Some(db) = TestDb::create_with(options) else { return };
+        let Some(plain) = TestDb::create() else { return };
+        drop(plain);
+        let db = match TestDb::try_create_with("TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'") {
+            Ok(db) => db,
+            Err(e) if e.contains("ICU") => {
+                eprintln!("SKIPPING ids_compare_byte_by_byte_whatever_the_locale: this server has no ICU ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
         drop(db.store().unwrap());
         let (order, collations) = db
             .with_client(|c| {

@@ -46,12 +46,7 @@ impl TestDb {
     /// A fresh database, or `None` after a loud warning when no PostgreSQL can be had (a panic
     /// instead when `DESCARTES_TEST_REQUIRE_POSTGRES` is set).
     pub fn create() -> Option<TestDb> {
-        Self::create_with("")
-    }
-
-    /// [`TestDb::create`] with options for `CREATE DATABASE` (e.g. a locale).
-    pub fn create_with(options: &str) -> Option<TestDb> {
-        match Self::try_create_with(options) {
+        match Self::try_create() {
             Ok(db) => Some(db),
             Err(why) => {
                 if std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0") {
@@ -80,7 +75,7 @@ impl TestDb {
         Self::try_create_with("")
     }
 
-    /// [`TestDb::try_create`] with options for `CREATE DATABASE`.
+    /// [`TestDb::try_create`] with options for `CREATE DATABASE` (e.g. a locale).
     pub fn try_create_with(options: &str) -> Result<TestDb, String> {
         off_runtime(|| {
             let admin = admin_url()?;
@@ -91,7 +86,7 @@ impl TestDb {
                 // Concurrent CREATE DATABASE may find the template busy; try again.
                 match client.batch_execute(&format!("CREATE DATABASE {name} {options}")) {
                     Ok(()) => break,
-                    Err(e) if tries < 20 => {
+                    Err(e) if tries < 20 && is_busy(&e) => {
                         tries += 1;
                         tracing::debug!(error = %e, "retrying CREATE DATABASE");
                         std::thread::sleep(Duration::from_millis(50 * tries));
@@ -140,6 +135,11 @@ impl Drop for TestDb {
             client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).map_err(|e| e.to_string())
         });
     }
+}
+
+/// The template database is in use (by a concurrent `CREATE DATABASE`): worth another try.
+fn is_busy(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| d.code() == &postgres::error::SqlState::OBJECT_IN_USE)
 }
 
 /// Runs blocking client work on a plain thread when called from an async runtime.
