@@ -18,10 +18,10 @@
 # PGPORT, PGUSER (postgres); the database `descartes_bounds` is created and dropped.
 set -euo pipefail
 cd "$(dirname "$0")"
-export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}"
+export PGHOST="${PGHOST:-127.0.0.1}" PGUSER="${PGUSER:-postgres}" PGOPTIONS="-c client_min_messages=warning"
 rounds="${1:-3}"
 db=descartes_bounds
-PGOPTIONS="-c client_min_messages=warning" psql -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
+psql -q -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db"
 trap 'psql -q -d postgres -c "DROP DATABASE IF EXISTS $db"' EXIT
 # The store plans its task statements as index walks and without JIT (see tasks.rs).
 for s in "enable_seqscan = off" "enable_bitmapscan = off" "enable_sort = off" "jit = off"; do
@@ -40,9 +40,9 @@ vacuum_counter() {
 }
 
 for _ in $(seq 1 "$rounds"); do
-    psql -q -d "$db" -f raw.sql >/dev/null 2>&1
+    psql -q -v ON_ERROR_STOP=1 -d "$db" -f raw.sql >/dev/null
     bench raw raw_claim.sql
-    psql -q -d "$db" -f raw.sql -f raw_events.sql >/dev/null 2>&1
+    psql -q -v ON_ERROR_STOP=1 -d "$db" -f raw.sql -f raw_events.sql >/dev/null
     bench raw+events raw_claim_events.sql
     for variant in counter sequence sequence-text-record no-events no-events-no-record; do
         case $variant in
@@ -52,7 +52,7 @@ for _ in $(seq 1 "$rounds"); do
             no-events) drop='@events|@text' ;;
             no-events-no-record) drop='@events|@record' ;;
         esac
-        grep -Ev -- "$drop" model.sql | psql -q -d "$db" >/dev/null 2>&1
+        grep -Ev -- "$drop" model.sql | psql -q -v ON_ERROR_STOP=1 -d "$db" >/dev/null
         if [ "$variant" = counter ]; then vacuum_counter & fi
         bench "model/$variant" model_run.sql
         wait
