@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use descartes_core::task::waiting_reason;
 use descartes_core::{Clock, EventStore, SystemClock, TaskError, TaskFilter, TaskStore};
-use descartes_protocol::{EventData, NewTask, Task, TaskStatus};
+use descartes_protocol::{NewTask, Task, TaskStatus};
 use descartes_runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
@@ -116,6 +116,8 @@ pub enum TaskCommand {
     },
     /// The dependency graph, as text or as Graphviz DOT.
     Graph {
+        /// Print Graphviz DOT (`descartes task graph --dot | dot -Tsvg > tasks.svg`) instead of an
+        /// indented tree.
         #[arg(long)]
         dot: bool,
     },
@@ -453,13 +455,9 @@ async fn watch(events: &dyn EventStore, all: bool, json: bool) -> Result<()> {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 } else {
-                    let title = match &e.data {
-                        EventData::TaskCreated(c) => format!(" \"{}\"", clip_line(&c.task.title, 60)),
-                        _ => String::new(),
-                    };
                     writeln!(
                         out,
-                        "{}  {}  {:<20} {}{title}",
+                        "{}  {}  {:<20} {}",
                         e.at.to_local("%H:%M:%S%.3f"),
                         e.run_id,
                         e.kind(),

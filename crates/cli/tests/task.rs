@@ -167,7 +167,8 @@ fn watch_prints_task_changes() {
     for kind in ["task_created", "task_claimed", "task_completed"] {
         assert!(out.contains(kind), "{kind} missing: {out}");
     }
-    assert!(out.contains("\"watched\""), "{out}");
+    let created = out.lines().find(|l| l.contains("task_created")).unwrap();
+    assert_eq!(created.matches("\"watched\"").count(), 1, "the title once: {created}");
 }
 
 #[test]
