@@ -395,6 +395,15 @@ fn unblock_dependents(txn: &mut dyn TaskTxn, id: &str, now: Timestamp) -> Result
 
 /// Checks that `token` is the task's live lease.
 fn check_lease(task: &Task, token: i64, now: Timestamp, action: &'static str) -> Result<(), TaskError> {
+    if task.status == TaskStatus::Queued && task.token == Some(token) {
+        // This token's lease ended (it expired, or was released) and the task waits for its
+        // next claim: the caller lost it, as with a stale token.
+        return Err(TaskError::StaleToken {
+            id: task.id.clone(),
+            given: token,
+            current: "none, its lease ended and it is queued again".into(),
+        });
+    }
     if !task.status.is_leased() {
         return Err(TaskError::IllegalTransition { id: task.id.clone(), action, status: task.status });
     }

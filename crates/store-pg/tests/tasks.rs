@@ -275,7 +275,8 @@ async fn completions_racing_a_takeover() {
             for cl in part {
                 match s1.complete(&cl.task.id, cl.token, None).await {
                     Ok(_) => ok += 1,
-                    Err(TaskError::IllegalTransition { .. }) => {}
+                    // Taken back first: queued again, so this worker's token is stale.
+                    Err(TaskError::StaleToken { .. }) => {}
                     Err(e) => panic!("{e}"),
                 }
             }

@@ -129,6 +129,12 @@ async fn leases_expire_and_stale_tokens_are_refused(s: &Stores) {
     s.clock.advance(Duration::from_millis(2100));
     // The lease expired: another worker takes over (after the 1 s backoff).
     assert!(claim_one(s, "w2").await.is_none(), "backoff after the expired attempt");
+    // Queued again, nobody holds it: the first worker's token is stale all the same.
+    match s.tasks.complete(&t.id, first.token, None).await {
+        Err(e @ TaskError::StaleToken { .. }) => assert!(e.to_string().contains("lease ended"), "{e}"),
+        other => panic!("expected a stale token while queued again: {other:?}"),
+    }
+    assert!(matches!(s.tasks.heartbeat(&t.id, first.token, TTL).await, Err(TaskError::StaleToken { .. })));
     s.clock.advance(Duration::from_millis(1100));
     let second = claim_one(s, "w2").await.unwrap();
     assert_eq!(second.task.id, t.id);
@@ -235,6 +241,7 @@ async fn release_charges_no_attempt(s: &Stores) {
     let c = claim_one(s, "w").await.unwrap();
     let r = s.tasks.release(&t.id, c.token).await.unwrap();
     assert_eq!((r.status, r.attempts), (TaskStatus::Queued, 0));
+    assert!(matches!(s.tasks.complete(&t.id, c.token, None).await, Err(TaskError::StaleToken { .. })));
     let again = claim_one(s, "w2").await.unwrap();
     assert_eq!(again.task.attempts, 1);
 }
