@@ -225,6 +225,10 @@ pub fn validate_new(new: &NewTask) -> Result<(), TaskError> {
         return Err(TaskError::Invalid(format!("invalid task id {id:?}: use letters, digits, - and _")));
     }
     for glob in &new.locks {
+        if glob.trim().is_empty() {
+            let message = "it is empty; a path lock names the files it covers, e.g. src/**".into();
+            return Err(TaskError::InvalidGlob { glob: glob.clone(), message });
+        }
         globset::Glob::new(glob)
             .map_err(|e| TaskError::InvalidGlob { glob: glob.clone(), message: e.kind().to_string() })?;
     }
@@ -756,5 +760,7 @@ mod tests {
         assert!(matches!(validate_new(&new), Err(TaskError::InvalidGlob { .. })));
         let new = NewTask { title: " ".into(), ..Default::default() };
         assert!(matches!(validate_new(&new), Err(TaskError::Invalid(_))));
+        let new = NewTask { title: "t".into(), locks: vec!["src/**".into(), " ".into()], ..Default::default() };
+        assert!(matches!(validate_new(&new), Err(TaskError::InvalidGlob { .. })), "an empty lock glob");
     }
 }
