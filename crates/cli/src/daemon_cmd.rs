@@ -148,9 +148,10 @@ fn start_detached(rt: &Runtime, args: &StartArgs, paths: &DaemonPaths) -> Result
             && let Ok(st) = serde_json::from_value::<DaemonStatus>(answer)
         {
             println!(
-                "daemon started: pid {}, {} workers, lease TTL {}; logs in {}",
+                "daemon started: pid {}, {} worker{}, lease TTL {}; logs in {}",
                 st.pid,
                 st.workers,
+                if st.workers == 1 { "" } else { "s" },
                 humantime::format_duration(args.lease_ttl),
                 paths.log.display()
             );

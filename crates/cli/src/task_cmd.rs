@@ -223,10 +223,14 @@ pub(crate) async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, T
             match found.as_slice() {
                 [one] => Ok(one.id.clone()),
                 [] => Err(TaskError::NotFound(id.to_owned())),
-                many => Err(TaskError::Invalid(format!(
-                    "`{id}` matches several tasks ({}); give more of the id",
-                    many.iter().take(5).map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ")
-                ))),
+                many => {
+                    let shown = many.iter().take(5).map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ");
+                    let more = if many.len() > 5 { format!(" and {} more", many.len() - 5) } else { String::new() };
+                    Err(TaskError::Invalid(format!(
+                        "`{id}` matches {} tasks ({shown}{more}); give more of the id",
+                        many.len()
+                    )))
+                }
             }
         }
         Err(e) => Err(e),
