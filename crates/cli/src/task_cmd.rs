@@ -25,12 +25,15 @@ pub enum TaskCommand {
         /// Only tasks with this label.
         #[arg(long)]
         label: Option<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show one task, and why it waits if it does.
     Show {
+        /// The task id (or a unique prefix of it).
         id: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// Also the evidence of its last attempt (changed files, tests, cost).
@@ -39,27 +42,40 @@ pub enum TaskCommand {
     },
     /// Run one task now on the agent the router picks (in its own git worktree).
     Execute {
+        /// The task id (or a unique prefix of it).
         id: String,
         /// Lease duration while it runs (renewed by heartbeats).
         #[arg(long, default_value = "30s", value_parser = parse_ttl, allow_hyphen_values = true)]
         ttl: Duration,
     },
     /// Print the diff of the task's last attempt against its base commit.
-    Diff { id: String },
+    Diff {
+        /// The task id (or a unique prefix of it).
+        id: String,
+    },
     /// Merge the task's branch into its base branch (fast-forward or a merge commit; refused on
     /// conflict).
-    Merge { id: String },
+    Merge {
+        /// The task id (or a unique prefix of it).
+        id: String,
+    },
     /// Remove the task's worktree and branch.
-    Discard { id: String },
+    Discard {
+        /// The task id (or a unique prefix of it).
+        id: String,
+    },
     /// Approve what the project policy requires approval for: running the task (`claim`) or
     /// merging it (`merge`).
     Approve {
+        /// The task id (or a unique prefix of it).
         id: String,
+        /// What is approved: running the task (`claim`) or merging it (`merge`).
         #[arg(long, default_value = "claim", value_parser = ["claim", "merge"])]
         stage: String,
     },
     /// Claim the highest-priority ready task(s); prints `ID TOKEN` per task.
     Claim {
+        /// The name the lease is held under (e.g. a host and process).
         #[arg(long)]
         worker: String,
         /// Lease duration (e.g. 30s, 2m).
@@ -68,6 +84,7 @@ pub enum TaskCommand {
         /// Claim up to this many tasks at once.
         #[arg(long, default_value_t = 1)]
         max: usize,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -77,6 +94,7 @@ pub enum TaskCommand {
     Heartbeat {
         #[command(flatten)]
         lease: TokenArgs,
+        /// The lease's new duration from now (e.g. 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = parse_ttl, allow_hyphen_values = true)]
         ttl: Duration,
     },
@@ -84,6 +102,7 @@ pub enum TaskCommand {
     Complete {
         #[command(flatten)]
         lease: TokenArgs,
+        /// The task's result (shown by `task show`).
         #[arg(long)]
         result: Option<String>,
     },
@@ -91,19 +110,28 @@ pub enum TaskCommand {
     Fail {
         #[command(flatten)]
         lease: TokenArgs,
+        /// Why the attempt failed (shown by `task show`).
         #[arg(long, default_value = "failed")]
         reason: String,
     },
     /// Give a claimed task back without charging an attempt.
     Release(TokenArgs),
     /// Cancel a task (its dependents become blocked).
-    Cancel { id: String },
+    Cancel {
+        /// The task id (or a unique prefix of it).
+        id: String,
+    },
     /// Queue a failed, cancelled or blocked task again (unblocks its dependents).
-    Retry { id: String },
+    Retry {
+        /// The task id (or a unique prefix of it).
+        id: String,
+    },
     /// Make a task depend on another one (cycles are refused).
     Depend {
+        /// The task id (or a unique prefix of it).
         id: String,
-        #[arg(long = "on")]
+        /// The task it must wait for.
+        #[arg(long = "on", value_name = "ID")]
         dependency: String,
     },
     /// Print task changes as they happen.
@@ -111,6 +139,7 @@ pub enum TaskCommand {
         /// Print the whole history first.
         #[arg(long)]
         all: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -125,28 +154,34 @@ pub enum TaskCommand {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// A short title.
     pub title: String,
+    /// What to do: the agent's prompt (`DESCARTES_TASK_PROMPT` for a command).
     #[arg(long, default_value = "")]
     pub prompt: String,
-    #[arg(long = "type", default_value = "")]
+    /// A type of your own (e.g. bug, feature); policies can match it.
+    #[arg(long = "type", value_name = "TYPE", default_value = "")]
     pub kind: String,
     /// Higher runs first.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,
-    #[arg(long = "label")]
+    /// A label (repeatable).
+    #[arg(long = "label", value_name = "LABEL")]
     pub labels: Vec<String>,
-    #[arg(long = "depends-on")]
+    /// A task that must be done first (repeatable).
+    #[arg(long = "depends-on", value_name = "ID")]
     pub depends_on: Vec<String>,
     /// Path glob this task locks while it runs (repeatable).
-    #[arg(long = "lock")]
+    #[arg(long = "lock", value_name = "GLOB")]
     pub locks: Vec<String>,
+    /// Attempts before the task fails for good [default: 3].
     #[arg(long)]
     pub max_attempts: Option<u32>,
     /// Route only to an agent with this label (repeatable).
-    #[arg(long = "needs-label")]
+    #[arg(long = "needs-label", value_name = "LABEL")]
     pub needs_labels: Vec<String>,
     /// Route only to an agent with this capability (repeatable).
-    #[arg(long = "needs-capability")]
+    #[arg(long = "needs-capability", value_name = "CAPABILITY")]
     pub needs_capabilities: Vec<String>,
     /// Route only to this registered agent.
     #[arg(long)]
@@ -158,12 +193,14 @@ pub struct CreateArgs {
     /// Choose the id (letters, digits, - and _).
     #[arg(long)]
     pub id: Option<String>,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct TokenArgs {
+    /// The task id (or a unique prefix of it).
     pub id: String,
     /// The fencing token of the claim.
     #[arg(long, allow_negative_numbers = true)]
