@@ -15,19 +15,39 @@ pub enum AiCommand {
     Register(RegisterArgs),
     /// List the agents with their status, load and success rate.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Add a label to an agent.
-    Label { name: String, label: String },
+    Label {
+        /// The agent's name.
+        name: String,
+        /// The label.
+        label: String,
+    },
     /// Remove a label from an agent.
-    Unlabel { name: String, label: String },
+    Unlabel {
+        /// The agent's name.
+        name: String,
+        /// The label.
+        label: String,
+    },
     /// Route nothing more to an agent (its running tasks finish).
-    Disable { name: String },
+    Disable {
+        /// The agent's name.
+        name: String,
+    },
     /// Route tasks to an agent again (also clears an unhealthy cool-down).
-    Enable { name: String },
+    Enable {
+        /// The agent's name.
+        name: String,
+    },
     /// Remove an agent from the registry.
-    Remove { name: String },
+    Remove {
+        /// The agent's name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -40,6 +40,7 @@ pub enum DaemonCommand {
     Start(StartArgs),
     /// Whether a daemon runs here: pid, workers, tasks in flight, uptime, counts.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

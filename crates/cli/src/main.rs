@@ -93,11 +93,13 @@ enum Command {
         /// Make the cheapest authenticated call to each configured provider.
         #[arg(long)]
         check: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// The effective permission rules, in precedence order, with the file each came from.
     Permissions {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -40,11 +40,13 @@ pub enum McpCommand {
     },
     /// List the servers: each is started and its tools listed, or its error shown.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Remove a server from the project config (or the user config).
     Remove {
+        /// The server's name (as `mcp list` shows it).
         name: String,
         /// Remove it from the user config file only.
         #[arg(long)]

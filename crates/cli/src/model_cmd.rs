@@ -16,6 +16,7 @@ pub enum ModelCommand {
     },
     /// List the downloaded models.
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

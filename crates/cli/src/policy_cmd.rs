@@ -17,10 +17,15 @@ use serde_json::Value;
 pub enum PolicyCommand {
     /// Check policy files: every error with file, line and column, then conflicting rules.
     /// Without FILE: the user's, the project's and every agent's policy file.
-    Validate { files: Vec<PathBuf> },
+    Validate {
+        /// Policy files to check (default: every one Descartes reads here).
+        files: Vec<PathBuf>,
+    },
     /// The Policy Decision Records of a task (its claims, tool calls and merge), in order.
     Explain {
+        /// The task id (or a unique prefix of it).
         task: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

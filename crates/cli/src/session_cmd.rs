@@ -16,29 +16,41 @@ use crate::chat::ChatArgs;
 pub enum SessionCommand {
     /// List chat sessions, newest first (deleted ones are hidden).
     List {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Print a session's transcript.
-    Show { id: String },
+    Show {
+        /// The session id (or a unique prefix of it).
+        id: String,
+    },
     /// Open the chat on a session: the earlier turns are sent to the model.
     Resume {
+        /// The session id (or a unique prefix of it).
         id: String,
         #[command(flatten)]
         args: ChatArgs,
     },
     /// Hide a session from `list` and `search`. The log is append-only: this records a
     /// tombstone (`session_deleted`); the session's events stay in the database.
-    Delete { id: String },
+    Delete {
+        /// The session id (or a unique prefix of it).
+        id: String,
+    },
     /// Print a session as JSON or Markdown (every message, including compacted ones).
     Export {
+        /// The session id (or a unique prefix of it).
         id: String,
+        /// Markdown (`md`) or JSON.
         #[arg(long, value_enum, default_value_t = Format::Md)]
         format: Format,
     },
     /// Find sessions whose messages contain QUERY (case-insensitive) and show the lines.
     Search {
+        /// Text to find (case-insensitive).
         query: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
