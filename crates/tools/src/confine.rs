@@ -8,6 +8,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::protect::Protected;
+
 /// Why a path was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfineError {
@@ -21,6 +23,8 @@ pub enum ConfineError {
     Io { path: String, message: String },
     #[error("path is empty")]
     Empty,
+    #[error("{message}")]
+    Protected { message: String },
 }
 
 /// The roots a call may touch: the run's cwd and the configured extra roots.
@@ -28,11 +32,28 @@ pub enum ConfineError {
 pub struct Workspace {
     /// Roots added in config, beside the run's cwd.
     pub extra_roots: Vec<PathBuf>,
+    /// Paths no tool may write (Descartes' state, config, policy, git control files).
+    pub protected: Protected,
 }
 
 impl Workspace {
     pub fn new(extra_roots: Vec<PathBuf>) -> Self {
-        Self { extra_roots }
+        Self { extra_roots, protected: Protected::none() }
+    }
+
+    /// With Descartes' protected paths.
+    pub fn protecting(mut self, protected: Protected) -> Self {
+        self.protected = protected;
+        self
+    }
+
+    /// Resolves `path` like [`Workspace::resolve`] for a write: a protected path is refused.
+    pub fn resolve_write(&self, cwd: &Path, path: &str) -> Result<PathBuf, ConfineError> {
+        let resolved = self.resolve(cwd, path)?;
+        let roots: Vec<PathBuf> = self.canonical_roots(cwd);
+        let roots: Vec<&Path> = roots.iter().map(PathBuf::as_path).collect();
+        self.protected.check_write(&resolved, &roots).map_err(|message| ConfineError::Protected { message })?;
+        Ok(resolved)
     }
 
     /// Resolves `path` (relative to `cwd`, or absolute) to a canonical path inside a root.

@@ -37,6 +37,12 @@ pub(crate) fn confined(ws: &Workspace, ctx: &ToolContext, path: &str) -> Result<
     ws.resolve(&ctx.cwd, path).map_err(|e| ToolOutput::error(e.to_string()))
 }
 
+/// Resolves a path to write inside the workspace (a protected path is refused), or an error
+/// output.
+pub(crate) fn confined_write(ws: &Workspace, ctx: &ToolContext, path: &str) -> Result<PathBuf, ToolOutput> {
+    ws.resolve_write(&ctx.cwd, path).map_err(|e| ToolOutput::error(e.to_string()))
+}
+
 /// Writes `content` to `full` through a temporary file and a rename: a crash leaves the old or
 /// the new file, never half of one.
 async fn write_atomically(full: &Path, content: &[u8]) -> std::io::Result<()> {
@@ -225,7 +231,7 @@ impl Tool for WriteFileTool {
             (Ok(p), Ok(c)) => (p, c),
             (Err(e), _) | (_, Err(e)) => return e,
         };
-        let full = match confined(&self.workspace, ctx, &path) {
+        let full = match confined_write(&self.workspace, ctx, &path) {
             Ok(f) => f,
             Err(e) => return e,
         };
@@ -299,7 +305,7 @@ impl EditFileTool {
         if old == new {
             return Err(ToolOutput::error("`old_string` and `new_string` are the same: nothing to change"));
         }
-        let full = confined(&self.workspace, ctx, &path)?;
+        let full = confined_write(&self.workspace, ctx, &path)?;
         let text = tokio::fs::read_to_string(&full)
             .await
             .map_err(|e| ToolOutput::error(format!("cannot read {path}: {e}")))?;

@@ -6,9 +6,11 @@
 //! the command's result on resume instead of running it twice.
 
 mod confine;
+mod env;
 mod fs;
 mod git;
 mod http;
+mod protect;
 pub mod sandbox;
 mod search;
 mod shell;
@@ -19,9 +21,11 @@ use descartes_core::{ToolOutput, ToolRegistry};
 use serde_json::Value;
 
 pub use confine::{ConfineError, Workspace};
+pub use env::{CORE_VARS, DEFAULT_EXCLUDES, EnvInherit, EnvPolicy, ShellEnv};
 pub use fs::{EditFileTool, ReadFileTool, WriteFileTool};
 pub use git::{GitDiffTool, GitLogTool, GitStatusTool};
 pub use http::HttpRequestTool;
+pub use protect::{PROTECTED_NAMES, Protected};
 pub use sandbox::{Sandbox, SandboxHelper, SandboxMode, SandboxPolicy, SandboxStatus};
 pub use search::{ListFilesTool, SearchFilesTool};
 pub use shell::ShellTool;
@@ -38,6 +42,8 @@ pub struct ToolLimits {
     pub roots: Vec<std::path::PathBuf>,
     /// Default `http_request` timeout when the call does not name one.
     pub http_timeout: std::time::Duration,
+    /// Paths no tool may write (Descartes' state, config, policy, git control files).
+    pub protected: Protected,
 }
 
 impl Default for ToolLimits {
@@ -47,6 +53,7 @@ impl Default for ToolLimits {
             max_output_bytes: 64 * 1024,
             roots: Vec::new(),
             http_timeout: std::time::Duration::from_secs(30),
+            protected: Protected::none(),
         }
     }
 }
@@ -61,7 +68,7 @@ pub fn builtin_registry(limits: &ToolLimits) -> ToolRegistry {
 /// `search_files`, `git_status`, `git_diff`, `git_log`, `http_request` (left out, with a
 /// warning, if no HTTP client can be built).
 pub fn builtin_registry_with_sandbox(limits: &ToolLimits, sandbox: Arc<Sandbox>) -> ToolRegistry {
-    let ws = Workspace::new(limits.roots.clone());
+    let ws = Workspace::new(limits.roots.clone()).protecting(limits.protected.clone());
     let max = limits.max_output_bytes;
     let mut r = ToolRegistry::new();
     r.register(Arc::new(ShellTool::with_sandbox(limits.shell_timeout, max, sandbox)));

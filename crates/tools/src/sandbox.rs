@@ -15,15 +15,24 @@
 //!   the kernel knows is handled; read, read-dir and execute are granted beneath `/`, everything
 //!   beneath the writable paths, and write access to `/dev/null`, `/dev/zero`, `/dev/full` and
 //!   `/dev/tty`.
+//!   From ABI 6 the command can neither signal processes outside its sandbox nor connect to
+//!   abstract Unix sockets made outside it.
+//! - **Protected paths** ([`crate::Protected`]: the state directory, config and policy files,
+//!   `.git/hooks` and `.git/config`) that lie in the writable area are bind-mounted read-only in
+//!   a user and mount namespace of the command's own.
 //! - **Network off** (unless [`SandboxPolicy::network`]): a seccomp filter (`seccompiler`)
 //!   makes `socket()` with `AF_INET` or `AF_INET6` fail with `EPERM`, so neither TCP nor UDP nor
-//!   raw IP is possible, and refuses `io_uring_setup` (io_uring can create sockets). Unix sockets
-//!   stay allowed (a command can still talk to a local daemon through a socket file it can reach).
-//!   On x86_64, 32-bit (i386) system calls are refused by the filter's architecture check.
-//!   Seccomp rather than Landlock's TCP rules because those cover neither UDP nor older kernels.
+//!   raw IP is possible, and refuses `io_uring_setup` (io_uring can create sockets). **Unix
+//!   sockets** are refused the same way unless [`SandboxPolicy::unix_sockets`] (a socket file
+//!   could reach any local daemon, Descartes' own included). The calls that change mounts or
+//!   enter namespaces are always refused. On x86_64, 32-bit (i386) system calls are refused by
+//!   the filter's architecture check. Seccomp rather than Landlock's TCP rules because those
+//!   cover neither UDP nor older kernels.
 //!
-//! Both restrictions are inherited by every process the command starts, and survive the death
-//! of Descartes. The helper writes what it could enforce ([`SandboxStatus`]) into the call's
+//! The restrictions are inherited by every process the command starts. The helper then runs
+//! the command as its child and supervises it (see [`helper`]): when the process that started
+//! it dies, the whole process group is killed, so no command outlives its run or task. The
+//! command's environment is built by the [`crate::ShellEnv`] policy (no API keys). The helper writes what it could enforce ([`SandboxStatus`]) into the call's
 //! spool before running the command. Where the kernel lacks support (no Landlock, an ABI that
 //! cannot enforce everything, no seccomp) or the helper cannot be found, the command runs with
 //! what could be enforced, and the tool says so: a notice in the first such output's text and,
@@ -35,6 +44,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
+
+use crate::env::ShellEnv;
+use crate::protect::Protected;
+
+mod helper;
+pub use helper::{HelperOutcome, helper_main};
 
 /// The helper binary's name, looked for next to the current executable.
 pub const HELPER_NAME: &str = "descartes-sandbox";
@@ -48,7 +63,7 @@ pub const STATUS_FILE: &str = "sandbox";
 pub enum SandboxError {
     /// Bad arguments to the helper (a bug in the caller). Not retryable.
     #[error(
-        "{0}\nusage: descartes-sandbox [--mode MODE] [--write PATH]... [--network] [--require] [--status FILE] (--probe | -- PROGRAM ARGS...)"
+        "{0}\nusage: descartes-sandbox [--mode MODE] [--write PATH]... [--readonly PATH]... [--writable-within PATH]... [--network] [--unix-sockets] [--require] [--status FILE] [--parent PID] (--probe | -- PROGRAM ARGS...)"
     )]
     Usage(String),
     /// Landlock returned an error while building or applying the ruleset. Not retryable.
@@ -66,6 +81,12 @@ pub enum SandboxError {
     /// The sandbox needs Linux. Not retryable.
     #[error("the sandbox is only available on Linux")]
     Unsupported,
+    /// The process that asked for the command was gone before it started. Not retryable.
+    #[error("the process that started the sandbox helper is gone; the command was not run")]
+    ParentGone,
+    /// The helper could not set up its supervision of the command. Not retryable.
+    #[error("cannot supervise the command: {0}")]
+    Supervise(String),
 }
 
 /// How much a `shell` command may do.
@@ -119,6 +140,9 @@ pub struct SandboxPolicy {
     pub writable_roots: Vec<PathBuf>,
     /// Whether commands may open IP sockets. Off by default. `full-access` always has network.
     pub network: bool,
+    /// Whether commands may open Unix sockets (to talk to local daemons such as Docker's). Off
+    /// by default.
+    pub unix_sockets: bool,
     /// Refuse to run a command whose restrictions cannot all be enforced (no Landlock, an old
     /// ABI, no seccomp, no helper) instead of running it with a notice. Off by default.
     pub require: bool,
@@ -136,6 +160,13 @@ pub struct SandboxStatus {
     pub landlock_abi: i32,
     /// Whether IP sockets are refused.
     pub network_blocked: bool,
+    /// Whether Unix sockets are refused.
+    #[serde(default)]
+    pub unix_sockets_blocked: bool,
+    /// Descartes' protected paths: `read-only` (mounted so), `none-needed` (none in the
+    /// writable area), `not-enforced` (no user namespaces: see the notice), `off`.
+    #[serde(default)]
+    pub protected: String,
     /// Set when something asked for is not enforced: what, and what it means.
     pub notice: Option<String>,
 }
@@ -147,7 +178,15 @@ impl SandboxStatus {
     }
 
     fn unsandboxed(mode: SandboxMode, notice: Option<String>) -> Self {
-        Self { mode, landlock: "off".into(), landlock_abi: 0, network_blocked: false, notice }
+        Self {
+            mode,
+            landlock: "off".into(),
+            landlock_abi: 0,
+            network_blocked: false,
+            unix_sockets_blocked: false,
+            protected: "off".into(),
+            notice,
+        }
     }
 }
 
@@ -206,6 +245,8 @@ pub struct Sandbox {
     policy: SandboxPolicy,
     helper: Result<SandboxHelper, String>,
     noticed: AtomicBool,
+    protected: Protected,
+    env: ShellEnv,
 }
 
 /// How to start one command, as [`Sandbox::wrap`] decided.
@@ -221,17 +262,63 @@ impl Sandbox {
     /// The policy with the helper found by [`SandboxHelper::locate`] (looked up only when the
     /// mode needs it).
     pub fn new(policy: SandboxPolicy) -> Self {
-        let helper = if policy.mode == SandboxMode::FullAccess {
-            Err("not needed in full-access mode".to_owned())
-        } else {
-            SandboxHelper::locate()
-        };
-        Self { policy, helper, noticed: AtomicBool::new(false) }
+        Self::build(policy, SandboxHelper::locate())
     }
 
     /// The policy with an explicit helper.
     pub fn with_helper(policy: SandboxPolicy, helper: SandboxHelper) -> Self {
-        Self { policy, helper: Ok(helper), noticed: AtomicBool::new(false) }
+        Self::build(policy, Ok(helper))
+    }
+
+    fn build(policy: SandboxPolicy, helper: Result<SandboxHelper, String>) -> Self {
+        Self { policy, helper, noticed: AtomicBool::new(false), protected: Protected::none(), env: ShellEnv::default() }
+    }
+
+    /// With Descartes' protected paths (read-only for commands).
+    pub fn protecting(mut self, protected: Protected) -> Self {
+        self.protected = protected;
+        self
+    }
+
+    /// With the environment policy of commands.
+    pub fn with_env(mut self, env: ShellEnv) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// The protected paths.
+    pub fn protected(&self) -> &Protected {
+        &self.protected
+    }
+
+    /// The environment policy of commands.
+    pub fn env(&self) -> &ShellEnv {
+        &self.env
+    }
+
+    /// A command that is not sandboxed but supervised by the helper (`full-access` mode): it
+    /// dies with this process (see [`helper`]). Used for task commands. Without a helper, the
+    /// command itself. Either way with the environment policy applied.
+    pub fn supervised(&self, program: &str, args: &[&std::ffi::OsStr]) -> tokio::process::Command {
+        let mut command = match &self.helper {
+            Ok(helper) => {
+                let mut c = tokio::process::Command::new(&helper.program);
+                c.args(&helper.prefix_args)
+                    .args(["--mode", SandboxMode::FullAccess.as_str(), "--parent"])
+                    .arg(std::process::id().to_string())
+                    .arg("--")
+                    .arg(program)
+                    .args(args);
+                c
+            }
+            Err(_) => {
+                let mut c = tokio::process::Command::new(program);
+                c.args(args);
+                c
+            }
+        };
+        self.env.apply(&mut command);
+        command
     }
 
     /// No sandbox (`full-access`).
@@ -257,7 +344,7 @@ impl Sandbox {
     /// A sandbox whose helper could not be found (tests).
     #[cfg(test)]
     pub(crate) fn missing_helper(policy: SandboxPolicy, why: &str) -> Self {
-        Self { policy, helper: Err(why.to_owned()), noticed: AtomicBool::new(false) }
+        Self::build(policy, Err(why.to_owned()))
     }
 
     pub fn policy(&self) -> &SandboxPolicy {
@@ -325,6 +412,9 @@ impl Sandbox {
         if self.policy.network {
             args.push("--network".into());
         }
+        if self.policy.unix_sockets {
+            args.push("--unix-sockets".into());
+        }
         if self.policy.require {
             args.push("--require".into());
         }
@@ -347,9 +437,17 @@ impl Sandbox {
         let direct = |status: SandboxStatus| {
             let mut command = tokio::process::Command::new(program);
             command.args(args);
+            self.env.apply(&mut command);
             Ok(Wrapped { command, status: Some(status) })
         };
         if self.policy.mode == SandboxMode::FullAccess {
+            if self.helper.is_ok() {
+                let command = self.supervised(program, args);
+                return Ok(Wrapped {
+                    command,
+                    status: Some(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None)),
+                });
+            }
             return direct(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None));
         }
         let helper = match &self.helper {
@@ -359,19 +457,32 @@ impl Sandbox {
         };
         let tmp = Self::temp_dir_for(spool);
         let mut writable: Vec<&Path> = vec![spool, &tmp];
+        let mut name_roots: Vec<&Path> = Vec::new();
         if self.policy.mode == SandboxMode::WorkspaceWrite {
             writable.push(cwd);
+            name_roots.push(cwd);
+            name_roots.extend(self.policy.writable_roots.iter().map(PathBuf::as_path));
         }
+        let all_writable: Vec<&Path> = writable.iter().copied().chain(name_roots.iter().skip(1).copied()).collect();
+        let (readonly, again) = self.protected.mounts(&name_roots, &all_writable);
         let mut command = tokio::process::Command::new(&helper.program);
+        command.args(&helper.prefix_args).args(self.policy_args(&writable));
+        for p in &readonly {
+            command.arg("--readonly").arg(p);
+        }
+        for p in &again {
+            command.arg("--writable-within").arg(p);
+        }
         command
-            .args(&helper.prefix_args)
-            .args(self.policy_args(&writable))
+            .arg("--parent")
+            .arg(std::process::id().to_string())
             .arg("--status")
             .arg(spool.join(STATUS_FILE))
             .arg("--")
             .arg(program)
-            .args(args)
-            .env("TMPDIR", &tmp);
+            .args(args);
+        self.env.apply(&mut command);
+        command.env("TMPDIR", &tmp);
         Ok(Wrapped { command, status: None })
     }
 
@@ -388,182 +499,10 @@ fn missing_helper_notice(e: &str) -> String {
     )
 }
 
-/// Arguments of the helper.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct HelperArgs {
-    mode: SandboxMode,
-    writable: Vec<PathBuf>,
-    network: bool,
-    status_file: Option<PathBuf>,
-    require: bool,
-    probe: bool,
-    command: Vec<OsString>,
-}
-
-fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<HelperArgs, SandboxError> {
-    let mut out = HelperArgs::default();
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let mut value = |name: &str| it.next().ok_or_else(|| SandboxError::Usage(format!("{name} needs a value")));
-        match arg.to_str() {
-            Some("--write") => out.writable.push(value("--write")?.into()),
-            Some("--status") => out.status_file = Some(value("--status")?.into()),
-            Some("--mode") => {
-                let v = value("--mode")?;
-                out.mode = v.to_str().unwrap_or_default().parse().map_err(SandboxError::Usage)?;
-            }
-            Some("--network") => out.network = true,
-            Some("--probe") => out.probe = true,
-            Some("--require") => out.require = true,
-            Some("--") => {
-                out.command = it.collect();
-                break;
-            }
-            _ => return Err(SandboxError::Usage(format!("unexpected argument {}", arg.to_string_lossy()))),
-        }
-    }
-    if out.probe != out.command.is_empty() {
-        return Err(SandboxError::Usage("give either --probe or a command after --".into()));
-    }
-    Ok(out)
-}
-
-/// What [`helper_main`] did when it returns normally.
-#[derive(Debug)]
-pub enum HelperOutcome {
-    /// `--probe`: the restrictions were applied to the helper itself; here is the status (the
-    /// caller prints it as JSON and exits).
-    Probed(SandboxStatus),
-}
-
-/// The helper: parses `args` (without the program name or subcommand), restricts the current
-/// process and `exec`s the command. Returns only for `--probe` or an error. Call it from a
-/// single-threaded process (before any runtime starts): the restrictions apply to the calling
-/// thread, which becomes the command.
-pub fn helper_main(args: impl IntoIterator<Item = OsString>) -> Result<HelperOutcome, SandboxError> {
-    let args = parse_args(args)?;
-    let status = restrict(&args)?;
-    if args.probe {
-        return Ok(HelperOutcome::Probed(status));
-    }
-    if let Some(path) = &args.status_file {
-        let json = serde_json::to_vec(&status).unwrap_or_default();
-        std::fs::write(path, json).map_err(|source| SandboxError::Status { path: path.clone(), source })?;
-    }
-    if let Some(notice) = status.notice.filter(|_| args.require) {
-        return Err(SandboxError::NotEnforced(notice));
-    }
-    let (program, rest) = args.command.split_first().ok_or_else(|| SandboxError::Usage("no command".into()))?;
-    use std::os::unix::process::CommandExt;
-    let source = std::process::Command::new(program).args(rest).exec();
-    Err(SandboxError::Exec { program: program.to_string_lossy().into_owned(), source })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn restrict(args: &HelperArgs) -> Result<SandboxStatus, SandboxError> {
-    let _ = args;
-    Err(SandboxError::Unsupported)
-}
-
-#[cfg(target_os = "linux")]
-fn restrict(args: &HelperArgs) -> Result<SandboxStatus, SandboxError> {
-    use landlock::{
-        ABI, Access, AccessFs, LandlockStatus, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-        path_beneath_rules,
-    };
-    if args.mode == SandboxMode::FullAccess {
-        return Ok(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None));
-    }
-    let abi = ABI::V7;
-    let writable: Vec<&Path> = args.writable.iter().map(PathBuf::as_path).collect();
-    let restricted = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi))))
-        .and_then(|r| r.add_rules(path_beneath_rules(&writable, AccessFs::from_all(abi))))
-        .and_then(|r| {
-            r.add_rules(path_beneath_rules(
-                ["/dev/null", "/dev/zero", "/dev/full", "/dev/tty"],
-                AccessFs::from_all(abi),
-            ))
-        })
-        .and_then(|r| r.restrict_self())
-        .map_err(|e| SandboxError::Landlock(e.to_string()))?;
-    let landlock_abi = match restricted.landlock {
-        LandlockStatus::Available { effective_abi, .. } => effective_abi as i32,
-        _ => 0,
-    };
-    let mut notices = Vec::new();
-    let landlock = match restricted.ruleset {
-        RulesetStatus::FullyEnforced => "full",
-        RulesetStatus::PartiallyEnforced => {
-            notices.push(format!(
-                "this kernel's Landlock ABI {landlock_abi} cannot restrict every kind of write (ABI 3+ restricts truncation, 5+ device ioctls)"
-            ));
-            "partial"
-        }
-        RulesetStatus::NotEnforced => {
-            notices.push(format!(
-                "Landlock is not available on this kernel ({:?}): writes outside the workspace are NOT prevented",
-                restricted.landlock
-            ));
-            "none"
-        }
-    };
-    let network_blocked = if args.network {
-        false
-    } else {
-        match block_network() {
-            Ok(()) => true,
-            Err(e) => {
-                notices.push(format!("network access could not be turned off (seccomp: {e})"));
-                false
-            }
-        }
-    };
-    let notice = (!notices.is_empty())
-        .then(|| format!("sandbox ({}): {}; the permission policy still applies.", args.mode, notices.join("; ")));
-    Ok(SandboxStatus { mode: args.mode, landlock: landlock.into(), landlock_abi, network_blocked, notice })
-}
-
-/// Installs the seccomp filter that refuses IP sockets and io_uring with `EPERM`.
-#[cfg(target_os = "linux")]
-fn block_network() -> Result<(), String> {
-    use std::collections::BTreeMap;
-
-    use nix::libc;
-    use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-        TargetArch,
-    };
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
-    let domain_is = |family: libc::c_int| -> Result<SeccompRule, String> {
-        let family = u64::try_from(family).map_err(|e| e.to_string())?;
-        let cond =
-            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family).map_err(|e| e.to_string())?;
-        SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
-    };
-    let socket_rules = vec![domain_is(libc::AF_INET)?, domain_is(libc::AF_INET6)?];
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    rules.insert(libc::SYS_socket, socket_rules.clone());
-    rules.insert(libc::SYS_io_uring_setup, Vec::new());
-    #[cfg(target_arch = "x86_64")]
-    {
-        // The x32 ABI shares x86_64's audit architecture; its numbers carry bit 30.
-        const X32: i64 = 0x4000_0000;
-        rules.insert(X32 | libc::SYS_socket, socket_rules);
-        rules.insert(X32 | libc::SYS_io_uring_setup, Vec::new());
-    }
-    let eperm = u32::try_from(libc::EPERM).map_err(|e| e.to_string())?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(eperm), arch)
-        .map_err(|e| e.to_string())?;
-    let program: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
-    seccompiler::apply_filter(&program).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use super::helper::{HelperArgs, parse_args};
     use super::*;
 
     fn args(list: &[&str]) -> Result<HelperArgs, SandboxError> {
@@ -619,7 +558,13 @@ mod tests {
         let p: SandboxPolicy = serde_json::from_value(serde_json::json!({"network": true})).unwrap();
         assert_eq!(
             p,
-            SandboxPolicy { mode: SandboxMode::WorkspaceWrite, writable_roots: vec![], network: true, require: false }
+            SandboxPolicy {
+                mode: SandboxMode::WorkspaceWrite,
+                writable_roots: vec![],
+                network: true,
+                unix_sockets: false,
+                require: false
+            }
         );
     }
 

@@ -72,6 +72,8 @@ impl ShellTool {
                 landlock: "unknown".into(),
                 landlock_abi: 0,
                 network_blocked: false,
+                unix_sockets_blocked: false,
+                protected: "unknown".into(),
                 notice: Some("the sandbox helper did not start the command (see its stderr)".into()),
             },
         }
@@ -269,6 +271,8 @@ impl Tool for ShellTool {
                     landlock: "off".into(),
                     landlock_abi: 0,
                     network_blocked: false,
+                    unix_sockets_blocked: false,
+                    protected: "off".into(),
                     notice: None,
                 }
             };

@@ -254,3 +254,41 @@ async fn edit_then_read_through_the_registry() {
     let s = r.stats();
     assert_eq!((s["edit_file"].calls, s["edit_file"].errors), (1, 0));
 }
+
+#[tokio::test]
+async fn file_tools_refuse_protected_paths_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    write(&root, ".descartes/config.toml", "# mine\n");
+    write(&root, ".git/config", "[core]\n");
+    write(&root, "src/a.txt", "hello\n");
+    let limits = ToolLimits {
+        protected: descartes_tools::Protected {
+            absolute: vec![root.join(".descartes")],
+            writable_within: vec![],
+            disabled: false,
+        },
+        ..ToolLimits::default()
+    };
+    let r = builtin_registry(&limits);
+    for (tool, input) in [
+        ("write_file", json!({"path": ".descartes/config.toml", "content": "[sandbox]\nmode = \"full-access\"\n"})),
+        ("write_file", json!({"path": ".descartes/new.toml", "content": "x"})),
+        ("write_file", json!({"path": ".ai/policy.yaml", "content": "rules: []\n"})),
+        ("write_file", json!({"path": "./src/../.git/hooks/pre-commit", "content": "exit 0\n"})),
+        ("edit_file", json!({"path": ".git/config", "old_string": "[core]", "new_string": "[x]"})),
+        ("edit_file", json!({"path": ".descartes/config.toml", "old_string": "# mine", "new_string": "x"})),
+    ] {
+        let out = run(&r, &root, tool, input.clone()).await;
+        assert!(out.is_error, "{tool} {input}: {}", out.content);
+        assert!(out.content.contains("is protected"), "{}", out.content);
+    }
+    assert_eq!(std::fs::read_to_string(root.join(".descartes/config.toml")).unwrap(), "# mine\n");
+    assert!(!root.join(".ai").exists() && !root.join(".git/hooks").exists());
+    // Reading them and writing elsewhere are fine.
+    let out = run(&r, &root, "read_file", json!({"path": ".descartes/config.toml"})).await;
+    assert!(!out.is_error, "{}", out.content);
+    let out =
+        run(&r, &root, "edit_file", json!({"path": "src/a.txt", "old_string": "hello", "new_string": "bye"})).await;
+    assert!(!out.is_error, "{}", out.content);
+}

@@ -5,14 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use descartes_core::{Recovery, Tool, ToolContext, ToolOutput};
 use descartes_protocol::RunId;
-use descartes_tools::ShellTool;
 use descartes_tools::sandbox::{Sandbox, SandboxHelper, SandboxMode, SandboxPolicy};
+use descartes_tools::{Protected, ShellTool};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +48,7 @@ fn setup() -> Setup {
 
 fn sandbox(mode: SandboxMode, network: bool, writable_roots: Vec<PathBuf>) -> Arc<Sandbox> {
     Arc::new(Sandbox::with_helper(
-        SandboxPolicy { mode, writable_roots, network, require: true },
+        SandboxPolicy { mode, writable_roots, network, unix_sockets: false, require: true },
         SandboxHelper::at(HELPER),
     ))
 }
@@ -312,4 +313,143 @@ async fn a_helper_behind_a_subcommand_gets_its_arguments_after_the_prefix() {
     assert!(!out.is_error, "{}", out.content);
     assert!(extra.join("f").exists());
     assert_eq!(SandboxHelper::subcommand("/bin/descartes", "__sandbox").prefix_args, vec!["__sandbox"]);
+}
+
+#[tokio::test]
+async fn protected_paths_are_read_only_for_commands_but_the_spool_beneath_them_is_not() {
+    require_sandbox!("protected_paths_are_read_only_for_commands_but_the_spool_beneath_them_is_not");
+    let s = setup();
+    let cwd = s.ctx.cwd.clone();
+    let state = cwd.join(".descartes");
+    std::fs::create_dir_all(state.join("worktrees/t1/.ai")).unwrap();
+    std::fs::create_dir_all(cwd.join(".git/hooks")).unwrap();
+    std::fs::create_dir_all(cwd.join(".ai")).unwrap();
+    std::fs::write(state.join("config.toml"), "# mine\n").unwrap();
+    std::fs::write(state.join("descartes.db"), "db").unwrap();
+    std::fs::write(cwd.join(".git/config"), "[core]\n").unwrap();
+    let protected = Protected {
+        absolute: vec![state.clone(), state.join("worktrees/.meta")],
+        writable_within: vec![state.join("worktrees")],
+        disabled: false,
+    };
+    let sandbox = Arc::new(
+        Sandbox::with_helper(SandboxPolicy { require: true, ..SandboxPolicy::default() }, SandboxHelper::at(HELPER))
+            .protecting(protected),
+    );
+    let tool = shell(sandbox);
+    let mut ctx = s.ctx.clone();
+    // The spool under the state directory, as in a project.
+    ctx.spool_dir = state.join("spool/run/call-1");
+    for attack in [
+        "printf '[sandbox]\\nmode = \"full-access\"\\n' >> .descartes/config.toml",
+        "echo x > .descartes/descartes.db",
+        "rm .descartes/descartes.db",
+        "mv .descartes/descartes.db moved.db",
+        "echo x > .descartes/new-file",
+        "echo 'rules: []' > .ai/policy.yaml",
+        "echo 'exit 0' > .git/hooks/pre-commit",
+        "echo '[x]' >> .git/config",
+        "umount .descartes",
+    ] {
+        let out = tool.call(json!({"command": attack}), &ctx).await;
+        assert!(out.is_error, "{attack}: {}", out.content);
+    }
+    assert_eq!(std::fs::read_to_string(state.join("config.toml")).unwrap(), "# mine\n");
+    assert_eq!(std::fs::read_to_string(state.join("descartes.db")).unwrap(), "db");
+    assert!(!state.join("new-file").exists() && !cwd.join(".ai/policy.yaml").exists());
+    assert!(!cwd.join(".git/hooks/pre-commit").exists());
+    assert_eq!(std::fs::read_to_string(cwd.join(".git/config")).unwrap(), "[core]\n");
+    // The rest of the workspace, the spool and the temporary directory are writable.
+    let out = tool.call(json!({"command": "echo ok > src.txt && echo t > \"$TMPDIR/t\" && cat src.txt"}), &ctx).await;
+    assert!(!out.is_error, "{}", out.content);
+    assert_eq!(details(&out)["sandbox"]["protected"], "read-only", "{}", out.content);
+    // A worktree under the state directory is writable, its own `.ai` is not.
+    let mut in_worktree = ctx.clone();
+    in_worktree.cwd = state.join("worktrees/t1");
+    in_worktree.call_id = "call-2".into();
+    in_worktree.spool_dir = state.join("spool/run/call-2");
+    let out = tool.call(json!({"command": "echo code > lib.rs"}), &in_worktree).await;
+    assert!(!out.is_error, "{}", out.content);
+    assert!(state.join("worktrees/t1/lib.rs").exists());
+    in_worktree.spool_dir = state.join("spool/run/call-3");
+    let out = tool.call(json!({"command": "echo x > .ai/policy.yaml"}), &in_worktree).await;
+    assert!(out.is_error, "{}", out.content);
+}
+
+#[tokio::test]
+async fn commands_cannot_signal_processes_outside_the_sandbox() {
+    require_sandbox!("commands_cannot_signal_processes_outside_the_sandbox");
+    let s = setup();
+    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let tool = shell(sandbox(SandboxMode::WorkspaceWrite, false, vec![]));
+    let out = tool.call(json!({"command": format!("kill -TERM {}", victim.id())}), &s.ctx).await;
+    assert!(out.is_error, "{}", out.content);
+    assert!(out.content.contains("not permitted"), "{}", out.content);
+    assert!(victim.try_wait().unwrap().is_none(), "the process outside the sandbox was killed");
+    // Its own children it can still signal.
+    let out = tool.call(json!({"command": "sleep 30 & kill $! && wait $!; echo status=$?"}), &s.ctx).await;
+    assert!(out.content.contains("status=143"), "{}", out.content);
+    victim.kill().unwrap();
+    let _ = victim.wait();
+}
+
+#[tokio::test]
+async fn commands_cannot_connect_to_unix_sockets_unless_allowed() {
+    require_sandbox!("commands_cannot_connect_to_unix_sockets_unless_allowed");
+    let s = setup();
+    let path = s.root().join("daemon.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let connect = format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('{}'); s.send(b'stop')\"",
+        path.display()
+    );
+    let tool = shell(sandbox(SandboxMode::WorkspaceWrite, false, vec![]));
+    let out = tool.call(json!({"command": connect}), &s.ctx).await;
+    assert!(out.is_error, "{}", out.content);
+    assert!(out.content.contains("not permitted"), "{}", out.content);
+    assert!(listener.accept().is_err(), "a connection got through");
+    assert_eq!(details(&out)["sandbox"]["unix_sockets_blocked"], true);
+    let allowed = Arc::new(Sandbox::with_helper(
+        SandboxPolicy { unix_sockets: true, require: true, ..SandboxPolicy::default() },
+        SandboxHelper::at(HELPER),
+    ));
+    let out = shell(allowed).call(json!({"command": connect}), &s.ctx).await;
+    assert!(!out.is_error, "{}", out.content);
+    assert!(listener.accept().is_ok());
+}
+
+#[tokio::test]
+async fn the_helper_kills_the_command_when_its_parent_dies() {
+    // The helper's parent is a shell that leaves after starting it; the command (and its own
+    // child) must not outlive it.
+    let s = setup();
+    let pids = s.root().join("pids");
+    let script = format!(
+        "{HELPER} --mode full-access --parent $$ -- sh -c 'sleep 30 & echo $! > {0}; wait' & sleep 0.5; exit 0",
+        pids.display()
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
+    {
+        assert!(Instant::now() < deadline, "the command's process {pid} outlived the helper's parent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A parent that is already gone: nothing starts.
+    let out = std::process::Command::new(HELPER)
+        .args(["--mode", "full-access", "--parent", "999999999", "--", "touch"])
+        .arg(s.root().join("started"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!s.root().join("started").exists());
 }
