@@ -95,7 +95,13 @@ pub fn dispatch(cli: Cli) -> ExitCode {
             init_tracing(LogFormat::Human, None);
             return init(cwd);
         }
-        let rt = Runtime::load(cwd)?;
+        let mut rt = Runtime::load(cwd)?;
+        if let Some(mode) = cli.sandbox {
+            rt.set_sandbox_flag(mode);
+        }
+        for ignored in &rt.config.ignored {
+            eprintln!("descartes: warning: {ignored}");
+        }
         if let Command::Daemon { command } = cli.command {
             // The daemon logs to its own file and runs its own (multi-threaded) tokio runtime.
             return crate::daemon_cmd::run(rt, command);

@@ -131,6 +131,9 @@ fn start_detached(rt: &Runtime, args: &StartArgs, paths: &DaemonPaths) -> Result
     if let Some(c) = &args.command {
         cmd.arg("--command").arg(c);
     }
+    if let Some(mode) = rt.sandbox_flag {
+        cmd.args(["--sandbox", mode.as_str()]);
+    }
     cmd.current_dir(&rt.cwd)
         .env(DETACHED_ENV, "1")
         .stdin(Stdio::null())
@@ -226,8 +229,16 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
     let stores = rt.open_stores().await?;
     let (tasks, events) = (stores.tasks.clone(), stores.events.clone());
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "descartes".into());
-    let command = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
-        .with_env("DESCARTES_BIN", exe);
+    let mut command = CommandRunner::new(args.command.clone().unwrap_or_else(|| DEFAULT_COMMAND.to_owned()), &rt.cwd)
+        .with_env("DESCARTES_BIN", exe)
+        .supervised_by(rt.sandbox());
+    if args.command.is_none() {
+        // The default command is Descartes itself (`descartes run`): it needs the provider
+        // variables that the environment policy keeps from other commands.
+        for (k, v) in descartes_runtime::provider_env(&rt) {
+            command = command.with_env(k, v);
+        }
+    }
     // Tasks routed to registered agents run on them; the others run the daemon's command.
     let runner = crate::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);

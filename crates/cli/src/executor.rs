@@ -245,6 +245,7 @@ impl Executor {
             let command = agent.command.clone().unwrap_or_default();
             let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "descartes".into());
             CommandRunner::new(command, &cwd)
+                .supervised_by(self.rt.sandbox())
                 .with_env("DESCARTES_BIN", exe)
                 .with_env("DESCARTES_AGENT", agent.name.clone())
                 .run(task, token, cancel)

@@ -44,6 +44,11 @@ EXIT CODES:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How shell commands are confined, over the config: read-only, workspace-write, or
+    /// full-access (no sandbox, and Descartes' own files are no longer protected from tools).
+    /// Settings that loosen the sandbox are honoured only from here and the user config.
+    #[arg(long, global = true, value_name = "MODE")]
+    sandbox: Option<descartes_tools::SandboxMode>,
 }
 
 #[derive(Subcommand, Debug)]

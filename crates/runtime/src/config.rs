@@ -39,8 +39,11 @@ pub struct Config {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub prices: BTreeMap<String, descartes_core::Price>,
     pub tools: ToolsConfig,
-    /// How `shell` commands are confined (Landlock + seccomp on Linux).
+    /// How `shell` commands are confined (Landlock + seccomp on Linux). Settings that loosen it
+    /// are honoured only from the user config and flags (see [`guard_project`]).
     pub sandbox: descartes_tools::SandboxPolicy,
+    /// The environment of `shell` and task commands (`env`, `include`, `exclude`, `set`).
+    pub shell: descartes_tools::EnvPolicy,
     /// `[mcp.servers.NAME]`: MCP servers whose tools runs get (see `crate::mcp`).
     #[serde(skip_serializing_if = "descartes_mcp::McpConfig::is_empty")]
     pub mcp: descartes_mcp::McpConfig,
@@ -60,6 +63,9 @@ pub struct Config {
     /// The `[permissions]` rules of each file read, in the order read.
     #[serde(skip)]
     pub permission_layers: Vec<(PathBuf, PermissionRules)>,
+    /// Settings of project files that were not honoured because they loosen a guardrail.
+    #[serde(skip)]
+    pub ignored: Vec<String>,
 }
 
 /// Retries, parking and circuit breakers of model calls.
@@ -119,6 +125,7 @@ impl Default for Config {
             prices: BTreeMap::new(),
             tools: ToolsConfig::default(),
             sandbox: descartes_tools::SandboxPolicy::default(),
+            shell: descartes_tools::EnvPolicy::default(),
             mcp: Default::default(),
             log: LogConfig::default(),
             permissions: PermissionRules::default(),
@@ -126,6 +133,7 @@ impl Default for Config {
             chat: ChatConfig::default(),
             context: ContextConfig::default(),
             prompts: BTreeMap::new(),
+            ignored: Vec::new(),
         }
     }
 }
@@ -391,13 +399,31 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 }
 
 /// Loads the configuration from the given files (in increasing precedence; missing files are
-/// skipped) and the environment. Returns it with the files that were read.
-pub fn load(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<(Config, Vec<PathBuf>), ConfigError> {
+/// skipped) and the environment. Returns it with the files that were read. Every file but
+/// `user_config` is a project file: its settings that loosen a guardrail are left out (see
+/// [`guard_project`]) and listed in [`Config::ignored`].
+pub fn load(
+    files: &[PathBuf],
+    user_config: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<PathBuf>), ConfigError> {
     let mut merged = toml::Table::new();
     let mut read = Vec::new();
     let mut layers = Vec::new();
+    let mut ignored = Vec::new();
     for f in files {
         if let Some(mut table) = read_file(f)? {
+            if Some(f.as_path()) != user_config {
+                let so_far: Config = toml::Value::Table(merged.clone()).try_into().unwrap_or_default();
+                ignored.extend(guard_project(&mut table, &so_far).into_iter().map(|what| {
+                    format!(
+                        "{}: {what} is ignored: settings that loosen the sandbox or expose more are honoured only \
+                         from the user config{} or the command line (--sandbox)",
+                        f.display(),
+                        user_config.map(|u| format!(" ({})", u.display())).unwrap_or_default()
+                    )
+                }));
+            }
             // Permission rules add up across files instead of replacing each other.
             if let Some(p) = table.remove("permissions") {
                 let rules: PermissionRules = p.try_into().map_err(|e: toml::de::Error| ConfigError::File {
@@ -422,8 +448,54 @@ pub fn load(files: &[PathBuf], env: &dyn Fn(&str) -> Option<String>) -> Result<(
         config.permissions.extend(rules);
     }
     config.permission_layers = layers;
+    config.ignored = ignored;
     apply_env(&mut config, env)?;
     Ok((config, read))
+}
+
+/// Removes from a project file's `table` every setting that would loosen a guardrail of `base`
+/// (the defaults and the user config): a project file is writable by whoever controls the
+/// repository (a cloned repository, an agent's earlier run), so it may tighten but never loosen
+/// the sandbox, add writable or file-tool roots, or pass more of the environment to commands.
+/// Returns what was removed, as `[table] key = value`.
+pub fn guard_project(table: &mut toml::Table, base: &Config) -> Vec<String> {
+    use descartes_tools::{EnvInherit, SandboxMode};
+    let rank = |m: SandboxMode| match m {
+        SandboxMode::ReadOnly => 0,
+        SandboxMode::WorkspaceWrite => 1,
+        SandboxMode::FullAccess => 2,
+    };
+    let mut removed = Vec::new();
+    let mut take = |section: &str, key: &str, loosens: &dyn Fn(&toml::Value) -> bool| {
+        if let Some(toml::Value::Table(t)) = table.get_mut(section)
+            && let Some(v) = t.get(key)
+            && loosens(v)
+        {
+            removed.push(format!("[{section}] {key} = {v}"));
+            t.remove(key);
+        }
+    };
+    let sandbox = &base.sandbox;
+    take("sandbox", "mode", &|v| {
+        v.as_str().and_then(|m| m.parse::<SandboxMode>().ok()).is_some_and(|m| rank(m) > rank(sandbox.mode))
+    });
+    take("sandbox", "network", &|v| v.as_bool() == Some(true) && !sandbox.network);
+    take("sandbox", "unix_sockets", &|v| v.as_bool() == Some(true) && !sandbox.unix_sockets);
+    take("sandbox", "require", &|v| v.as_bool() == Some(false) && sandbox.require);
+    take("sandbox", "writable_roots", &|v| v.as_array().is_some_and(|a| !a.is_empty()));
+    take("tools", "roots", &|v| v.as_array().is_some_and(|a| !a.is_empty()));
+    let env = base.shell.env;
+    take("shell", "env", &|v| {
+        let asked = match v.as_str() {
+            Some("none") => EnvInherit::None,
+            Some("core") => EnvInherit::Core,
+            Some("inherit") => EnvInherit::Inherit,
+            _ => return false,
+        };
+        asked > env
+    });
+    take("shell", "include", &|v| v.as_array().is_some_and(|a| !a.is_empty()));
+    removed
 }
 
 fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
@@ -536,15 +608,24 @@ pub const TEMPLATE: &str = r#"# Descartes project configuration.
 # model = "claude-sonnet-4-5"
 
 # [sandbox]                  # how `shell` commands are confined (Linux: Landlock + seccomp)
+#                            # In this (project) file settings may only tighten the sandbox;
+#                            # looser ones are honoured from the user config or `--sandbox`.
 # mode = "workspace-write"   # read-only | workspace-write | full-access
 # network = false            # IP sockets for commands
+# unix_sockets = false       # Unix sockets for commands (e.g. to reach Docker)
 # writable_roots = []        # more writable directories (e.g. a cache)
 # require = false            # refuse commands when the kernel cannot enforce the sandbox
+
+# [shell]                    # the environment of shell and task commands
+# env = "inherit"            # inherit | core (HOME, PATH, USER, LANG, ...) | none
+# exclude = ["AWS_*"]        # always left out: *KEY*, *SECRET*, *TOKEN*, *PASSWORD*, provider variables
+# include = ["GITHUB_TOKEN"] # kept despite the excludes (user config only)
+# set = { CI = "1" }
 
 # [tools]
 # shell_timeout_secs = 120
 # max_output_bytes = 65536
-# roots = ["../shared-docs"]  # more directories the file tools may read and write
+# roots = ["../shared-docs"]  # more directories the file tools may read and write (user config only)
 
 # MCP servers: their tools are offered as mcp__<server>__<tool> (`descartes mcp add|list|remove`).
 # [mcp.servers.everything]

@@ -18,4 +18,4 @@ mod wiring;
 pub use config::{Config, ConfigError, ProviderConfig};
 pub use locks::RunLock;
 pub use places::{Mode, Places};
-pub use wiring::{Runtime, RuntimeError, Selection, Stores};
+pub use wiring::{Runtime, RuntimeError, Selection, Stores, provider_env};

@@ -9,7 +9,7 @@ use descartes_core::{
 use descartes_protocol::RunId;
 use descartes_providers::{AnyProvider, ProviderSettings};
 use descartes_store::{SqliteEventStore, SqliteOptions, SyncMode};
-use descartes_tools::{Sandbox, SandboxHelper, ToolLimits, builtin_registry_with_sandbox};
+use descartes_tools::{Protected, Sandbox, SandboxHelper, ShellEnv, ToolLimits, builtin_registry_with_sandbox};
 
 use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError, PROVIDER_ALIASES, PROVIDER_KINDS};
 use crate::locks::RunLock;
@@ -86,6 +86,9 @@ pub struct Runtime {
     /// The config files that were read, in precedence order.
     pub config_files: Vec<PathBuf>,
     pub(crate) env: EnvFn,
+    /// `--sandbox MODE` on the command line: wins over config; `full-access` from here (and
+    /// only from here) also lifts the protection of Descartes' own files.
+    pub sandbox_flag: Option<descartes_tools::SandboxMode>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -107,8 +110,8 @@ impl Runtime {
 
     pub fn with_places(cwd: PathBuf, places: Places, env: EnvFn) -> Result<Self, RuntimeError> {
         let files: Vec<PathBuf> = places.user_config.iter().chain(places.project_config.iter()).cloned().collect();
-        let (config, config_files) = config::load(&files, &*env)?;
-        Ok(Self { cwd, places, config, config_files, env })
+        let (config, config_files) = config::load(&files, places.user_config.as_deref(), &*env)?;
+        Ok(Self { cwd, places, config, config_files, env, sandbox_flag: None })
     }
 
     pub fn env(&self, key: &str) -> Option<String> {
@@ -466,9 +469,58 @@ impl Runtime {
             shell_timeout: Duration::from_secs(self.config.tools.shell_timeout_secs.max(1)),
             max_output_bytes: self.config.tools.max_output_bytes.max(1024),
             roots: self.tool_roots(),
+            protected: self.protected(),
             ..ToolLimits::default()
         };
         builtin_registry_with_sandbox(&limits, self.sandbox())
+    }
+
+    /// `--sandbox MODE` from the command line.
+    pub fn set_sandbox_flag(&mut self, mode: descartes_tools::SandboxMode) {
+        self.sandbox_flag = Some(mode);
+        self.config.sandbox.mode = mode;
+    }
+
+    /// Descartes' own files, which no tool or sandboxed command may change: the state
+    /// directory (database, spool, evidence, worktree metadata, daemon files; the worktrees
+    /// themselves stay writable), the config files and the user's policy directory, plus
+    /// `.descartes`, `.ai`, `.git/hooks` and `.git/config` in every workspace root. Nothing is
+    /// protected only under `--sandbox full-access`.
+    pub fn protected(&self) -> Protected {
+        if self.sandbox_flag == Some(descartes_tools::SandboxMode::FullAccess) {
+            return Protected::none();
+        }
+        let state = &self.places.state_dir;
+        let mut absolute = vec![state.clone(), state.join("worktrees").join(".meta")];
+        absolute.extend(self.places.user_config.iter().cloned());
+        absolute.extend(self.places.user_config.as_ref().and_then(|u| u.parent()).map(|d| d.join("policy.yaml")));
+        absolute.extend(self.places.user_config.as_ref().and_then(|u| u.parent()).map(|d| d.join("policies")));
+        absolute.extend(self.places.project_config.iter().cloned());
+        if let crate::Mode::Project { root } = &self.places.mode {
+            absolute.extend(descartes_tools::PROTECTED_NAMES.iter().map(|n| root.join(n)));
+        }
+        Protected { absolute, writable_within: vec![state.join("worktrees")], disabled: false }
+    }
+
+    /// The environment policy of commands: `[shell]`, with every provider's key and base-URL
+    /// variables (and those configured) excluded.
+    pub fn shell_env(&self) -> ShellEnv {
+        let mut secret_vars: Vec<String> = BUILTIN_PROVIDERS
+            .iter()
+            .flat_map(|b| [b.key_env, b.base_env])
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .collect();
+        secret_vars.extend(self.config.providers.values().filter_map(|p| p.api_key_env.clone()));
+        secret_vars.push("DESCARTES_DATABASE_URL".into());
+        ShellEnv::new(&self.config.shell, &secret_vars).unwrap_or_else(|e| {
+            tracing::warn!("[shell] {e}; commands get no environment variables");
+            ShellEnv::new(
+                &descartes_tools::EnvPolicy { env: descartes_tools::EnvInherit::None, ..Default::default() },
+                &[],
+            )
+            .unwrap_or_default()
+        })
     }
 
     /// `[tools] roots`, absolute: relative ones from the project root (or the working directory
@@ -497,10 +549,11 @@ impl Runtime {
         let policy = self.config.sandbox.clone();
         let exe = std::env::current_exe().ok();
         let is_descartes = exe.as_ref().and_then(|e| e.file_name()).is_some_and(|n| n == "descartes");
-        Arc::new(match exe.filter(|_| is_descartes) {
+        let sandbox = match exe.filter(|_| is_descartes) {
             Some(exe) => Sandbox::with_helper(policy, SandboxHelper::subcommand(exe, "__sandbox")),
             None => Sandbox::new(policy),
-        })
+        };
+        Arc::new(sandbox.protecting(self.protected()).with_env(self.shell_env()))
     }
 
     /// Resolves a full or abbreviated run id.
@@ -556,6 +609,22 @@ impl Runtime {
     pub fn clean_spool(&self, run_id: &RunId) {
         let _ = std::fs::remove_dir_all(self.places.spool_dir().join(run_id.as_str()));
     }
+}
+
+/// The provider variables (keys, base URLs, the database URL) set in the runtime's environment:
+/// what a child `descartes` needs and the environment policy keeps from other commands.
+pub fn provider_env(rt: &Runtime) -> Vec<(String, String)> {
+    let mut names: Vec<String> = BUILTIN_PROVIDERS
+        .iter()
+        .flat_map(|b| [b.key_env, b.base_env])
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+        .collect();
+    names.extend(rt.config.providers.values().filter_map(|p| p.api_key_env.clone()));
+    names.push("DESCARTES_DATABASE_URL".into());
+    names.sort();
+    names.dedup();
+    names.into_iter().filter_map(|n| rt.env(&n).map(|v| (n, v))).collect()
 }
 
 /// The path of a program on `PATH` (or the path itself when it contains a `/`).

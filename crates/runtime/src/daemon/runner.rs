@@ -65,11 +65,20 @@ pub struct CommandRunner {
     command: String,
     cwd: PathBuf,
     env: Vec<(String, String)>,
+    supervisor: Option<Arc<descartes_tools::Sandbox>>,
 }
 
 impl CommandRunner {
     pub fn new(command: impl Into<String>, cwd: impl Into<PathBuf>) -> Self {
-        Self { command: command.into(), cwd: cwd.into(), env: Vec::new() }
+        Self { command: command.into(), cwd: cwd.into(), env: Vec::new(), supervisor: None }
+    }
+
+    /// Runs each command under the sandbox helper as its supervisor (the command and its
+    /// process group die with this process, see `descartes_tools::sandbox`) and with the
+    /// sandbox's environment policy (no secrets unless added with [`Self::with_env`]).
+    pub fn supervised_by(mut self, sandbox: Arc<descartes_tools::Sandbox>) -> Self {
+        self.supervisor = Some(sandbox);
+        self
     }
 
     /// Adds an environment variable given to every command.
@@ -96,10 +105,15 @@ impl CommandRunner {
 #[async_trait]
 impl TaskRunner for CommandRunner {
     async fn run(&self, task: &Task, token: i64, cancel: CancellationToken) -> Outcome {
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(&self.command)
-            .current_dir(&self.cwd)
+        let mut cmd = match &self.supervisor {
+            Some(sandbox) => sandbox.supervised("sh", &[std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(&self.command)]),
+            None => {
+                let mut c = tokio::process::Command::new("sh");
+                c.arg("-c").arg(&self.command);
+                c
+            }
+        };
+        cmd.current_dir(&self.cwd)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(Self::task_env(task, token))
             .stdin(Stdio::null())
