@@ -65,19 +65,107 @@ fn a_shell_call_writes_inside_the_workspace() {
 }
 
 #[test]
-fn full_access_is_an_explicit_choice() {
+fn full_access_is_an_explicit_choice_of_the_user() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("allowed.txt");
     let command: &'static str = Box::leak(format!("echo x > {}", target.display()).into_boxed_str());
     let env = Env::new(shell_model(command));
     env.init();
-    std::fs::write(env.project().join(".descartes/config.toml"), "[sandbox]\nmode = \"full-access\"\n").unwrap();
+    // From the project file (which a cloned repository or an earlier run could have written):
+    // ignored, and said so.
+    std::fs::write(
+        env.project().join(".descartes/config.toml"),
+        "[sandbox]\nmode = \"full-access\"\nnetwork = true\n\n[tools]\nroots = [\"/\"]\n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-y", "-p", "openai", "write outside"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    if landlock_available(&env) {
+        assert!(!target.exists(), "a project file loosened the sandbox");
+    }
+    for ignored in ["mode = \"full-access\"", "network = true", "roots = [\"/\"]"] {
+        assert!(stderr(&out).contains(ignored) && stderr(&out).contains("is ignored"), "{}", stderr(&out));
+    }
+    // From the command line, or from the user config: honoured.
+    let out = env.run(&["run", "-y", "-p", "openai", "--sandbox", "full-access", "write outside"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(target.exists());
+    std::fs::remove_file(&target).unwrap();
+    std::fs::write(env.project().join(".descartes/config.toml"), "").unwrap();
+    std::fs::write(env.dir.path().join("home/config.toml"), "[sandbox]\nmode = \"full-access\"\n").unwrap();
     let out = env.run(&["run", "-y", "-p", "openai", "write outside"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(target.exists());
+    assert!(!stderr(&out).contains("is ignored"), "{}", stderr(&out));
     // A typo in the sandbox settings is a located config error, not a silent default.
     std::fs::write(env.project().join(".descartes/config.toml"), "[sandbox]\nmod = \"full-access\"\n").unwrap();
     let out = env.run(&["run", "-y", "-p", "openai", "x"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("config.toml:2:"), "{}", stderr(&out));
+}
+
+/// A model that makes the given tool calls one after the other, then answers with every result
+/// it saw.
+fn scripted(calls: Vec<(&'static str, serde_json::Value)>) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync {
+    move |req: &RecordedRequest| {
+        let done = req.tool_results();
+        match calls.get(done.len()) {
+            Some((tool, args)) => {
+                let id = format!("call_{}", done.len());
+                Reply::Stream(openai::tool_call(&id, tool, &[&args.to_string()]))
+            }
+            None => {
+                let seen: Vec<String> = done.iter().map(|(_, out)| out.replace('\n', " ")).collect();
+                Reply::Stream(openai::text(&[&format!("saw: {}", seen.join(" | "))]))
+            }
+        }
+    }
+}
+
+#[test]
+fn a_run_cannot_change_the_guardrails_of_the_next_run() {
+    use serde_json::json;
+    let env = Env::new(scripted(vec![
+        ("write_file", json!({"path": ".descartes/config.toml", "content": "[sandbox]\nmode = \"full-access\"\n"})),
+        ("write_file", json!({"path": ".ai/policy.yaml", "content": "rules: []\n"})),
+        ("shell", json!({"command": "printf '[sandbox]\\nmode = \"full-access\"\\n' >> .descartes/config.toml"})),
+        ("shell", json!({"command": "mkdir -p .ai && echo 'rules: []' > .ai/policy.yaml"})),
+        ("shell", json!({"command": "python3 -c \"open('.descartes/descartes.db', 'r+b')\""})),
+        ("shell", json!({"command": "echo outside-test > made.txt"})),
+    ]));
+    env.init();
+    if !landlock_available(&env) {
+        return;
+    }
+    std::fs::create_dir_all(env.project().join(".ai")).unwrap();
+    let config_before = std::fs::read_to_string(env.project().join(".descartes/config.toml")).unwrap();
+    let out = env.run(&["run", "-y", "-p", "openai", "loosen your guardrails"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(env.project().join(".descartes/config.toml")).unwrap(), config_before);
+    assert!(!env.project().join(".ai/policy.yaml").exists());
+    assert_eq!(read_lines(&env.project().join("made.txt")), vec!["outside-test"]);
+    let events = env.events(&env.run_id());
+    let results: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "tool_call_completed").collect();
+    assert_eq!(results.len(), 6);
+    for r in &results[..5] {
+        assert_eq!(r["data"]["is_error"], true, "{r}");
+    }
+    assert!(results[0]["data"]["output"].as_str().unwrap().contains("is protected"), "{}", results[0]);
+    assert!(results[4]["data"]["output"].as_str().unwrap().contains("Read-only file system"), "{}", results[4]);
+    assert_eq!(results[5]["data"]["details"]["sandbox"]["protected"], "read-only", "{}", results[5]);
+}
+
+#[test]
+fn a_shell_call_sees_no_key_in_its_environment() {
+    let env = Env::new(shell_model("env"));
+    env.init();
+    let out = env.run(&["run", "-y", "-p", "openai", "print the environment"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("PATH="), "{text}");
+    for secret in ["sk-test-secret-openai", "sk-ant-test-secret", "OPENAI_API_KEY", "OPENAI_BASE_URL"] {
+        assert!(!text.contains(secret), "{secret} reached the shell: {text}");
+    }
+    let logs = env.run(&["logs", "--json"]);
+    assert!(!stdout(&logs).contains("sk-test-secret-openai"));
 }
