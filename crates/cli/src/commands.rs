@@ -393,7 +393,8 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     if prompt.trim().is_empty() {
         return Err(user_error(2, "the prompt is empty; say what the agent should do"));
     }
-    let store = rt.open_store().await?;
+    let stores = rt.open_stores().await?;
+    let store = stores.events.clone();
     let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
     let settings = RunSettings {
         provider: args.model.provider.clone(),
@@ -415,11 +416,12 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
         eprintln!("descartes: run {run_id} · {}", p.label);
     }
     let outcome = p.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
-    finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &run_id, outcome, p.human.as_deref(), lock).await
 }
 
 async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
-    let store = rt.open_store().await?;
+    let stores = rt.open_stores().await?;
+    let store = stores.events.clone();
     let run_id = rt.resolve_run(&*store, &args.id).await?;
     let lock = rt.lock_run(&run_id)?;
     let state = store.replay_run(&run_id).await?;
@@ -458,12 +460,12 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
         eprintln!("descartes: resuming run {run_id} ({previous}, {} events) · {}", state.events, p.label);
     }
     let outcome = p.resume(state, previous).await;
-    finish(&rt, &*store, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &run_id, outcome, p.human.as_deref(), lock).await
 }
 
 async fn finish(
     rt: &Runtime,
-    store: &dyn EventStore,
+    stores: &descartes_runtime::Stores,
     run_id: &RunId,
     outcome: Result<RunOutcome, CoreError>,
     human: Option<&HumanSink>,
@@ -472,7 +474,12 @@ async fn finish(
     if let Some(h) = human {
         h.end_line();
     }
-    store.flush().await?;
+    stores.events.flush().await?;
+    // The run's events get their hash-chained audit records now, so a later edit of the log
+    // is found by `audit verify`.
+    if let Err(e) = descartes_runtime::audit::sync_stream(stores, run_id.as_str()).await {
+        eprintln!("descartes: warning: cannot record the run's audit trail: {e}");
+    }
     let code = match outcome? {
         RunOutcome::Completed { .. } => 0,
         RunOutcome::Failed { error, .. } => {

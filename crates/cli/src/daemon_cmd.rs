@@ -225,6 +225,30 @@ fn foreground(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
     result
 }
 
+/// The log's integrity, checked when the daemon starts and every 10 minutes: a deleted event
+/// (a gap in the seqs) or an edited, deleted or reordered event that has an audit record is
+/// reported loudly in the daemon's log.
+async fn check_log_periodically(stores: descartes_runtime::Stores) {
+    loop {
+        match descartes_runtime::audit::check_log(&stores, false).await {
+            Ok(check) if check.problems.is_empty() => {
+                tracing::info!(events = check.events, trails = check.trails, "event log checked: intact");
+            }
+            Ok(check) => {
+                for p in &check.problems {
+                    tracing::error!("THE EVENT LOG WAS TAMPERED WITH: {p}");
+                }
+                tracing::error!(
+                    "the event log failed its integrity check ({} problems); run `descartes audit verify`",
+                    check.problems.len()
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot check the event log"),
+        }
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}
+
 async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> {
     let stores = rt.open_stores().await?;
     let (tasks, events) = (stores.tasks.clone(), stores.events.clone());
@@ -247,6 +271,7 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
     let handle = daemon.handle();
     let listener = bind_control(&paths.socket)?;
     tokio::spawn(serve_control(listener, handle.clone()));
+    tokio::spawn(check_log_periodically(stores.clone()));
     {
         let handle = handle.clone();
         tokio::spawn(async move {

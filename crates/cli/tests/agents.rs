@@ -436,7 +436,7 @@ fn audit_verify_names_a_record_edited_in_the_database() {
     let out = env.run(&["audit", "verify"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
-        stderr(&out).contains("task audited, audit record 3: its content does not match its hash"),
+        stderr(&out).contains("trail audited, audit record 3: its content does not match its hash"),
         "{}",
         stderr(&out)
     );

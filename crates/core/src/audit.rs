@@ -128,7 +128,7 @@ pub fn plan_sync(task_id: &str, existing: &[AuditRecord], events: &[Event]) -> V
 
 /// What `audit verify` found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("task {task_id}, audit record {n}: {problem}")]
+#[error("trail {task_id}, audit record {n}: {problem}")]
 pub struct Tamper {
     pub task_id: String,
     pub n: i64,

@@ -61,3 +61,88 @@ pub async fn verify_all(stores: &Stores) -> Result<(usize, Vec<Tamper>), StoreEr
     }
     Ok((by_task.len(), problems))
 }
+
+/// Brings the trail of one stream that is not a task (a run, a session, an agent) up to date:
+/// one record per event of the stream (the trail's id is the stream's).
+pub async fn sync_stream(stores: &Stores, stream: &str) -> Result<(), StoreError> {
+    let events = stores.events.read_run(&RunId::from(stream), 0).await?;
+    sync_events(stores, stream, &events).await
+}
+
+async fn sync_events(stores: &Stores, trail: &str, events: &[Event]) -> Result<(), StoreError> {
+    let mut tries = 0;
+    loop {
+        let existing = stores.audit.audit_records(Some(trail)).await?;
+        let new = plan_sync(trail, &existing, events);
+        if new.is_empty() {
+            return Ok(());
+        }
+        match stores.audit.audit_append(new).await {
+            Ok(()) => return Ok(()),
+            Err(_) if tries < 3 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What a whole-log check found.
+#[derive(Debug, Default)]
+pub struct LogCheck {
+    /// Events in the log.
+    pub events: usize,
+    /// Trails checked (one per task, one per other stream).
+    pub trails: usize,
+    /// Every problem, with the seq it concerns.
+    pub problems: Vec<String>,
+}
+
+/// Reads the whole log once: reports every missing seq (the log's seqs are contiguous from 1,
+/// so a gap is a deleted event), brings every stream's trail up to date when `bring_up_to_date` (events
+/// already recorded are checked against their records, new ones are recorded), and verifies
+/// every trail: an edited, deleted or reordered event of any stream is reported with its seq.
+pub async fn check_log(stores: &Stores, bring_up_to_date: bool) -> Result<LogCheck, StoreError> {
+    let mut check = LogCheck::default();
+    let mut streams: Vec<(String, Vec<Event>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut after: Seq = 0;
+    loop {
+        let page = stores.events.read_all(after, 10_000).await?;
+        let Some(last) = page.last().map(|e| e.seq) else { break };
+        for e in page {
+            if e.seq != after + 1 {
+                let what = if e.seq == after + 2 {
+                    format!("event seq {} is missing from the log (deleted)", after + 1)
+                } else {
+                    format!("events seq {} to {} are missing from the log (deleted)", after + 1, e.seq - 1)
+                };
+                check.problems.push(what);
+            }
+            after = e.seq;
+            check.events += 1;
+            let i = *index.entry(e.run_id.as_str().to_owned()).or_insert_with(|| {
+                streams.push((e.run_id.as_str().to_owned(), Vec::new()));
+                streams.len() - 1
+            });
+            streams[i].1.push(e);
+        }
+        after = last;
+    }
+    let last_seq = stores.events.last_seq().await?;
+    if last_seq > after {
+        check.problems.push(format!("events seq {} to {last_seq} are missing from the log (deleted)", after + 1));
+    }
+    if bring_up_to_date {
+        for (stream, events) in &streams {
+            // A task's trail also holds the runs linked to it.
+            if events.first().is_some_and(|e| matches!(e.data, descartes_protocol::EventData::TaskCreated(_))) {
+                sync(stores, stream).await?;
+            } else {
+                sync_events(stores, stream, events).await?;
+            }
+        }
+    }
+    let (trails, tampered) = verify_all(stores).await?;
+    check.trails = trails;
+    check.problems.extend(tampered.into_iter().map(|t| t.to_string()));
+    Ok(check)
+}
