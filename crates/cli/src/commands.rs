@@ -133,7 +133,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) if is_broken_pipe(&err) => ExitCode::from(141),
         Err(err) => {
-            eprintln!("descartes: error: {err:#}");
+            eprintln!("descartes: error: {}", descartes_core::redact::redact(&format!("{err:#}")));
             ExitCode::from(exit_code(&err))
         }
     }
@@ -483,7 +483,7 @@ async fn finish(
     let code = match outcome? {
         RunOutcome::Completed { .. } => 0,
         RunOutcome::Failed { error, .. } => {
-            eprintln!("descartes: run {run_id} failed: {error}");
+            eprintln!("descartes: run {run_id} failed: {}", descartes_core::redact::redact(&error.to_string()));
             1
         }
         RunOutcome::Cancelled => {
@@ -647,9 +647,13 @@ fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {
                 writeln!(out, "# config file: {} ({state})", f.display())?;
             }
             match rt.select(None, None) {
-                Ok(sel) => {
-                    writeln!(out, "# provider in effect: {} (model {}, {})", sel.provider, sel.model, sel.base_url)?
-                }
+                Ok(sel) => writeln!(
+                    out,
+                    "# provider in effect: {} (model {}, {})",
+                    sel.provider,
+                    sel.model,
+                    descartes_core::redact::redact_url(&sel.base_url)
+                )?,
                 Err(e) => writeln!(out, "# provider in effect: none ({e})")?,
             }
             writeln!(out)?;

@@ -1,5 +1,6 @@
 //! Printing: the human and JSON-lines sinks, the terminal permission prompt, event summaries.
 
+use descartes_core::redact::redact;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +51,7 @@ impl OutputSink for HumanSink {
         }
         let _guard = self.out.lock();
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
+        let _ = out.write_all(redact(text).as_bytes());
         let _ = out.flush();
         self.mid_line.store(!text.ends_with('\n'), Ordering::SeqCst);
     }
@@ -60,7 +61,7 @@ impl OutputSink for HumanSink {
             EventData::ToolCallStarted(t) => {
                 self.end_line();
                 let summary = summarize(&t.tool, &t.input);
-                eprintln!("{}", dim(&format!("▸ {summary}")));
+                eprintln!("{}", dim(&redact(&format!("▸ {summary}"))));
                 if let Ok(mut pending) = self.pending_calls.lock() {
                     let batch = !pending.is_empty();
                     for p in pending.iter_mut() {
@@ -82,7 +83,7 @@ impl OutputSink for HumanSink {
                 } else {
                     format!("  {mark} {}: {}", clip_line(&summary, 60), clip_line(first, 100))
                 };
-                eprintln!("{}", dim(&line));
+                eprintln!("{}", dim(&redact(&line)));
             }
             EventData::RunCompleted(_)
             | EventData::RunFailed(_)
@@ -94,7 +95,7 @@ impl OutputSink for HumanSink {
 
     fn notice(&self, message: &str) {
         self.end_line();
-        eprintln!("descartes: {message}");
+        eprintln!("descartes: {}", redact(message));
     }
 }
 
@@ -105,12 +106,12 @@ impl OutputSink for JsonSink {
     fn event(&self, event: &Event) {
         if let Ok(line) = serde_json::to_string(event) {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{}", redact(&line));
             let _ = out.flush();
         }
     }
     fn notice(&self, message: &str) {
-        eprintln!("descartes: {message}");
+        eprintln!("descartes: {}", redact(message));
     }
 }
 

@@ -60,7 +60,10 @@ fn an_edited_or_reordered_run_event_is_found_with_its_seq() {
     let events = env.events(&run);
     let message = events.iter().filter(|e| e["type"] == "message").last().unwrap();
     let seq = message["seq"].as_i64().unwrap();
-    tamper(&env, &format!("UPDATE events SET data = replace(data, 'the true answer', 'a false one') WHERE seq = {seq};"));
+    tamper(
+        &env,
+        &format!("UPDATE events SET data = replace(data, 'the true answer', 'a false one') WHERE seq = {seq};"),
+    );
     let out = verify(&env);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(stderr(&out).contains(&format!("#{seq} was changed in the log")), "{}", stderr(&out));

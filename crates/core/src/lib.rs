@@ -16,6 +16,7 @@ mod outbox;
 pub mod permission;
 pub mod policy;
 pub mod provider;
+pub mod redact;
 pub mod resilience;
 pub mod routing;
 pub mod session;

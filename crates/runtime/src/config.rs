@@ -555,9 +555,13 @@ pub fn redacted_toml(config: &Config) -> String {
         if p.api_key.is_some() {
             p.api_key = Some("<redacted>".into());
         }
+        if let Some(u) = &p.base_url {
+            p.base_url = Some(descartes_core::redact::redact_url(u).into_owned());
+        }
     }
     c.mcp = c.mcp.redacted();
-    toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    let text = toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"));
+    descartes_core::redact::redact(&text).into_owned()
 }
 
 /// The commented config file `descartes init` writes.

@@ -111,6 +111,7 @@ impl Runtime {
     pub fn with_places(cwd: PathBuf, places: Places, env: EnvFn) -> Result<Self, RuntimeError> {
         let files: Vec<PathBuf> = places.user_config.iter().chain(places.project_config.iter()).cloned().collect();
         let (config, config_files) = config::load(&files, places.user_config.as_deref(), &*env)?;
+        register_secrets(&config, &*env);
         Ok(Self { cwd, places, config, config_files, env, sandbox_flag: None })
     }
 
@@ -139,11 +140,17 @@ impl Runtime {
                 .map_err(|e| StoreError::Io { message: format!("cannot connect: {e}"), busy: false })??;
             let location = pg.target().to_owned();
             let pg = Arc::new(pg);
-            return Ok(Stores { events: pg.clone(), tasks: pg.clone(), agents: pg.clone(), audit: pg, location });
+            return Ok(Stores {
+                events: redacting(pg.clone()),
+                tasks: pg.clone(),
+                agents: pg.clone(),
+                audit: pg,
+                location,
+            });
         }
         let sqlite = self.open_sqlite()?;
         Ok(Stores {
-            events: sqlite.clone(),
+            events: redacting(sqlite.clone()),
             tasks: sqlite.clone(),
             agents: sqlite.clone(),
             audit: sqlite,
@@ -609,6 +616,44 @@ impl Runtime {
     pub fn clean_spool(&self, run_id: &RunId) {
         let _ = std::fs::remove_dir_all(self.places.spool_dir().join(run_id.as_str()));
     }
+}
+
+/// Tells the one redactor (`descartes_core::redact`) every secret the configuration knows: the
+/// providers' keys (configured or from their variables), credentials in base URLs and in the
+/// database URL.
+fn register_secrets(config: &Config, env: &dyn Fn(&str) -> Option<String>) {
+    use descartes_core::redact;
+    for b in BUILTIN_PROVIDERS {
+        if !b.key_env.is_empty()
+            && let Some(v) = env(b.key_env)
+        {
+            redact::register(&v);
+        }
+        if !b.base_env.is_empty()
+            && let Some(v) = env(b.base_env)
+        {
+            redact::register_url(&v);
+        }
+    }
+    for p in config.providers.values() {
+        if let Some(k) = &p.api_key {
+            redact::register(k);
+        }
+        if let Some(v) = p.api_key_env.as_deref().and_then(env) {
+            redact::register(&v);
+        }
+        if let Some(u) = &p.base_url {
+            redact::register_url(u);
+        }
+    }
+    if let Some(u) = env("DESCARTES_DATABASE_URL") {
+        redact::register_url(&u);
+    }
+}
+
+/// The event log with every appended event redacted, when there is a secret to redact.
+fn redacting(store: Arc<dyn EventStore>) -> Arc<dyn EventStore> {
+    if descartes_core::redact::active() { Arc::new(descartes_core::redact::RedactingStore(store)) } else { store }
 }
 
 /// The provider variables (keys, base URLs, the database URL) set in the runtime's environment:

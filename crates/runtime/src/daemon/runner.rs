@@ -106,7 +106,9 @@ impl CommandRunner {
 impl TaskRunner for CommandRunner {
     async fn run(&self, task: &Task, token: i64, cancel: CancellationToken) -> Outcome {
         let mut cmd = match &self.supervisor {
-            Some(sandbox) => sandbox.supervised("sh", &[std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(&self.command)]),
+            Some(sandbox) => {
+                sandbox.supervised("sh", &[std::ffi::OsStr::new("-c"), std::ffi::OsStr::new(&self.command)])
+            }
             None => {
                 let mut c = tokio::process::Command::new("sh");
                 c.arg("-c").arg(&self.command);
