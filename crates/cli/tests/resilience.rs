@@ -274,3 +274,21 @@ fn bad_budget_flags_are_usage_errors() {
     assert!(stderr(&out).contains("--max-tokens"), "{}", stderr(&out));
     assert_eq!(env.server.request_count(), 0);
 }
+
+#[test]
+fn a_silent_server_fails_the_attempt_after_the_idle_timeout_and_says_so() {
+    let env = Env::new(|_| Reply::Stream(with_delay(openai::text(&["late", " answer"]), Duration::from_secs(8))));
+    env.init();
+    std::fs::write(
+        env.project().join(".descartes/config.toml"),
+        "[providers.openai]\ntimeout_secs = 1\n[retry]\nmax_retries = 1\nbase_delay_ms = 10\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = env.run(&["run", "-p", "openai", "hello"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(7), "{:?}", started.elapsed());
+    assert!(stderr(&out).contains("went silent"), "{}", stderr(&out));
+    let events = env.events(&env.run_id());
+    assert_eq!(count(&events, "model_call_failed"), 2, "retried once: {events:#?}");
+}

@@ -191,7 +191,15 @@ pub(crate) fn request_error(provider: &str, e: &reqwest::Error) -> ProviderError
     if e.is_builder() {
         return ProviderError::Config { provider: provider.to_owned(), message: error_chain(e) };
     }
-    let message = if e.is_timeout() { format!("timed out ({})", error_chain(e)) } else { error_chain(e) };
+    let message = if e.is_timeout() {
+        format!(
+            "timed out: no answer from the server within the connect or idle timeout; `timeout_secs` in \
+             [providers.{provider}] changes it ({})",
+            error_chain(e)
+        )
+    } else {
+        error_chain(e)
+    };
     ProviderError::Network { provider: provider.to_owned(), message }
 }
 
@@ -671,7 +679,12 @@ impl<D: BodyDecoder + Unpin> Stream for ResponseStream<D> {
                     let result = if e.is_timeout() {
                         Err(ProviderError::Network {
                             provider,
-                            message: format!("timed out waiting for the stream ({})", error_chain(&e)),
+                            message: format!(
+                                "the stream went silent: no bytes within the idle timeout; `timeout_secs` in \
+                                 [providers.{}] changes it ({})",
+                                this.decoder.provider(),
+                                error_chain(&e)
+                            ),
                         })
                     } else {
                         this.decoder.abort(&mut this.scratch).map_err(|err| match err {

@@ -65,9 +65,10 @@ pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 pub const ANTHROPIC_DEFAULT_MAX_TOKENS: u32 = 4096;
 /// Default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Default read timeout: the longest wait for the response headers, and then for each next
-/// piece of the streamed body.
-pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default idle timeout: the longest wait for the response headers (the first byte), and then
+/// for each next piece of the streamed body (`timeout_secs` in `[providers.NAME]` changes it). A
+/// server silent that long fails the attempt with a retryable error that says so.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Error bodies are read up to this many bytes.
 pub const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 

@@ -684,7 +684,8 @@ mod tests {
             "ANTHROPIC_BASE_URL" => Some("http://a".to_owned()),
             _ => None,
         };
-        let (c, read) = load(&[user.clone(), project.clone(), dir.path().join("missing.toml")], &env).unwrap();
+        let (c, read) =
+            load(&[user.clone(), project.clone(), dir.path().join("missing.toml")], Some(&user), &env).unwrap();
         assert_eq!(read, vec![user, project]);
         assert_eq!(c.max_turns, 9, "project over user");
         assert_eq!(c.provider.as_deref(), Some("openai"), "env over files");
@@ -695,8 +696,36 @@ mod tests {
 
     #[test]
     fn bad_env_names_the_variable() {
-        let err = load(&[], &|k| (k == "DESCARTES_MAX_TURNS").then(|| "lots".to_owned())).unwrap_err().to_string();
+        let err =
+            load(&[], None, &|k| (k == "DESCARTES_MAX_TURNS").then(|| "lots".to_owned())).unwrap_err().to_string();
         assert!(err.contains("DESCARTES_MAX_TURNS"), "{err}");
+    }
+
+    #[test]
+    fn a_project_file_may_tighten_but_not_loosen_the_guardrails() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("user.toml");
+        let project = dir.path().join("project.toml");
+        std::fs::write(&user, "[sandbox]\nnetwork = true\n").unwrap();
+        std::fs::write(
+            &project,
+            "[sandbox]\nmode = \"full-access\"\nnetwork = false\nunix_sockets = true\nwritable_roots = [\"/\"]\n\
+             require = true\n[tools]\nroots = [\"/\"]\n[shell]\ninclude = [\"*KEY*\"]\nexclude = [\"AWS_*\"]\n",
+        )
+        .unwrap();
+        let (c, _) = load(&[user.clone(), project.clone()], Some(&user), &|_| None).unwrap();
+        assert_eq!(c.sandbox.mode, descartes_tools::SandboxMode::WorkspaceWrite);
+        assert!(!c.sandbox.network, "tightened by the project");
+        assert!(c.sandbox.require, "tightened by the project");
+        assert!(!c.sandbox.unix_sockets && c.sandbox.writable_roots.is_empty() && c.tools.roots.is_empty());
+        assert!(c.shell.include.is_empty() && c.shell.exclude == vec!["AWS_*".to_owned()]);
+        assert_eq!(c.ignored.len(), 5, "{:?}", c.ignored);
+        assert!(c.ignored[0].contains("project.toml") && c.ignored[0].contains("mode = \"full-access\""));
+        // The same settings from the user file are honoured.
+        std::fs::write(&user, "[sandbox]\nmode = \"full-access\"\nunix_sockets = true\n").unwrap();
+        let (c, _) = load(&[user.clone()], Some(&user), &|_| None).unwrap();
+        assert_eq!(c.sandbox.mode, descartes_tools::SandboxMode::FullAccess);
+        assert!(c.sandbox.unix_sockets && c.ignored.is_empty());
     }
 
     #[test]
