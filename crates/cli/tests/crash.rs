@@ -49,7 +49,10 @@ fn resume_to_completion(env: &Env, id: &str) -> String {
 }
 
 fn check(env: &Env, id: &str, label: &str) {
-    assert_eq!(read_lines(&env.project().join("marker.txt")), vec!["ran"], "{label}: the command ran exactly once");
+    // A command that was running when Descartes was killed dies with it (its supervisor kills
+    // its process group) and is never run again: it ran at most once, never twice.
+    let lines = read_lines(&env.project().join("marker.txt"));
+    assert!(lines.is_empty() || lines == vec!["ran"], "{label}: the command ran more than once: {lines:?}");
     let events = env.events(id);
     assert_log_invariants(&events);
     let last = events.iter().rev().find(|e| e["type"] == "run_completed").unwrap();

@@ -48,8 +48,14 @@ fn read_file_outside_the_workspace_is_refused_until_a_root_is_added() {
     let out = env2.run(&["run", "-p", "openai", "read it"]);
     assert!(stdout(&out).contains("outside the workspace"), "{}", stdout(&out));
 
-    // Adding the directory as a root (relative to the project) lets the same call through.
-    let config = env.project().join(".descartes/config.toml");
+    // Adding the directory as a root (relative to the project) lets the same call through; only
+    // the user config can (a project file that asks for it is ignored, with a warning).
+    let project_config = env.project().join(".descartes/config.toml");
+    std::fs::write(&project_config, "[tools]\nroots = [\"../outside\"]\n").unwrap();
+    let out = env.run(&["run", "-p", "openai", "read it"]);
+    assert!(!stdout(&out).contains("the secret") && stderr(&out).contains("is ignored"), "{}", stderr(&out));
+    std::fs::write(&project_config, "").unwrap();
+    let config = env.dir.path().join("home/config.toml");
     std::fs::write(&config, "[tools]\nroots = [\"../outside\"]\n").unwrap();
     let out = env.run(&["run", "-p", "openai", "read it"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -208,6 +208,6 @@ mod tests {
         log[2] = ev("t", 3, 99);
         let p = verify_chain(&records, &find(log));
         assert_eq!(p.len(), 1);
-        assert!(p[0].to_string().contains("task t, audit record 3: its event t#3 was changed"), "{}", p[0]);
+        assert!(p[0].to_string().contains("trail t, audit record 3: its event t#3 was changed"), "{}", p[0]);
     }
 }
