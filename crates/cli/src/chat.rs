@@ -124,7 +124,7 @@ async fn build_agent(
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
     let sink: Arc<dyn OutputSink> = sink;
-    let policy = rt.config.policy(rt.places.user_config.as_deref())?;
+    let policy = rt.permission_policy()?;
     Ok(Agent {
         store,
         provider,

@@ -356,7 +356,7 @@ pub(crate) async fn prepare_driver(
             return Err(user_error(2, "--fallback applies to model providers, not to agent CLIs"));
         }
         let backend = rt.build_agent_cli(&sel)?;
-        let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
+        let policy = rt.permission_policy().map_err(|e| user_error(3, e.to_string()))?;
         let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, gate, sink, cancel, config });
         return Ok(Prepared { driver, label, human });
     }
@@ -371,7 +371,7 @@ pub(crate) async fn prepare_driver(
     for w in warnings {
         eprintln!("descartes: warning: {w}");
     }
-    let policy = rt.config.policy(rt.places.user_config.as_deref()).map_err(|e| user_error(3, e.to_string()))?;
+    let policy = rt.permission_policy().map_err(|e| user_error(3, e.to_string()))?;
     let agent = Agent {
         store,
         provider,

@@ -10,7 +10,7 @@ use serde_json::json;
 
 pub fn run(rt: &Runtime, json: bool) -> Result<u8> {
     let user = rt.places.user_config.as_deref();
-    let policy = rt.config.policy(user)?;
+    let policy = rt.permission_policy()?;
     let file_of = |r: &Rule| {
         rt.config
             .permission_layers

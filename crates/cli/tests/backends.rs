@@ -301,3 +301,44 @@ fn without_any_key_the_local_model_answers_offline() {
     let listed = stdout(&env.cmd(&["model", "list"]).env("DESCARTES_MODEL_DIR", test_model_dir()).output().unwrap());
     assert!(listed.to_lowercase().contains("smollm2"), "{listed}");
 }
+
+#[test]
+fn claude_code_cannot_write_descartes_own_files_even_with_yes() {
+    let Some(dir) = descartes_test_support::agent_clis::cli("claude").and_then(|p| p.parent().map(|d| d.to_owned()))
+    else {
+        return;
+    };
+    // The file Claude Code is asked to write, known once the project exists.
+    let target = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let asked = target.clone();
+    let env = Env::new(move |req: &RecordedRequest| {
+        if req.tool_names().is_empty() {
+            return Reply::Stream(anthropic::text(&["ok"]));
+        }
+        if req.has_tool_result() {
+            return Reply::Stream(anthropic::text(&["Done."]));
+        }
+        let path = asked.lock().unwrap().clone();
+        let input = json!({"file_path": path, "content": "[sandbox]\nmode = \"full-access\"\n"}).to_string();
+        Reply::Stream(anthropic::tool_uses(Some("Loosening the sandbox."), &[("toolu_01", "Write", &[&input])]))
+    });
+    env.init();
+    let config = env.project().join(".descartes/config.toml");
+    *target.lock().unwrap() = config.display().to_string();
+    let before = std::fs::read_to_string(&config).unwrap();
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = env
+        .cmd(&["run", "-p", "claude-code", "-y", "loosen the sandbox"])
+        .env("PATH", &path)
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before, "Claude Code wrote Descartes' config");
+    let events = env.events(env.runs()[0]["run_id"].as_str().unwrap());
+    let decision = events.iter().find(|e| e["type"] == "permission_decided").unwrap();
+    assert_eq!(decision["data"]["decision"], "deny", "{decision}");
+    assert_eq!(decision["data"]["actor"], "guardrail", "{decision}");
+    assert!(decision["data"]["rule"].as_str().unwrap().starts_with("guardrail:deny"), "{decision}");
+}

@@ -128,6 +128,10 @@ pub fn decide_gated(
             reason,
         })
     };
+    // Descartes' own files first: no policy file and no `-y` opens them.
+    if let Some(v) = policy.guardrail(q.tool, q.input, q.cwd) {
+        return (decided(Decision::Deny, &v.rule, "guardrail", v.reason), None);
+    }
     if let Some(g) = gate.and_then(|g| g.check(q.tool, q.input, q.cwd)) {
         let rule = format!("policy:{}", g.record.rule.as_deref().unwrap_or("default"));
         let reason = g.record.reason.clone();

@@ -207,6 +207,10 @@ impl PermissionRules {
 pub enum Source {
     User,
     Project,
+    /// Built in: Descartes' own files (state, config, policy, git control files) are never
+    /// written by a tool. These rules come before every configured rule, whatever its
+    /// specificity, and `-y` does not answer their denials.
+    Guardrail,
 }
 
 impl Source {
@@ -214,6 +218,7 @@ impl Source {
         match self {
             Source::User => "user",
             Source::Project => "project",
+            Source::Guardrail => "guardrail",
         }
     }
 }
@@ -287,10 +292,32 @@ impl Rule {
         name
     }
 
-    /// Orders rules by precedence: the first of two is the one that wins.
+    /// The verdict of this rule on a call of `tool` it matches.
+    fn verdict(&self, tool: &str) -> Verdict {
+        let what = match (&self.spec.pattern, arg_kind(tool)) {
+            (Some(p), Some(ArgKind::Command)) => format!("the command matches {p:?}"),
+            (Some(p), Some(ArgKind::Path)) => format!("the path matches {p:?}"),
+            (Some(p), Some(ArgKind::Host)) => format!("the host matches {p:?}"),
+            _ => format!("the tool matches `{}`", self.spec.tool),
+        };
+        let verb = match self.action {
+            Action::Allow => "allowed",
+            Action::Ask => "needs approval",
+            Action::Deny => "denied",
+        };
+        Verdict {
+            action: self.action,
+            rule: self.name(),
+            reason: format!("{verb} by the {} rule `{}`: {what}", self.source.as_str(), self.spec),
+        }
+    }
+
+    /// Orders rules by precedence: the first of two is the one that wins (guardrail rules
+    /// before all others, then the more specific).
     pub fn precedence(&self, other: &Rule) -> Ordering {
         let key = |r: &Rule| {
             (
+                r.source == Source::Guardrail,
                 r.arg.is_some(),
                 r.arg.as_ref().map_or(0, |a| a.literal),
                 r.arg.as_ref().is_some_and(|a| a.exact),
@@ -473,30 +500,33 @@ impl Policy {
         Self { rules }
     }
 
+    /// A denial by a guardrail rule (Descartes' protected files), checked before every other
+    /// policy, the project's YAML policy included; `-y` does not answer it. The most specific
+    /// guardrail rule that matches decides: an `allow` there (a worktree beneath the state
+    /// directory) only means "no guardrail objection".
+    pub fn guardrail(&self, tool: &str, input: &Value, cwd: &Path) -> Option<Verdict> {
+        let rule =
+            self.rules.iter().take_while(|r| r.source == Source::Guardrail).find(|r| r.matches(tool, input, cwd))?;
+        (rule.action == Action::Deny).then(|| rule.verdict(tool))
+    }
+
+    /// Adds rules (e.g. the guardrail's) to the policy, keeping the precedence order.
+    pub fn with_rules(self, more: Vec<Rule>) -> Self {
+        Self::from_rules(self.rules.into_iter().chain(more).collect())
+    }
+
     /// The configured rules, in precedence order (the first that matches decides).
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
 
     /// What the policy says about a call.
+    /// The configured rules' verdict (guardrail rules aside: see [`Policy::guardrail`]).
     pub fn evaluate(&self, tool: &str, input: &Value, cwd: &Path, read_only: bool) -> Verdict {
-        if let Some(rule) = self.rules.iter().find(|r| r.matches(tool, input, cwd)) {
-            let what = match (&rule.spec.pattern, arg_kind(tool)) {
-                (Some(p), Some(ArgKind::Command)) => format!("the command matches {p:?}"),
-                (Some(p), Some(ArgKind::Path)) => format!("the path matches {p:?}"),
-                (Some(p), Some(ArgKind::Host)) => format!("the host matches {p:?}"),
-                _ => format!("the tool matches `{}`", rule.spec.tool),
-            };
-            let verb = match rule.action {
-                Action::Allow => "allowed",
-                Action::Ask => "needs approval",
-                Action::Deny => "denied",
-            };
-            return Verdict {
-                action: rule.action,
-                rule: rule.name(),
-                reason: format!("{verb} by the {} rule `{}`: {what}", rule.source.as_str(), rule.spec),
-            };
+        if let Some(rule) =
+            self.rules.iter().filter(|r| r.source != Source::Guardrail).find(|r| r.matches(tool, input, cwd))
+        {
+            return rule.verdict(tool);
         }
         if read_only {
             Verdict { action: Action::Allow, rule: BUILTIN_READ_ONLY.into(), reason: "read-only tool".into() }
@@ -722,6 +752,38 @@ mod tests {
                     prop_assert!(v.rule.starts_with("builtin:"));
                 }
             }
+        }
+    }
+    #[test]
+    fn guardrail_denials_come_before_every_rule_and_an_exception_allows_nothing_by_itself() {
+        let p = Policy::from_rules(vec![
+            rule(Action::Deny, Source::Guardrail, "{write_file,Write}(/work/p/.descartes)"),
+            rule(Action::Allow, Source::Guardrail, "{write_file,Write}(/work/p/.descartes/worktrees)"),
+            rule(Action::Allow, Source::User, "write_file(/work/p/.descartes/config.toml)"),
+            rule(Action::Allow, Source::Project, "Write"),
+        ]);
+        let cwd = Path::new(CWD);
+        let config = json!({"path": ".descartes/config.toml"});
+        let denied = p.guardrail("write_file", &config, cwd).unwrap();
+        assert_eq!(denied.action, Action::Deny);
+        assert!(denied.rule.starts_with("guardrail:deny"), "{}", denied.rule);
+        assert!(p.guardrail("Write", &json!({"file_path": "/work/p/.descartes/descartes.db"}), cwd).is_some());
+        // The worktree exception: no guardrail objection, and the configured rules decide.
+        let in_worktree = json!({"path": ".descartes/worktrees/t1/lib.rs"});
+        assert!(p.guardrail("write_file", &in_worktree, cwd).is_none());
+        assert_eq!(p.evaluate("write_file", &in_worktree, cwd, false).action, Action::Ask);
+        // Elsewhere, and for reads, the guardrail says nothing.
+        assert!(p.guardrail("write_file", &json!({"path": "src/a.rs"}), cwd).is_none());
+        assert!(p.guardrail("read_file", &config, cwd).is_none());
+        // The decision: denied before the user's more specific allow, whatever -y says.
+        let q =
+            crate::permission::Question { call_id: None, tool: "write_file", input: &config, read_only: false, cwd };
+        match crate::permission::decide(&p, &q, &Default::default(), true) {
+            crate::permission::Step::Decided(d) => {
+                assert_eq!(d.decision, descartes_protocol::Decision::Deny);
+                assert_eq!(d.actor, "guardrail");
+            }
+            _ => panic!("the guardrail asked"),
         }
     }
 }

@@ -15,6 +15,10 @@ use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError, PROVIDER_ALIAS
 use crate::locks::RunLock;
 use crate::places::Places;
 
+/// The tools the guardrail rules cover: every tool that writes its path, Descartes' and the
+/// agent CLIs' (their permission requests pass the same decision).
+const GUARDED_TOOLS: &str = "{write_file,edit_file,Write,Edit,MultiEdit,NotebookEdit}";
+
 /// Reads an environment variable.
 pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -507,6 +511,33 @@ impl Runtime {
             absolute.extend(descartes_tools::PROTECTED_NAMES.iter().map(|n| root.join(n)));
         }
         Protected { absolute, writable_within: vec![state.join("worktrees")], disabled: false }
+    }
+
+    /// The permission rules of a run: the `[permissions]` of the config files, and the
+    /// guardrail rules that deny every file-writing tool (Descartes' and the agent CLIs':
+    /// `Write`, `Edit`, ...) the protected paths, before any other policy decides.
+    pub fn permission_policy(&self) -> Result<descartes_core::policy::Policy, descartes_core::policy::RuleError> {
+        use descartes_core::policy::{Action, Rule, RuleSpec, Source};
+        let policy = self.config.policy(self.places.user_config.as_deref())?;
+        let protected = self.protected();
+        if protected.disabled {
+            return Ok(policy);
+        }
+        let rule = |action: Action, path: String| {
+            let spec = RuleSpec { tool: GUARDED_TOOLS.to_owned(), pattern: Some(path) };
+            Rule::new(action, Source::Guardrail, spec)
+        };
+        let mut rules = Vec::new();
+        for p in &protected.absolute {
+            rules.push(rule(Action::Deny, p.display().to_string())?);
+        }
+        for name in descartes_tools::PROTECTED_NAMES {
+            rules.push(rule(Action::Deny, (*name).to_owned())?);
+        }
+        for p in &protected.writable_within {
+            rules.push(rule(Action::Allow, p.display().to_string())?);
+        }
+        Ok(policy.with_rules(rules))
     }
 
     /// The environment policy of commands: `[shell]`, with every provider's key and base-URL
