@@ -29,7 +29,9 @@ use crate::task_cmd::parse_ttl;
 const DETACHED_ENV: &str = "DESCARTES_DAEMON_DETACHED";
 /// The command run for each task when `--command` is not given: the agent, on the task's
 /// prompt (or title). Risky actions are not auto-approved (no terminal: they are denied).
-const DEFAULT_COMMAND: &str = r#"exec "$DESCARTES_BIN" run -- "${DESCARTES_TASK_PROMPT:-$DESCARTES_TASK_TITLE}""#;
+/// `DESCARTES_SANDBOX` is set by the daemon only when it was started with `--sandbox MODE`, so
+/// the task's run gets the same flag.
+const DEFAULT_COMMAND: &str = r#"exec "$DESCARTES_BIN" ${DESCARTES_SANDBOX:+--sandbox "$DESCARTES_SANDBOX"} run -- "${DESCARTES_TASK_PROMPT:-$DESCARTES_TASK_TITLE}""#;
 /// How long `daemon start` waits for the daemon's control socket to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -261,6 +263,9 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
         // variables that the environment policy keeps from other commands.
         for (k, v) in descartes_runtime::provider_env(&rt) {
             command = command.with_env(k, v);
+        }
+        if let Some(mode) = rt.sandbox_flag {
+            command = command.with_env("DESCARTES_SANDBOX", mode.as_str());
         }
     }
     // Tasks routed to registered agents run on them; the others run the daemon's command.

@@ -118,7 +118,8 @@ enum Command {
         #[command(subcommand)]
         command: policy_cmd::PolicyCommand,
     },
-    /// The tamper-evident trail of a task (`audit TASK`), and its check (`audit verify`).
+    /// The tamper-evident trail of a task (`audit TASK`), and the check of the whole log, every
+    /// stream's trail included (`audit verify`).
     Audit(audit_cmd::AuditArgs),
     /// MCP servers whose tools runs get (`mcp add|list|remove`).
     Mcp {

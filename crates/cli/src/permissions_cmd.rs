@@ -46,6 +46,24 @@ pub fn run(rt: &Runtime, json: bool) -> Result<u8> {
         writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(0);
     }
+    // The guardrail's rules, one line: which paths no tool writes, and the exceptions.
+    let guardrail: Vec<&Rule> =
+        policy.rules().iter().filter(|r| r.source == descartes_core::policy::Source::Guardrail).collect();
+    let paths = |action: Action| {
+        let mut list: Vec<String> =
+            guardrail.iter().filter(|r| r.action == action).filter_map(|r| r.spec.pattern.clone()).collect();
+        list.sort();
+        list.join(", ")
+    };
+    if !guardrail.is_empty() {
+        writeln!(
+            out,
+            "Guardrail (first, final even with -y): no tool writes Descartes' own files: {}; except beneath {}.\n",
+            paths(Action::Deny),
+            paths(Action::Allow)
+        )?;
+    }
+    rows.retain(|r| r["source"] != "guardrail");
     writeln!(out, "Permission rules in precedence order (the first that matches a call decides):")?;
     let width = rows.iter().filter_map(|r| r["rule"].as_str()).map(|r| r.chars().count()).max().unwrap_or(0);
     for (i, r) in rows.iter().enumerate() {

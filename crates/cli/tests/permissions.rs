@@ -118,7 +118,16 @@ fn permissions_lists_the_effective_rules_in_precedence_order() {
     let out = env.run(&["permissions", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<(&str, &str, &str)> = rows
+    // The guardrail's rules come first: no tool writes Descartes' own files.
+    let guardrail = rows.iter().take_while(|r| r["source"] == "guardrail").count();
+    assert!(guardrail >= 8, "{rows:#?}");
+    let config = env.project().join(".descartes/config.toml").display().to_string();
+    assert!(
+        rows[..guardrail]
+            .iter()
+            .any(|r| r["action"] == "deny" && r["rule"].as_str().unwrap().ends_with(&format!("({config})")))
+    );
+    let got: Vec<(&str, &str, &str)> = rows[guardrail..]
         .iter()
         .map(|r| (r["action"].as_str().unwrap(), r["rule"].as_str().unwrap(), r["source"].as_str().unwrap()))
         .collect();
@@ -134,6 +143,7 @@ fn permissions_lists_the_effective_rules_in_precedence_order() {
             ("ask", "every other call", "builtin"),
         ]
     );
+    let rows = &rows[guardrail..];
     assert!(rows[0]["file"].as_str().unwrap().ends_with(".descartes/config.toml"), "{rows:?}");
     assert!(rows[2]["file"].as_str().unwrap().ends_with("home/config.toml"), "{rows:?}");
     assert_eq!(rows[2]["name"], "user:deny shell \"rm *\"");
@@ -141,7 +151,8 @@ fn permissions_lists_the_effective_rules_in_precedence_order() {
     let out = env.run(&["permissions"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    let first = text.lines().nth(1).unwrap();
+    assert!(text.starts_with("Guardrail (first, final even with -y)") && text.contains(&config), "{text}");
+    let first = text.lines().skip_while(|l| !l.starts_with("Permission rules")).nth(1).unwrap();
     assert!(first.contains("ask") && first.contains("shell(git push*)") && first.contains("project"), "{text}");
     assert!(text.contains("never overrides a deny"), "{text}");
 }

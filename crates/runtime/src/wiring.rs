@@ -505,12 +505,27 @@ impl Runtime {
         let mut absolute = vec![state.clone(), state.join("worktrees").join(".meta")];
         absolute.extend(self.places.user_config.iter().cloned());
         absolute.extend(self.places.user_config.as_ref().and_then(|u| u.parent()).map(|d| d.join("policy.yaml")));
-        absolute.extend(self.places.user_config.as_ref().and_then(|u| u.parent()).map(|d| d.join("policies")));
         absolute.extend(self.places.project_config.iter().cloned());
         if let crate::Mode::Project { root } = &self.places.mode {
             absolute.extend(descartes_tools::PROTECTED_NAMES.iter().map(|n| root.join(n)));
         }
         Protected { absolute, writable_within: vec![state.join("worktrees")], disabled: false }
+    }
+
+    /// The variables that carry provider secrets: every provider's key and base-URL variable
+    /// (built in and configured) and the database URL.
+    pub fn provider_variables(&self) -> Vec<String> {
+        let mut names: Vec<String> = BUILTIN_PROVIDERS
+            .iter()
+            .flat_map(|b| [b.key_env, b.base_env])
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .collect();
+        names.extend(self.config.providers.values().filter_map(|p| p.api_key_env.clone()));
+        names.push("DESCARTES_DATABASE_URL".into());
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The permission rules of a run: the `[permissions]` of the config files, and the
@@ -543,15 +558,7 @@ impl Runtime {
     /// The environment policy of commands: `[shell]`, with every provider's key and base-URL
     /// variables (and those configured) excluded.
     pub fn shell_env(&self) -> ShellEnv {
-        let mut secret_vars: Vec<String> = BUILTIN_PROVIDERS
-            .iter()
-            .flat_map(|b| [b.key_env, b.base_env])
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-            .collect();
-        secret_vars.extend(self.config.providers.values().filter_map(|p| p.api_key_env.clone()));
-        secret_vars.push("DESCARTES_DATABASE_URL".into());
-        ShellEnv::new(&self.config.shell, &secret_vars).unwrap_or_else(|e| {
+        ShellEnv::new(&self.config.shell, &self.provider_variables()).unwrap_or_else(|e| {
             tracing::warn!("[shell] {e}; commands get no environment variables");
             ShellEnv::new(
                 &descartes_tools::EnvPolicy { env: descartes_tools::EnvInherit::None, ..Default::default() },
@@ -690,17 +697,7 @@ fn redacting(store: Arc<dyn EventStore>) -> Arc<dyn EventStore> {
 /// The provider variables (keys, base URLs, the database URL) set in the runtime's environment:
 /// what a child `descartes` needs and the environment policy keeps from other commands.
 pub fn provider_env(rt: &Runtime) -> Vec<(String, String)> {
-    let mut names: Vec<String> = BUILTIN_PROVIDERS
-        .iter()
-        .flat_map(|b| [b.key_env, b.base_env])
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-        .collect();
-    names.extend(rt.config.providers.values().filter_map(|p| p.api_key_env.clone()));
-    names.push("DESCARTES_DATABASE_URL".into());
-    names.sort();
-    names.dedup();
-    names.into_iter().filter_map(|n| rt.env(&n).map(|v| (n, v))).collect()
+    rt.provider_variables().into_iter().filter_map(|n| rt.env(&n).map(|v| (n, v))).collect()
 }
 
 /// The path of a program on `PATH` (or the path itself when it contains a `/`).
