@@ -31,8 +31,8 @@ pub struct ChatArgs {
     /// Allow every permission ask (shell, write_file) in this session.
     #[arg(short = 'y', long)]
     pub yes: bool,
-    /// Most model calls in one turn.
-    #[arg(long)]
+    /// Most model calls in one turn (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_turns: Option<u32>,
     /// A rules file for this session only (repeatable), read after the global and project ones.
     #[arg(long = "rules", value_name = "FILE")]

@@ -66,6 +66,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | RuntimeError::MissingApiKey { .. }
             | RuntimeError::Provider(_) => 3,
             RuntimeError::Store(_) => 4,
+            RuntimeError::EmptyRunId => 2,
             RuntimeError::RunNotFound(_) | RuntimeError::AmbiguousRun { .. } => 5,
             RuntimeError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => 5,
             RuntimeError::Io(_) => 1,
@@ -94,6 +95,12 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         if let Command::Init = cli.command {
             init_tracing(LogFormat::Human, None);
             return init(cwd);
+        }
+        if let Some(stray) = descartes_runtime::places::stray_state_file(&cwd) {
+            eprintln!(
+                "descartes: warning: {} is not a directory, so it is not a project: working in direct mode",
+                stray.display()
+            );
         }
         let mut rt = Runtime::load(cwd)?;
         if let Some(mode) = cli.sandbox {
@@ -395,6 +402,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     }
     let stores = rt.open_stores().await?;
     let store = stores.events.clone();
+    rt.sweep_completed(&*store).await;
     let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
     let settings = RunSettings {
         provider: args.model.provider.clone(),

@@ -176,8 +176,8 @@ struct ModelArgs {
     /// Print the run's events as JSON lines instead of the answer.
     #[arg(long)]
     json: bool,
-    /// Most model calls in the run.
-    #[arg(long)]
+    /// Most model calls in the run (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_turns: Option<u32>,
 }
 

@@ -23,6 +23,14 @@ fn dim(s: &str) -> String {
 pub struct HumanSink {
     mid_line: AtomicBool,
     out: Mutex<()>,
+    /// Whether stdout is a terminal: the answer streams there as it comes; into a pipe or a
+    /// file each model call's text is written only once the call succeeded, so a failed and
+    /// retried call leaves no partial copy.
+    live: bool,
+    /// The current call's text not yet written (pipes and files).
+    held: Mutex<String>,
+    /// Whether the current call has streamed text to the terminal.
+    streamed: AtomicBool,
     /// Tool calls whose start was shown and whose result is still to come (several when the
     /// model's read-only calls run in parallel), with their one-line summaries.
     /// The flag marks a call that ran beside others.
@@ -31,7 +39,22 @@ pub struct HumanSink {
 
 impl HumanSink {
     pub fn new() -> Self {
-        Self { mid_line: AtomicBool::new(false), out: Mutex::new(()), pending_calls: Mutex::new(Vec::new()) }
+        Self {
+            mid_line: AtomicBool::new(false),
+            out: Mutex::new(()),
+            live: std::io::stdout().is_terminal(),
+            held: Mutex::new(String::new()),
+            streamed: AtomicBool::new(false),
+            pending_calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn write_answer(&self, text: &str) {
+        let _guard = self.out.lock();
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(redact(text).as_bytes());
+        let _ = out.flush();
+        self.mid_line.store(!text.ends_with('\n'), Ordering::SeqCst);
     }
 
     /// Ends the answer's last line, so diagnostics start on their own line.
@@ -49,11 +72,25 @@ impl OutputSink for HumanSink {
         if text.is_empty() {
             return;
         }
-        let _guard = self.out.lock();
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(redact(text).as_bytes());
-        let _ = out.flush();
-        self.mid_line.store(!text.ends_with('\n'), Ordering::SeqCst);
+        if self.live {
+            self.streamed.store(true, Ordering::SeqCst);
+            self.write_answer(text);
+        } else if let Ok(mut held) = self.held.lock() {
+            held.push_str(text);
+        }
+    }
+
+    fn attempt_ended(&self, kept: bool) {
+        let held = self.held.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+        let streamed = self.streamed.swap(false, Ordering::SeqCst);
+        if kept {
+            if !held.is_empty() {
+                self.write_answer(&held);
+            }
+        } else if streamed {
+            self.end_line();
+            eprintln!("{}", dim("(the answer above was cut off and is discarded)"));
+        }
     }
 
     fn event(&self, event: &Event) {

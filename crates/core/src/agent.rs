@@ -40,6 +40,10 @@ use crate::{CoreError, Result};
 pub trait OutputSink: Send + Sync {
     /// A piece of the model's answer, as it streams.
     fn text_delta(&self, _text: &str) {}
+    /// The model call whose text was streamed since the last call of this method ended:
+    /// `kept` when it succeeded, else its partial text is to be discarded (the call is retried,
+    /// continued elsewhere or the run fails).
+    fn attempt_ended(&self, _kept: bool) {}
     /// An event, once it is in the log.
     fn event(&self, _event: &Event) {}
     /// A diagnostic for the user (permission denied, a call re-run on resume, ...).
@@ -258,6 +262,7 @@ impl Agent {
                 _ = self.cancel.cancelled() => Err(ProviderError::Cancelled),
                 r = self.stream_model(entry.provider.as_ref(), request) => r,
             };
+            self.sink.attempt_ended(result.is_ok());
             let e = match result {
                 Ok(assembled) => {
                     r.breakers.record(&name, true, r.clock.now());
@@ -469,7 +474,7 @@ impl Agent {
     ) -> Result<Option<ReadyCall>> {
         let Some(tool) = self.tools.get(&name) else {
             let output = format!("unknown tool `{name}`; available tools: {}", self.tools.names().join(", "));
-            self.complete_tool(st, ob, &id, &name, ToolOutput::error(output), 0, false);
+            self.settle_unrun(st, ob, &id, &name, &input, output);
             return Ok(None);
         };
         let ctx = ToolContext {
@@ -516,7 +521,7 @@ impl Agent {
             && let Err(message) = self.tools.validate(&name, &input)
         {
             self.tools.record(&name, false, std::time::Duration::ZERO);
-            self.complete_tool(st, ob, &id, &name, ToolOutput::error(message), 0, false);
+            self.settle_unrun(st, ob, &id, &name, &input, message);
             return Ok(None);
         }
         let decision = match record.permission {
@@ -535,8 +540,8 @@ impl Agent {
             return Ok(None);
         }
         if let Value::String(raw) = &input {
-            let output = ToolOutput::error(format!("the arguments are not valid JSON: {raw}"));
-            self.complete_tool(st, ob, &id, &name, output, 0, false);
+            let output = format!("the arguments are not valid JSON: {raw}");
+            self.settle_unrun(st, ob, &id, &name, &input, output);
             return Ok(None);
         }
         Ok(Some(ReadyCall { id, name, input, tool, ctx, fresh: true }))
@@ -580,6 +585,25 @@ impl Agent {
             self.commit(st, ob).await?;
         }
         Ok(())
+    }
+
+    /// Settles a call the model made that cannot run (an unknown tool, arguments that fail
+    /// the tool's schema or are not JSON): its start, with the arguments as given, and its
+    /// error, in one commit, so the log pairs them as for every call that was attempted. (A
+    /// call the policy denies has its `permission_decided` instead of a start.)
+    fn settle_unrun(&self, st: &mut RunState, ob: &mut Outbox, id: &str, name: &str, input: &Value, error: String) {
+        self.push(
+            st,
+            ob,
+            ToolCallStarted {
+                call_id: id.to_owned(),
+                tool: name.to_owned(),
+                input: input.clone(),
+                idempotent: true,
+                executed_by: None,
+            },
+        );
+        self.complete_tool(st, ob, id, name, ToolOutput::error(error), 0, false);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -473,6 +473,9 @@ impl ExternalAgent {
                     }
                 }
                 inv.streamed = false;
+                // The CLI's message is final: its text is kept (a sink that holds text back
+                // writes it now).
+                self.sink.attempt_ended(true);
                 let call_id = RunId::generate().0;
                 let usage = usage.unwrap_or_default();
                 inv.usage.add(&usage);
@@ -615,6 +618,7 @@ impl ExternalAgent {
                 }
                 let turns = st.turns;
                 let usage = st.usage;
+                self.sink.attempt_ended(true);
                 self.push(st, ob, RunCompleted { result: result.clone(), turns, usage });
                 self.commit(st, ob).await?;
                 return Ok(Step::Done(ExternalOutcome::Completed { result }));
@@ -750,6 +754,8 @@ impl ExternalAgent {
         kind: &str,
         retryable: bool,
     ) -> Result<ExternalOutcome> {
+        // What the CLI said before failing stays said.
+        self.sink.attempt_ended(true);
         self.push(st, ob, RunFailed { error: error.clone(), kind: kind.to_owned(), retryable });
         self.commit(st, ob).await?;
         Ok(ExternalOutcome::Failed { error, kind: kind.to_owned() })

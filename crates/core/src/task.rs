@@ -31,10 +31,9 @@ pub enum TaskError {
     #[error("no task with id {0}; `descartes task list` shows the tasks")]
     NotFound(String),
     /// The token is not the task's current lease (another worker took it over, or it was
-    /// released). Not retryable: the caller lost the task.
-    #[error(
-        "stale fencing token {given} for task {id} (current token: {current}); this worker no longer holds the task"
-    )]
+    /// released). Not retryable: the caller lost the task. `current` says what holds the task
+    /// now, never the live token.
+    #[error("stale fencing token {given} for task {id} ({current}); this worker no longer holds the task")]
     StaleToken { id: String, given: i64, current: String },
     /// The lease ran out before this write. Not retryable.
     #[error("the lease of task {id} expired at {expired_at}; the task may be claimed by another worker")]
@@ -405,7 +404,7 @@ fn check_lease(task: &Task, token: i64, now: Timestamp, action: &'static str) ->
         return Err(TaskError::StaleToken {
             id: task.id.clone(),
             given: token,
-            current: "none, its lease ended and it is queued again".into(),
+            current: "its lease ended and it is queued again".into(),
         });
     }
     if !task.status.is_leased() {
@@ -415,7 +414,12 @@ fn check_lease(task: &Task, token: i64, now: Timestamp, action: &'static str) ->
         return Err(TaskError::StaleToken {
             id: task.id.clone(),
             given: token,
-            current: task.token.map(|t| t.to_string()).unwrap_or_else(|| "none".into()),
+            // Never the live token itself: whoever reads this error could then write with it.
+            current: if task.token.is_some() {
+                "another lease holds it now".into()
+            } else {
+                "no lease holds it".into()
+            },
         });
     }
     if let Some(exp) = task.lease_expires_at

@@ -21,7 +21,8 @@ pub struct Config {
     /// The model used when `-m` is not given and the provider has no `model` of its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Most model calls in one run.
+    /// Most model calls in one run (at least 1).
+    #[serde(deserialize_with = "at_least_one")]
     pub max_turns: u32,
     /// The system prompt given to the model.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -66,6 +67,12 @@ pub struct Config {
     /// Settings of project files that were not honoured because they loosen a guardrail.
     #[serde(skip)]
     pub ignored: Vec<String>,
+}
+
+/// A count that must be at least 1 (`max_turns = 0` would still make calls).
+fn at_least_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = u32::deserialize(d)?;
+    if n == 0 { Err(serde::de::Error::custom("must be at least 1")) } else { Ok(n) }
 }
 
 /// Retries, parking and circuit breakers of model calls.
@@ -271,6 +278,9 @@ pub enum ConfigError {
     /// A file is not valid TOML or has an unknown key or a wrong type.
     #[error("{file}:{line}:{column}: {message}")]
     File { file: PathBuf, line: usize, column: usize, message: String },
+    /// Several problems in one file (every unknown key), in order.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<ConfigError>),
     #[error("cannot read {file}: {message}")]
     Read { file: PathBuf, message: String },
     /// An environment variable has an invalid value.
@@ -374,9 +384,35 @@ pub fn parse_str(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
         ConfigError::File { file: path.to_owned(), line, column, message: e.message().trim().to_owned() }
     };
     let table: toml::Table = toml::from_str(text).map_err(located)?;
-    // Check keys and types against the schema, with positions.
-    let _: Config = toml::from_str(text).map_err(located)?;
-    Ok(table)
+    // Check keys and types against the schema, with positions. Serde stops at the first
+    // unknown key: each one found is commented out of a working copy and the check runs again,
+    // so every unknown key is reported at once (other errors, and an unknown table, whose keys
+    // would then seem to belong to the table before it, stop the search).
+    let mut errors = Vec::new();
+    let mut working = text.to_owned();
+    loop {
+        let Err(e) = toml::from_str::<Config>(&working) else { break };
+        let unknown = e.message().starts_with("unknown field");
+        let line_start = e.span().map(|s| working[..s.start.min(working.len())].rfind('\n').map_or(0, |i| i + 1));
+        errors.push(located(e));
+        match line_start {
+            // The line's first character becomes `#`: offsets (so positions) stay those of
+            // the user's file.
+            Some(at)
+                if unknown
+                    && errors.len() < 50
+                    && working[at..].starts_with(|c: char| c.is_ascii() && c != '#' && c != '[') =>
+            {
+                working.replace_range(at..at + 1, "#")
+            }
+            _ => break,
+        }
+    }
+    match errors.len() {
+        0 => Ok(table),
+        1 => Err(errors.remove(0)),
+        _ => Err(ConfigError::Many(errors)),
+    }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -507,9 +543,9 @@ fn apply_env(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Resul
         config.model = Some(m);
     }
     if let Some(t) = get("DESCARTES_MAX_TURNS") {
-        config.max_turns = t.parse().map_err(|_| ConfigError::Env {
+        config.max_turns = t.parse().ok().filter(|n| *n > 0).ok_or_else(|| ConfigError::Env {
             var: "DESCARTES_MAX_TURNS".into(),
-            message: format!("expected a whole number, got {t:?}"),
+            message: format!("expected a whole number of at least 1, got {t:?}"),
         })?;
     }
     if let Some(f) = get("DESCARTES_LOG_FORMAT") {
@@ -670,6 +706,19 @@ mod tests {
         assert!(err.starts_with("c.toml:2:"), "{err}");
         let err = parse_str(Path::new("c.toml"), "a = \n").unwrap_err().to_string();
         assert!(err.starts_with("c.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_and_max_turns_zero_is_refused() {
+        let err = parse_str(Path::new("c.toml"), "colour = 1\nmax_turns = 3\n[retry]\nmax_retrys = 2\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("c.toml:1:1: unknown field `colour`"), "{text}");
+        assert!(text.contains("c.toml:4:1: unknown field `max_retrys`"), "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let err = parse_str(Path::new("c.toml"), "\nmax_turns = 0\n").unwrap_err().to_string();
+        assert!(err.starts_with("c.toml:2:") && err.contains("at least 1"), "{err}");
+        let err = load(&[], None, &|k| (k == "DESCARTES_MAX_TURNS").then(|| "0".to_owned())).unwrap_err();
+        assert!(err.to_string().contains("at least 1"), "{err}");
     }
 
     #[test]

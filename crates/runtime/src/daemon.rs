@@ -51,7 +51,7 @@ pub enum DaemonError {
     )]
     SocketPath(PathBuf),
     /// A file of the daemon could not be made or read. Retryable only if the cause goes away.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

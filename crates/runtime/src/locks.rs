@@ -26,10 +26,15 @@ impl RunLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
+                // The holder writes its pid just after taking the lock: it may not be there yet.
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let pid = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                };
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::WouldBlock,
-                    format!("run {run_id} is running in another process (pid {})", holder.trim()),
+                    format!("run {run_id} is running in another process{pid}"),
                 ));
             }
             Err(TryLockError::Error(e)) => return Err(e),
@@ -56,6 +61,18 @@ impl RunLock {
 mod tests {
     use super::*;
 
+    /// The error and its sources joined with ": ", as `anyhow`'s `{:#}` prints them.
+    fn anyhow_like(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            source = s.source();
+        }
+        out
+    }
+
     #[test]
     fn lock_is_exclusive_and_visible() {
         let dir = tempfile::tempdir().unwrap();
@@ -63,7 +80,14 @@ mod tests {
         let lock = RunLock::acquire(dir.path(), "r1").unwrap();
         assert!(RunLock::is_held(dir.path(), "r1"));
         let err = RunLock::acquire(dir.path(), "r1").unwrap_err();
-        assert!(err.to_string().contains(&std::process::id().to_string()), "{err}");
+        assert!(err.to_string().contains(&format!("(pid {})", std::process::id())), "{err}");
+        // A holder that has not written its pid yet: no empty `(pid )`.
+        std::fs::write(dir.path().join("r1.lock"), "").unwrap();
+        let err = RunLock::acquire(dir.path(), "r1").unwrap_err().to_string();
+        assert_eq!(err, "run r1 is running in another process");
+        // Through the runtime's error, the message is said once.
+        let err = crate::RuntimeError::from(RunLock::acquire(dir.path(), "r1").unwrap_err());
+        assert_eq!(format!("{:#}", anyhow_like(&err)), "run r1 is running in another process");
         lock.release();
         assert!(!RunLock::is_held(dir.path(), "r1"));
     }

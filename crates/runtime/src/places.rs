@@ -90,6 +90,20 @@ impl Places {
     }
 }
 
+/// A `.descartes` that is not a directory, nearer to `start` than the project found (if any):
+/// the user probably meant a project there, so commands say why they do not use it.
+pub fn stray_state_file(start: &Path) -> Option<PathBuf> {
+    for dir in start.ancestors() {
+        let candidate = dir.join(PROJECT_DIR);
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_dir() => return None,
+            Ok(_) => return Some(candidate),
+            Err(_) => {}
+        }
+    }
+    None
+}
+
 /// The nearest ancestor of `start` (itself included) that holds a `.descartes` directory.
 pub fn find_project(start: &Path) -> Option<PathBuf> {
     start.ancestors().find(|dir| dir.join(PROJECT_DIR).is_dir()).map(Path::to_owned)
@@ -108,6 +122,17 @@ mod tests {
         let p = Places::discover(&deep, &|_| None);
         assert_eq!(p.mode, Mode::Project { root: dir.path().to_owned() });
         assert_eq!(p.db_path, dir.path().join(".descartes/descartes.db"));
+    }
+
+    #[test]
+    fn a_file_named_like_the_state_directory_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".descartes")).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        assert_eq!(stray_state_file(&sub), None);
+        std::fs::write(sub.join(".descartes"), "").unwrap();
+        assert_eq!(stray_state_file(&sub), Some(sub.join(".descartes")));
     }
 
     #[test]

@@ -42,9 +42,11 @@ pub enum RuntimeError {
     Provider(#[from] descartes_core::ProviderError),
     #[error("no run matches `{0}`; `descartes list` shows the runs")]
     RunNotFound(String),
+    #[error("the run id is empty; give a run id or a unique prefix of one (`descartes list` shows the runs)")]
+    EmptyRunId,
     #[error("`{prefix}` matches several runs ({candidates}); give more of the id")]
     AmbiguousRun { prefix: String, candidates: String },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -603,6 +605,10 @@ impl Runtime {
 
     /// Resolves a full or abbreviated run id.
     pub async fn resolve_run(&self, store: &dyn EventStore, prefix: &str) -> Result<RunId, RuntimeError> {
+        if prefix.trim().is_empty() {
+            // An empty prefix would match every run, and pick the only one.
+            return Err(RuntimeError::EmptyRunId);
+        }
         let mut found = store.find_runs(prefix).await?;
         if let Some(exact) = found.iter().find(|r| r.as_str() == prefix) {
             return Ok(exact.clone());
@@ -636,6 +642,15 @@ impl Runtime {
     /// Returns the places and whether the project existed before.
     pub fn init_project(dir: &std::path::Path) -> Result<(Places, bool), RuntimeError> {
         let places = Places::project_in(dir, None);
+        if places.state_dir.exists() && !places.state_dir.is_dir() {
+            return Err(RuntimeError::Io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a directory; move it away, then run `descartes init` again",
+                    places.state_dir.display()
+                ),
+            )));
+        }
         let existed = places.state_dir.is_dir();
         std::fs::create_dir_all(&places.state_dir)?;
         let config_path = places.state_dir.join("config.toml");
@@ -653,6 +668,36 @@ impl Runtime {
     /// Removes a finished run's tool spools (its results are all in the log by then).
     pub fn clean_spool(&self, run_id: &RunId) {
         let _ = std::fs::remove_dir_all(self.places.spool_dir().join(run_id.as_str()));
+    }
+
+    /// Removes the spools and lock files left by runs that completed but whose process died
+    /// before cleaning up (killed just after `run_completed`). Returns how many runs it swept.
+    pub async fn sweep_completed(&self, store: &dyn EventStore) -> usize {
+        let names = |dir: PathBuf, suffix: &'static str| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(move |e| e.file_name().to_str().and_then(|n| n.strip_suffix(suffix)).map(str::to_owned))
+                .collect::<Vec<_>>()
+        };
+        let mut left: Vec<String> = names(self.places.locks_dir(), ".lock");
+        left.extend(names(self.places.spool_dir(), ""));
+        left.retain(|n| !n.starts_with('.'));
+        if left.is_empty() {
+            return 0;
+        }
+        let Ok(runs) = store.list_runs().await else { return 0 };
+        let mut swept = 0;
+        for run in runs.iter().filter(|r| r.status == "completed" && left.iter().any(|n| n == r.run_id.as_str())) {
+            if RunLock::is_held(&self.places.locks_dir(), run.run_id.as_str()) {
+                continue;
+            }
+            self.clean_spool(&run.run_id);
+            let _ = std::fs::remove_file(self.places.locks_dir().join(format!("{}.lock", run.run_id)));
+            swept += 1;
+        }
+        swept
     }
 }
 

@@ -141,7 +141,13 @@ async fn leases_expire_and_stale_tokens_are_refused(s: &Stores) {
     assert!(second.token > first.token, "fencing tokens increase");
     assert_eq!(second.task.attempts, 2);
     match s.tasks.complete(&t.id, first.token, None).await {
-        Err(TaskError::StaleToken { given, .. }) => assert_eq!(given, first.token),
+        Err(e @ TaskError::StaleToken { given, .. }) => {
+            assert_eq!(given, first.token);
+            // The live token is never told: whoever reads the error could write with it.
+            let text = e.to_string();
+            assert!(!text.contains("current token"), "{text}");
+            assert!(text.contains("another lease holds it"), "{text}");
+        }
         other => panic!("stale token accepted: {other:?}"),
     }
     assert!(matches!(s.tasks.heartbeat(&t.id, first.token, TTL).await, Err(TaskError::StaleToken { .. })));
