@@ -150,7 +150,10 @@ fn a_run_cannot_change_the_guardrails_of_the_next_run() {
     for r in &results[..5] {
         assert_eq!(r["data"]["is_error"], true, "{r}");
     }
-    assert!(results[0]["data"]["output"].as_str().unwrap().contains("is protected"), "{}", results[0]);
+    // Refused by the guardrail before the tool runs (the tool would refuse it too), and recorded.
+    assert!(results[0]["data"]["output"].as_str().unwrap().contains("denied by the guardrail rule"), "{}", results[0]);
+    let guardrail = events.iter().filter(|e| e["type"] == "permission_decided" && e["data"]["actor"] == "guardrail");
+    assert_eq!(guardrail.count(), 2, "both write_file calls were denied by the guardrail");
     assert!(results[4]["data"]["output"].as_str().unwrap().contains("Read-only file system"), "{}", results[4]);
     assert_eq!(results[5]["data"]["details"]["sandbox"]["protected"], "read-only", "{}", results[5]);
 }

@@ -34,7 +34,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use control::{DaemonPaths, PidLock, bind_control, poke, request, serve_control, terminate};
+pub use control::{
+    ControlSocket, DaemonPaths, PidLock, TOKEN_FILE, bind_control, poke, request, serve_control, terminate,
+};
 pub use runner::{CommandRunner, Outcome, TaskRunner};
 
 /// Errors of starting and controlling a daemon.

@@ -511,7 +511,12 @@ impl Runtime {
         if let crate::Mode::Project { root } = &self.places.mode {
             absolute.extend(descartes_tools::PROTECTED_NAMES.iter().map(|n| root.join(n)));
         }
-        Protected { absolute, writable_within: vec![state.join("worktrees")], disabled: false }
+        Protected {
+            absolute,
+            writable_within: vec![state.join("worktrees")],
+            hidden: vec![state.join(crate::daemon::TOKEN_FILE)],
+            disabled: false,
+        }
     }
 
     /// The variables that carry provider secrets: every provider's key and base-URL variable

@@ -414,6 +414,23 @@ async fn the_control_socket_answers_status_wake_and_stop() {
     .await
     .unwrap();
     assert!(bad.unwrap_err().to_string().contains("unknown command"));
+    // Without the token (or with a wrong one), nothing is done: the daemon keeps running.
+    for line in [r#"{"cmd":"stop"}"#, r#"{"cmd":"stop","token":"0123456789abcdef0123456789abcdef"}"#] {
+        let sock = paths.socket.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            use std::io::{BufRead, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            writeln!(s, "{line}").unwrap();
+            let mut reply = String::new();
+            std::io::BufReader::new(s).read_line(&mut reply).unwrap();
+            reply
+        })
+        .await
+        .unwrap();
+        assert!(answer.contains("unauthenticated"), "{answer}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!h.is_stopping(), "an unauthenticated stop was obeyed");
     let sock = paths.socket.clone();
     tokio::task::spawn_blocking(move || request(&sock, &serde_json::json!({"cmd": "stop"}), Duration::from_secs(2)))
         .await

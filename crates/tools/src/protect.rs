@@ -27,6 +27,9 @@ pub struct Protected {
     /// Paths beneath protected ones that stay writable (each may itself contain protected
     /// paths: a worktree's `.ai` is protected again by [`PROTECTED_NAMES`]).
     pub writable_within: Vec<PathBuf>,
+    /// Files no sandboxed command may even read (the daemon's control token): the helper
+    /// mounts `/dev/null` over them.
+    pub hidden: Vec<PathBuf>,
     /// Nothing is protected: `full-access` chosen on the command line.
     pub disabled: bool,
 }
@@ -135,7 +138,7 @@ mod tests {
         let p = Protected {
             absolute: vec![state.clone(), state.join("worktrees/.meta"), PathBuf::from("/etc/descartes.toml")],
             writable_within: vec![state.join("worktrees")],
-            disabled: false,
+            ..Protected::default()
         };
         let roots = [root.as_path()];
         for bad in [
@@ -170,7 +173,7 @@ mod tests {
         let spool = state.join("spool/run/call");
         std::fs::create_dir_all(&spool).unwrap();
         std::fs::create_dir_all(root.join(".git/hooks")).unwrap();
-        let p = Protected { absolute: vec![state.clone()], writable_within: vec![], disabled: false };
+        let p = Protected { absolute: vec![state.clone()], ..Protected::default() };
         let (ro, again) = p.mounts(&[root.as_path()], &[root.as_path(), spool.as_path()]);
         assert!(ro.contains(&state) && ro.contains(&root.join(".git/hooks")), "{ro:?}");
         assert!(!ro.contains(&root.join(".ai")), "missing paths are not mounted: {ro:?}");

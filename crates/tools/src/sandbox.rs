@@ -63,7 +63,7 @@ pub const STATUS_FILE: &str = "sandbox";
 pub enum SandboxError {
     /// Bad arguments to the helper (a bug in the caller). Not retryable.
     #[error(
-        "{0}\nusage: descartes-sandbox [--mode MODE] [--write PATH]... [--readonly PATH]... [--writable-within PATH]... [--network] [--unix-sockets] [--require] [--status FILE] [--parent PID] (--probe | -- PROGRAM ARGS...)"
+        "{0}\nusage: descartes-sandbox [--mode MODE] [--write PATH]... [--readonly PATH]... [--writable-within PATH]... [--hide FILE]... [--network] [--unix-sockets] [--require] [--status FILE] [--parent PID] (--probe | -- PROGRAM ARGS...)"
     )]
     Usage(String),
     /// Landlock returned an error while building or applying the ruleset. Not retryable.
@@ -472,6 +472,11 @@ impl Sandbox {
         }
         for p in &again {
             command.arg("--writable-within").arg(p);
+        }
+        if !self.protected.disabled {
+            for p in self.protected.hidden.iter().filter(|p| p.is_file()) {
+                command.arg("--hide").arg(p);
+            }
         }
         command
             .arg("--parent")

@@ -263,11 +263,7 @@ async fn file_tools_refuse_protected_paths_with_a_clear_error() {
     write(&root, ".git/config", "[core]\n");
     write(&root, "src/a.txt", "hello\n");
     let limits = ToolLimits {
-        protected: descartes_tools::Protected {
-            absolute: vec![root.join(".descartes")],
-            writable_within: vec![],
-            disabled: false,
-        },
+        protected: descartes_tools::Protected { absolute: vec![root.join(".descartes")], ..Default::default() },
         ..ToolLimits::default()
     };
     let r = builtin_registry(&limits);

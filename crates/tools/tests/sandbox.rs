@@ -327,9 +327,11 @@ async fn protected_paths_are_read_only_for_commands_but_the_spool_beneath_them_i
     std::fs::write(state.join("config.toml"), "# mine\n").unwrap();
     std::fs::write(state.join("descartes.db"), "db").unwrap();
     std::fs::write(cwd.join(".git/config"), "[core]\n").unwrap();
+    std::fs::write(state.join("daemon.token"), "the-daemon-token").unwrap();
     let protected = Protected {
         absolute: vec![state.clone(), state.join("worktrees/.meta")],
         writable_within: vec![state.join("worktrees")],
+        hidden: vec![state.join("daemon.token")],
         disabled: false,
     };
     let sandbox = Arc::new(
@@ -359,6 +361,9 @@ async fn protected_paths_are_read_only_for_commands_but_the_spool_beneath_them_i
     assert!(!state.join("new-file").exists() && !cwd.join(".ai/policy.yaml").exists());
     assert!(!cwd.join(".git/hooks/pre-commit").exists());
     assert_eq!(std::fs::read_to_string(cwd.join(".git/config")).unwrap(), "[core]\n");
+    // The daemon's token cannot even be read.
+    let out = tool.call(json!({"command": "cat .descartes/daemon.token; echo read=$?"}), &ctx).await;
+    assert!(!out.content.contains("the-daemon-token"), "{}", out.content);
     // The rest of the workspace, the spool and the temporary directory are writable.
     let out = tool.call(json!({"command": "echo ok > src.txt && echo t > \"$TMPDIR/t\" && cat src.txt"}), &ctx).await;
     assert!(!out.is_error, "{}", out.content);

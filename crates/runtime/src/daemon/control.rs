@@ -6,7 +6,11 @@
 //! - `daemon.sock`: a Unix socket (mode 0600: only the user can connect) speaking JSON lines:
 //!   `{"cmd":"status"}` → a [`DaemonStatus`](super::DaemonStatus); `{"cmd":"stop"}` →
 //!   `{"ok":true}` and a graceful stop; `{"cmd":"wake"}` → `{"ok":true}` and idle workers look
-//!   for work at once.
+//!   for work at once. Clients authenticate: the peer must run as the daemon's user (checked
+//!   with `SO_PEERCRED`) and every request carries `"token"`, the content of `daemon.token`.
+//! - `daemon.token`: a random token (mode 0600), made anew when the daemon starts. Sandboxed
+//!   commands cannot use it: they may not open Unix sockets, and the file is hidden from them
+//!   (a protected path).
 //! - `daemon.log`: the daemon's log.
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -21,11 +25,35 @@ use tokio::net::UnixListener;
 
 use super::{DaemonError, DaemonHandle};
 
+/// The name of the control socket's token file, beside the socket.
+pub const TOKEN_FILE: &str = "daemon.token";
+
+/// A bound control socket and the token its clients must send.
+#[derive(Debug)]
+pub struct ControlSocket {
+    pub listener: UnixListener,
+    token: String,
+}
+
+/// A fresh random token (32 hex digits from the kernel's generator).
+fn new_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Equality that takes as long whatever the first difference.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Where a daemon's files are.
 #[derive(Debug, Clone)]
 pub struct DaemonPaths {
     pub pid: PathBuf,
     pub socket: PathBuf,
+    pub token: PathBuf,
     pub log: PathBuf,
 }
 
@@ -34,6 +62,7 @@ impl DaemonPaths {
         Self {
             pid: state_dir.join("daemon.pid"),
             socket: state_dir.join("daemon.sock"),
+            token: state_dir.join(TOKEN_FILE),
             log: state_dir.join("daemon.log"),
         }
     }
@@ -65,6 +94,7 @@ impl DaemonPaths {
         match PidLock::acquire(&self.pid) {
             Ok(lock) => {
                 let _ = std::fs::remove_file(&self.socket);
+                let _ = std::fs::remove_file(&self.token);
                 lock.release();
                 true
             }
@@ -129,7 +159,7 @@ impl Drop for PidLock {
 /// Binds the control socket with mode 0600 (bound in a private directory, then moved into
 /// place, so nobody else can connect in between). Call it while holding the [`PidLock`]: an
 /// existing socket file is stale and replaced.
-pub fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+pub fn bind_control(path: &Path) -> Result<ControlSocket, DaemonError> {
     // sockaddr_un holds 108 bytes with the trailing NUL.
     if path.as_os_str().len() > 100 {
         return Err(DaemonError::SocketPath(path.to_owned()));
@@ -140,19 +170,31 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     std::fs::create_dir(&private)?;
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
     let tmp = private.join("s");
-    let bound = (|| -> Result<UnixListener, DaemonError> {
+    let bound = (|| -> Result<ControlSocket, DaemonError> {
+        // The token first, made in the private directory too and moved into place.
+        let token = new_token()?;
+        let token_tmp = private.join("t");
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&token_tmp)?;
+            f.write_all(token.as_bytes())?;
+        }
+        std::fs::rename(&token_tmp, dir.join(TOKEN_FILE))?;
         let listener = UnixListener::bind(&tmp)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         let _ = std::fs::remove_file(path);
         std::fs::rename(&tmp, path)?;
-        Ok(listener)
+        Ok(ControlSocket { listener, token })
     })();
     let _ = std::fs::remove_dir_all(&private);
     bound
 }
 
 /// Answers control requests until the daemon has stopped.
-pub async fn serve_control(listener: UnixListener, handle: DaemonHandle) {
+pub async fn serve_control(control: ControlSocket, handle: DaemonHandle) {
+    let ControlSocket { listener, token } = control;
+    let token = std::sync::Arc::new(token);
+    let uid = nix::unistd::geteuid().as_raw();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -161,11 +203,21 @@ pub async fn serve_control(listener: UnixListener, handle: DaemonHandle) {
         match accepted {
             Ok((stream, _)) => {
                 let handle = handle.clone();
+                let token = token.clone();
+                let peer = stream.peer_cred().map(|c| c.uid());
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
                     let mut lines = tokio::io::BufReader::new(read).lines();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        let mut reply = answer(&handle, &line).to_string();
+                        let reply = match peer {
+                            Ok(peer) if peer == uid => answer(&handle, &token, &line),
+                            Ok(peer) => {
+                                tracing::warn!(peer, "control socket: a client of another user was refused");
+                                json!({ "error": "unauthenticated: the client runs as another user" })
+                            }
+                            Err(_) => json!({ "error": "unauthenticated: the client's credentials are unknown" }),
+                        };
+                        let mut reply = reply.to_string();
                         reply.push('\n');
                         if write.write_all(reply.as_bytes()).await.is_err() {
                             return;
@@ -181,11 +233,15 @@ pub async fn serve_control(listener: UnixListener, handle: DaemonHandle) {
     }
 }
 
-fn answer(handle: &DaemonHandle, line: &str) -> Value {
+fn answer(handle: &DaemonHandle, token: &str, line: &str) -> Value {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => return json!({ "error": format!("not a JSON request: {e}; send {{\"cmd\":\"status\"}}") }),
     };
+    if !req.get("token").and_then(Value::as_str).is_some_and(|t| same_secret(t, token)) {
+        tracing::warn!("control socket: a request without the daemon's token was refused");
+        return json!({ "error": format!("unauthenticated: send \"token\", the content of {TOKEN_FILE}") });
+    }
     match req.get("cmd").and_then(Value::as_str) {
         Some("status") => serde_json::to_value(handle.status()).unwrap_or_else(|e| json!({ "error": e.to_string() })),
         Some("stop") => {
@@ -201,12 +257,22 @@ fn answer(handle: &DaemonHandle, line: &str) -> Value {
     }
 }
 
+/// `req` with the token of the daemon whose socket is `socket` (read from the token file beside
+/// it; without one, the request goes as it is and the daemon refuses it).
+fn with_token(socket: &Path, req: &Value) -> Value {
+    let mut req = req.clone();
+    if let (Some(obj), Ok(token)) = (req.as_object_mut(), std::fs::read_to_string(socket.with_file_name(TOKEN_FILE))) {
+        obj.insert("token".into(), Value::String(token.trim().to_owned()));
+    }
+    req
+}
+
 /// Sends one request to a daemon's control socket and returns its answer (blocking).
 pub fn request(socket: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = req.to_string();
+    let mut line = with_token(socket, req).to_string();
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut reply = String::new();
@@ -225,9 +291,11 @@ pub fn request(socket: &Path, req: &Value, timeout: Duration) -> std::io::Result
 pub fn poke(state_dir: &Path) {
     let socket = DaemonPaths::new(state_dir).socket;
     // Fire and forget: the answer is not awaited.
-    if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) {
+    if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&socket) {
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = stream.write_all(b"{\"cmd\":\"wake\"}\n");
+        let mut line = with_token(&socket, &json!({ "cmd": "wake" })).to_string();
+        line.push('\n');
+        let _ = stream.write_all(line.as_bytes());
     }
 }
 
@@ -268,9 +336,14 @@ mod tests {
     async fn socket_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let paths = DaemonPaths::new(dir.path());
-        let _l = bind_control(&paths.socket).unwrap();
-        let mode = std::fs::metadata(&paths.socket).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary directory is left");
+        let control = bind_control(&paths.socket).unwrap();
+        for f in [&paths.socket, &paths.token] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+        assert_eq!(std::fs::read_to_string(&paths.token).unwrap(), control.token);
+        assert_eq!(control.token.len(), 32);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2, "no temporary directory is left");
+        assert!(same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("abc", "ab"));
     }
 }

@@ -3,8 +3,9 @@
 //! Order of the restrictions (each is inherited by every process the command starts):
 //! 1. **Protected paths** (`--readonly`): in a private user + mount namespace, each path is
 //!    bind-mounted onto itself read-only, then the paths of `--writable-within` (the call's
-//!    spool, a worktree under the state directory) are bound again writable. The working
-//!    directory is entered again so that it resolves through the new mounts.
+//!    spool, a worktree under the state directory) are bound again writable, and `/dev/null`
+//!    is bound over each file of `--hide` (the daemon's token). The working directory is
+//!    entered again so that it resolves through the new mounts.
 //! 2. **Landlock**: reads everywhere, writes only beneath `--write` paths; from ABI 6 the
 //!    command cannot signal processes outside its sandbox nor connect to abstract Unix sockets
 //!    made outside it. A Landlock-restricted process cannot mount or unmount, so step 1 holds.
@@ -30,6 +31,7 @@ pub(crate) struct HelperArgs {
     pub writable: Vec<PathBuf>,
     pub readonly: Vec<PathBuf>,
     pub writable_within: Vec<PathBuf>,
+    pub hide: Vec<PathBuf>,
     pub network: bool,
     pub unix_sockets: bool,
     pub status_file: Option<PathBuf>,
@@ -48,6 +50,7 @@ pub(crate) fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Hel
             Some("--write") => out.writable.push(value("--write")?.into()),
             Some("--readonly") => out.readonly.push(value("--readonly")?.into()),
             Some("--writable-within") => out.writable_within.push(value("--writable-within")?.into()),
+            Some("--hide") => out.hide.push(value("--hide")?.into()),
             Some("--status") => out.status_file = Some(value("--status")?.into()),
             Some("--mode") => {
                 let v = value("--mode")?;
@@ -137,10 +140,10 @@ fn restrict(args: &HelperArgs) -> Result<SandboxStatus, SandboxError> {
         return Ok(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None));
     }
     let mut notices = Vec::new();
-    let protected = if args.readonly.is_empty() {
+    let protected = if args.readonly.is_empty() && args.hide.is_empty() {
         "none-needed"
     } else {
-        match protect_paths(&args.readonly, &args.writable_within) {
+        match protect_paths(&args.readonly, &args.writable_within, &args.hide) {
             Ok(()) => "read-only",
             Err(e) => {
                 notices.push(format!(
@@ -208,9 +211,10 @@ fn restrict(args: &HelperArgs) -> Result<SandboxStatus, SandboxError> {
 }
 
 /// Enters a user and mount namespace of its own and makes each of `readonly` read-only there
-/// (then each of `writable_within` writable again), deepest last.
+/// (then each of `writable_within` writable again), deepest last; each file of `hide` is
+/// replaced by `/dev/null`.
 #[cfg(target_os = "linux")]
-fn protect_paths(readonly: &[PathBuf], writable_within: &[PathBuf]) -> Result<(), String> {
+fn protect_paths(readonly: &[PathBuf], writable_within: &[PathBuf], hide: &[PathBuf]) -> Result<(), String> {
     use nix::mount::{MsFlags, mount};
     use nix::sched::{CloneFlags, unshare};
     let uid = nix::unistd::getuid();
@@ -252,6 +256,10 @@ fn protect_paths(readonly: &[PathBuf], writable_within: &[PathBuf]) -> Result<()
         mount(None::<&str>, path, None::<&str>, flags, None::<&str>).map_err(|e| {
             format!("cannot make {} {}: {e}", path.display(), if read_only { "read-only" } else { "writable" })
         })?;
+    }
+    for file in hide.iter().filter(|f| f.is_file()) {
+        mount(Some("/dev/null"), file, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| format!("cannot hide {}: {e}", file.display()))?;
     }
     std::env::set_current_dir(&cwd).map_err(|e| format!("cannot enter {} again: {e}", cwd.display()))
 }
