@@ -42,7 +42,7 @@ fn pty_command(env: &Env, args: &[&str]) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", &home)
         .env("DESCARTES_HOME", &home)
-        .env("OPENAI_API_KEY", "sk-test-secret-openai")
+        .env("OPENAI_API_KEY", openai_key())
         .env("OPENAI_BASE_URL", env.server.openai_base_url())
         .env("TERM", "xterm")
         .env("NO_COLOR", "1")

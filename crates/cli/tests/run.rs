@@ -30,7 +30,7 @@ fn run_streams_an_openai_answer() {
     assert_eq!(stdout(&out), "Hello, world\n");
     let req = env.server.last_request().unwrap();
     assert_eq!(req.path, "/v1/chat/completions");
-    assert_eq!(req.header("authorization"), Some("Bearer sk-test-secret-openai"));
+    assert_eq!(req.header("authorization"), Some(format!("Bearer {}", openai_key()).as_str()));
     assert_eq!(req.body["stream"], true);
     assert_eq!(req.body["stream_options"]["include_usage"], true);
     assert_eq!(req.last_user_text().as_deref(), Some("say hello"));
@@ -61,7 +61,7 @@ fn run_streams_an_anthropic_answer() {
     assert_eq!(stdout(&out), "Bonjour le monde\n");
     let req = env.server.last_request().unwrap();
     assert_eq!(req.path, "/v1/messages");
-    assert_eq!(req.header("x-api-key"), Some("sk-ant-test-secret"));
+    assert_eq!(req.header("x-api-key"), Some(anthropic_key().as_str()));
     assert_eq!(req.header("anthropic-version"), Some("2023-06-01"));
     assert_eq!(req.body["model"], "claude-test");
     assert_eq!(req.body["stream"], true);

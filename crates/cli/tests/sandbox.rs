@@ -166,9 +166,9 @@ fn a_shell_call_sees_no_key_in_its_environment() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("PATH="), "{text}");
-    for secret in ["sk-test-secret-openai", "sk-ant-test-secret", "OPENAI_API_KEY", "OPENAI_BASE_URL"] {
-        assert!(!text.contains(secret), "{secret} reached the shell: {text}");
+    for secret in [openai_key(), anthropic_key(), "OPENAI_API_KEY".into(), "OPENAI_BASE_URL".into()] {
+        assert!(!text.contains(&secret), "{secret} reached the shell: {text}");
     }
     let logs = env.run(&["logs", "--json"]);
-    assert!(!stdout(&logs).contains("sk-test-secret-openai"));
+    assert!(!stdout(&logs).contains(&openai_key()));
 }

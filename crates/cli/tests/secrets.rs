@@ -5,8 +5,6 @@ mod common;
 
 use common::*;
 
-const KEY: &str = "sk-test-secret-openai";
-
 #[test]
 fn a_401_that_echoes_the_authorization_header_leaks_the_key_nowhere() {
     let env = Env::new(|req: &RecordedRequest| {
@@ -21,13 +19,18 @@ fn a_401_that_echoes_the_authorization_header_leaks_the_key_nowhere() {
     let logs = env.run(&["logs", "--json"]);
     let providers = env.run(&["providers", "--json"]);
     for out in [&human, &json, &logs, &providers] {
-        assert!(!stdout(out).contains(KEY) && !stderr(out).contains(KEY), "{}{}", stdout(out), stderr(out));
+        assert!(
+            !stdout(out).contains(&openai_key()) && !stderr(out).contains(&openai_key()),
+            "{}{}",
+            stdout(out),
+            stderr(out)
+        );
     }
     assert!(stdout(&logs).contains("[REDACTED]"), "{}", stdout(&logs));
     let db = std::fs::read(env.project().join(".descartes/descartes.db")).unwrap();
     let wal = std::fs::read(env.project().join(".descartes/descartes.db-wal")).unwrap_or_default();
     for bytes in [db, wal] {
-        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "the key is in the database");
+        assert!(!bytes.windows(openai_key().len()).any(|w| w == openai_key().as_bytes()), "the key is in the database");
     }
 }
 
@@ -40,4 +43,12 @@ fn config_show_hides_credentials_in_urls() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stdout(&out).contains("pw-in-the-url-123"), "{}", stdout(&out));
     assert!(stdout(&out).contains("http://[REDACTED]@"), "{}", stdout(&out));
+}
+
+#[test]
+#[should_panic(expected = "leaked into")]
+fn the_scan_of_a_test_s_files_finds_a_leaked_key() {
+    let env = Env::new(|_| Reply::Stream(openai::text(&["fine"])));
+    std::fs::write(env.project().join("leak.log"), format!("Authorization: Bearer {}", openai_key())).unwrap();
+    drop(env);
 }

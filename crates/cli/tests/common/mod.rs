@@ -9,6 +9,32 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_descartes");
 
+/// The secret marker of this test run: part of every API key the tests hand the binary, so a
+/// leak of a key anywhere (stdout, stderr, a database, a log, a spool file) is found. CI sets
+/// `DESCARTES_TEST_SECRET_MARKER` to a fresh value and also searches the whole test output.
+pub fn marker() -> String {
+    std::env::var("DESCARTES_TEST_SECRET_MARKER").ok().filter(|m| !m.is_empty()).unwrap_or_else(|| "test-secret".into())
+}
+
+/// The `OPENAI_API_KEY` the tests use.
+pub fn openai_key() -> String {
+    format!("sk-{}-openai", marker())
+}
+
+/// The `ANTHROPIC_API_KEY` the tests use.
+pub fn anthropic_key() -> String {
+    format!("sk-ant-{}", marker())
+}
+
+/// Panics when `text` holds an API key of the tests.
+pub fn assert_no_secret(text: &[u8], what: &str) {
+    for key in [openai_key(), anthropic_key()] {
+        if text.windows(key.len()).any(|w| w == key.as_bytes()) {
+            panic!("an API key of the tests leaked into {what}");
+        }
+    }
+}
+
 /// A project directory, a private DESCARTES_HOME and a fake model server.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -45,9 +71,9 @@ impl Env {
         c.env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", &home)
             .env("DESCARTES_HOME", &home)
-            .env("OPENAI_API_KEY", "sk-test-secret-openai")
+            .env("OPENAI_API_KEY", openai_key())
             .env("OPENAI_BASE_URL", self.server.openai_base_url())
-            .env("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+            .env("ANTHROPIC_API_KEY", anthropic_key())
             .env("ANTHROPIC_BASE_URL", self.server.url())
             .env("NO_COLOR", "1");
         if !self.durable {
@@ -56,8 +82,12 @@ impl Env {
         c
     }
 
+    /// `descartes ARGS`; its stdout and stderr must not hold an API key.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        let out = self.cmd(args).output().unwrap();
+        assert_no_secret(&out.stdout, &format!("the stdout of `descartes {}`", args.join(" ")));
+        assert_no_secret(&out.stderr, &format!("the stderr of `descartes {}`", args.join(" ")));
+        out
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
@@ -129,4 +159,31 @@ pub fn read_lines(path: &Path) -> Vec<String> {
 pub fn signal(child: &Child, sig: &str) {
     let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
     assert!(status.success());
+}
+
+/// Every file a test leaves (databases and their WAL, daemon logs, spools, evidence, config)
+/// is searched for the API keys when the test ends.
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let mut dirs = vec![self.dir.path().to_owned()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+                if meta.is_dir() {
+                    // The agent CLIs' own homes (npm caches, their transcripts) are theirs.
+                    if !path.ends_with("node_modules") {
+                        dirs.push(path);
+                    }
+                } else if meta.is_file() && meta.len() < 256 * 1024 * 1024 {
+                    if let Ok(bytes) = std::fs::read(&path) {
+                        assert_no_secret(&bytes, &path.display().to_string());
+                    }
+                }
+            }
+        }
+    }
 }
