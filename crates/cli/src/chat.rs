@@ -71,6 +71,8 @@ struct Chat<'a> {
 
 /// Starts a new chat, or continues `resume` (a session's folded state).
 pub async fn run(rt: Runtime, args: ChatArgs, resume: Option<RunState>) -> Result<u8> {
+    rt.check_guardrails()?;
+    let guardrails = rt.snapshot_guardrails();
     let store = rt.open_store().await?;
     let (system_prompt, context_files) = match resume.as_ref().and_then(|s| s.started.as_ref()) {
         Some(started) => (started.system_prompt.clone().unwrap_or_default(), Vec::new()),
@@ -97,7 +99,9 @@ pub async fn run(rt: Runtime, args: ChatArgs, resume: Option<RunState>) -> Resul
     };
     let mut chat =
         Chat { rt: &rt, store, agent, human, args, state: resume, run_id, lock, system_prompt, context_files, policy };
-    chat.repl().await
+    let result = chat.repl().await;
+    crate::commands::warn_guardrail_changes(&rt, &guardrails, chat.run_id.as_str());
+    result
 }
 
 /// The agent a chat turn runs on.

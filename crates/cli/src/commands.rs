@@ -67,6 +67,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | RuntimeError::Provider(_) => 3,
             RuntimeError::Store(_) => 4,
             RuntimeError::EmptyRunId => 2,
+            RuntimeError::GuardrailsChanged(_) => 3,
             RuntimeError::RunNotFound(_) | RuntimeError::AmbiguousRun { .. } => 5,
             RuntimeError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => 5,
             RuntimeError::Io(_) => 1,
@@ -400,6 +401,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     if prompt.trim().is_empty() {
         return Err(user_error(2, "the prompt is empty; say what the agent should do"));
     }
+    rt.check_guardrails()?;
     let stores = rt.open_stores().await?;
     let store = stores.events.clone();
     rt.sweep_completed(&*store).await;
@@ -416,6 +418,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
             max_cost_usd: args.model.max_cost_usd.or(rt.config.budget.max_cost_usd),
         },
     };
+    let guardrails = rt.snapshot_guardrails();
     let p = prepare(&rt, store.clone(), &args.model, settings).await?;
     let piped = read_piped_stdin()?;
     let run_id = RunId::generate();
@@ -424,10 +427,11 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
         eprintln!("descartes: run {run_id} · {}", p.label);
     }
     let outcome = p.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
-    finish(&rt, &stores, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &guardrails, &run_id, outcome, p.human.as_deref(), lock).await
 }
 
 async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
+    rt.check_guardrails()?;
     let stores = rt.open_stores().await?;
     let store = stores.events.clone();
     let run_id = rt.resolve_run(&*store, &args.id).await?;
@@ -463,17 +467,33 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
             max_cost_usd: args.model.max_cost_usd.or(state.budget.max_cost_usd),
         },
     };
+    let guardrails = rt.snapshot_guardrails();
     let p = prepare(&rt, store.clone(), &args.model, settings).await?;
     if !args.model.json {
         eprintln!("descartes: resuming run {run_id} ({previous}, {} events) · {}", state.events, p.label);
     }
     let outcome = p.resume(state, previous).await;
-    finish(&rt, &stores, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &guardrails, &run_id, outcome, p.human.as_deref(), lock).await
+}
+
+/// Flags the guardrail files that changed since `before` (see `descartes_runtime::guardrails`)
+/// and says so.
+pub(crate) fn warn_guardrail_changes(rt: &Runtime, before: &descartes_runtime::guardrails::Snapshot, run: &str) {
+    match rt.flag_guardrail_changes(before, run) {
+        Ok(changed) if changed.is_empty() => {}
+        Ok(changed) => eprintln!(
+            "descartes: warning: guardrail files changed during run {run}: {}; no agent runs again until you have \
+             reviewed them and run `descartes config trust`",
+            changed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => eprintln!("descartes: warning: cannot check the guardrail files after run {run}: {e}"),
+    }
 }
 
 async fn finish(
     rt: &Runtime,
     stores: &descartes_runtime::Stores,
+    guardrails: &descartes_runtime::guardrails::Snapshot,
     run_id: &RunId,
     outcome: Result<RunOutcome, CoreError>,
     human: Option<&HumanSink>,
@@ -483,6 +503,7 @@ async fn finish(
         h.end_line();
     }
     stores.events.flush().await?;
+    warn_guardrail_changes(rt, guardrails, run_id.as_str());
     // The run's events get their hash-chained audit records now, so a later edit of the log
     // is found by `audit verify`.
     if let Err(e) = descartes_runtime::audit::sync_stream(stores, run_id.as_str()).await {
@@ -666,6 +687,17 @@ fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {
             }
             writeln!(out)?;
             write!(out, "{}", config::redacted_toml(&rt.config))?;
+            Ok(0)
+        }
+        ConfigCommand::Trust => {
+            let flagged = rt.trust_guardrails()?;
+            if flagged.is_empty() {
+                println!("no guardrail file awaits review");
+            }
+            for f in flagged {
+                let what = if f.digest.is_some() { "changed" } else { "deleted" };
+                println!("trusted: {} ({what} by run {})", f.path.display(), f.run);
+            }
             Ok(0)
         }
         ConfigCommand::Check => {

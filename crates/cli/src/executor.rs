@@ -427,6 +427,12 @@ impl Executor {
 #[async_trait]
 impl TaskRunner for Executor {
     async fn run(&self, task: &Task, token: i64, cancel: CancellationToken) -> Outcome {
+        // No agent runs while a guardrail file changed by an earlier run awaits review; the
+        // attempt fails and is retried after its backoff.
+        if let Err(e) = self.rt.check_guardrails() {
+            return Outcome::Failed { reason: e.to_string() };
+        }
+        let guardrails = self.rt.snapshot_guardrails();
         let outcome = match &task.agent {
             Some(name) => match self.stores.agents.get_agent(name).await {
                 Ok(Some(agent)) => self.run_on_agent(task, token, &agent, cancel).await,
@@ -438,6 +444,11 @@ impl TaskRunner for Executor {
                 None => Outcome::Failed { reason: "no agent was routed to the task".into() },
             },
         };
+        if let Ok(changed) = self.rt.flag_guardrail_changes(&guardrails, &task.id)
+            && !changed.is_empty()
+        {
+            tracing::warn!(task = %task.id, ?changed, "guardrail files changed during the task's attempt");
+        }
         self.sync_audit(&task.id).await;
         outcome
     }

@@ -148,6 +148,9 @@ enum ConfigCommand {
     Show,
     /// Check every config file; errors name the file, line and column.
     Check,
+    /// Accept the guardrail files (config, `.ai/` policies and skills) that a run changed, once
+    /// you have reviewed them: until then no agent runs.
+    Trust,
 }
 
 #[derive(Args, Debug, Clone)]

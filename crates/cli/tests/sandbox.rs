@@ -172,3 +172,23 @@ fn a_shell_call_sees_no_key_in_its_environment() {
     let logs = env.run(&["logs", "--json"]);
     assert!(!stdout(&logs).contains(&openai_key()));
 }
+
+#[test]
+fn a_guardrail_file_created_by_a_run_stops_agents_until_the_user_trusts_it() {
+    // `.ai` does not exist, so nothing can be mounted read-only over it: the shell can create
+    // it. The change is caught when the run ends.
+    let env = Env::new(shell_model("mkdir -p .ai && printf 'rules: []\\n' > .ai/policy.yaml"));
+    env.init();
+    let out = env.run(&["run", "-y", "-p", "openai", "write a policy"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(env.project().join(".ai/policy.yaml").exists());
+    assert!(stderr(&out).contains("guardrail files changed during run"), "{}", stderr(&out));
+    let out = env.run(&["run", "-y", "-p", "openai", "again"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(".ai/policy.yaml") && stderr(&out).contains("config trust"), "{}", stderr(&out));
+    assert_eq!(env.runs().len(), 1, "no second run started");
+    let out = env.run(&["config", "trust"]);
+    assert!(out.status.success() && stdout(&out).contains("trusted:"), "{}", stdout(&out));
+    let out = env.run(&["run", "-y", "-p", "openai", "again"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod config;
 pub mod context;
 pub mod daemon;
+pub mod guardrails;
 pub mod locks;
 pub mod mcp;
 pub mod places;

@@ -46,6 +46,11 @@ pub enum RuntimeError {
     EmptyRunId,
     #[error("`{prefix}` matches several runs ({candidates}); give more of the id")]
     AmbiguousRun { prefix: String, candidates: String },
+    #[error(
+        "guardrail files were changed during a run: {0}; no agent runs until you have reviewed them and run \
+         `descartes config trust`"
+    )]
+    GuardrailsChanged(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
