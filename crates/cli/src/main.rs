@@ -29,7 +29,8 @@ EXIT CODES:
   0    success (the run completed)
   1    the run failed (model or tool error, turn limit); `descartes resume ID` continues it
   2    usage error (bad arguments)
-  3    configuration error (bad config file, missing API key, unknown provider)
+  3    configuration error (bad config file, missing API key, unknown provider, guardrail
+       files changed by a run awaiting `descartes config trust`)
   4    store error (database cannot be opened or written)
   5    not found / wrong state (unknown run or task id, run already completed or running
        elsewhere, daemon not running or already running)
