@@ -41,7 +41,7 @@ fn a_deleted_run_event_is_found_with_its_seq() {
     let env = Env::new(|_| Reply::Stream(openai::text(&["fine"])));
     env.init();
     run_two(&env);
-    let events = env.events(&env.runs()[1]["run_id"].as_str().unwrap().to_owned());
+    let events = env.events(env.runs()[1]["run_id"].as_str().unwrap());
     let seq = events[1]["seq"].as_i64().unwrap();
     tamper(&env, &format!("DELETE FROM events WHERE seq = {seq};"));
     let out = verify(&env);
@@ -58,7 +58,7 @@ fn an_edited_or_reordered_run_event_is_found_with_its_seq() {
     run_two(&env);
     let run = env.runs()[0]["run_id"].as_str().unwrap().to_owned();
     let events = env.events(&run);
-    let message = events.iter().filter(|e| e["type"] == "message").last().unwrap();
+    let message = events.iter().rfind(|e| e["type"] == "message").unwrap();
     let seq = message["seq"].as_i64().unwrap();
     tamper(
         &env,

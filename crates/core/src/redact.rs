@@ -89,36 +89,6 @@ pub fn redact_event(mut event: NewEvent) -> NewEvent {
     event
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn registered_secrets_are_masked_everywhere() {
-        register("sk-redact-test-0123456789");
-        register("short");
-        register_url("http://someone:pw-redact-test-987654@host:1/v1");
-        let text = "Authorization: Bearer sk-redact-test-0123456789; url http://someone:pw-redact-test-987654@host";
-        let out = redact(text);
-        assert!(!out.contains("sk-redact-test") && !out.contains("pw-redact-test"), "{out}");
-        assert!(out.contains("Bearer [REDACTED]"), "{out}");
-        assert_eq!(redact("short words stay"), "short words stay");
-        assert_eq!(redact_url("http://a:b@h:1/x?y"), "http://[REDACTED]@h:1/x?y");
-        assert_eq!(redact_url("https://h/p@q"), "https://h/p@q");
-        let e = NewEvent::new(
-            &descartes_protocol::RunId::from("r"),
-            descartes_protocol::RunFailed {
-                error: "401: key sk-redact-test-0123456789 invalid".into(),
-                kind: "provider".into(),
-                retryable: false,
-            },
-        );
-        let e = redact_event(e);
-        assert!(e.data.to_json().unwrap().contains("key [REDACTED] invalid"));
-    }
-}
-
 /// An event store whose appended events pass through [`redact_event`] first: how no secret
 /// reaches the log (and everything read from it: `logs`, `providers`, the audit trail).
 pub struct RedactingStore(pub std::sync::Arc<dyn crate::EventStore>);
@@ -171,5 +141,35 @@ impl crate::EventStore for RedactingStore {
 
     async fn flush(&self) -> Result<(), crate::StoreError> {
         self.0.flush().await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_secrets_are_masked_everywhere() {
+        register("sk-redact-test-0123456789");
+        register("short");
+        register_url("http://someone:pw-redact-test-987654@host:1/v1");
+        let text = "Authorization: Bearer sk-redact-test-0123456789; url http://someone:pw-redact-test-987654@host";
+        let out = redact(text);
+        assert!(!out.contains("sk-redact-test") && !out.contains("pw-redact-test"), "{out}");
+        assert!(out.contains("Bearer [REDACTED]"), "{out}");
+        assert_eq!(redact("short words stay"), "short words stay");
+        assert_eq!(redact_url("http://a:b@h:1/x?y"), "http://[REDACTED]@h:1/x?y");
+        assert_eq!(redact_url("https://h/p@q"), "https://h/p@q");
+        let e = NewEvent::new(
+            &descartes_protocol::RunId::from("r"),
+            descartes_protocol::RunFailed {
+                error: "401: key sk-redact-test-0123456789 invalid".into(),
+                kind: "provider".into(),
+                retryable: false,
+            },
+        );
+        let e = redact_event(e);
+        assert!(e.data.to_json().unwrap().contains("key [REDACTED] invalid"));
     }
 }

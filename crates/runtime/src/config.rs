@@ -390,8 +390,7 @@ pub fn parse_str(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
     // would then seem to belong to the table before it, stop the search).
     let mut errors = Vec::new();
     let mut working = text.to_owned();
-    loop {
-        let Err(e) = toml::from_str::<Config>(&working) else { break };
+    while let Err(e) = toml::from_str::<Config>(&working) {
         let unknown = e.message().starts_with("unknown field");
         let line_start = e.span().map(|s| working[..s.start.min(working.len())].rfind('\n').map_or(0, |i| i + 1));
         errors.push(located(e));
@@ -772,7 +771,7 @@ mod tests {
         assert!(c.ignored[0].contains("project.toml") && c.ignored[0].contains("mode = \"full-access\""));
         // The same settings from the user file are honoured.
         std::fs::write(&user, "[sandbox]\nmode = \"full-access\"\nunix_sockets = true\n").unwrap();
-        let (c, _) = load(&[user.clone()], Some(&user), &|_| None).unwrap();
+        let (c, _) = load(std::slice::from_ref(&user), Some(&user), &|_| None).unwrap();
         assert_eq!(c.sandbox.mode, descartes_tools::SandboxMode::FullAccess);
         assert!(c.sandbox.unix_sockets && c.ignored.is_empty());
     }

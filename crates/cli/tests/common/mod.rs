@@ -178,10 +178,11 @@ impl Drop for Env {
                     if !path.ends_with("node_modules") {
                         dirs.push(path);
                     }
-                } else if meta.is_file() && meta.len() < 256 * 1024 * 1024 {
-                    if let Ok(bytes) = std::fs::read(&path) {
-                        assert_no_secret(&bytes, &path.display().to_string());
-                    }
+                } else if meta.is_file()
+                    && meta.len() < 256 * 1024 * 1024
+                    && let Ok(bytes) = std::fs::read(&path)
+                {
+                    assert_no_secret(&bytes, &path.display().to_string());
                 }
             }
         }
