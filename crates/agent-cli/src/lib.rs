@@ -41,8 +41,12 @@ pub use gemini::GeminiCli;
 pub struct CliOptions {
     /// The binary; `None` looks up the CLI's usual name (`claude`, `codex`, `gemini`) on `PATH`.
     pub program: Option<PathBuf>,
-    /// Variables added to the CLI's environment (it inherits Descartes' own).
+    /// Variables added to the CLI's environment (it inherits Descartes' own, unless
+    /// `clear_env`).
     pub env: Vec<(OsString, OsString)>,
+    /// The CLI gets only `env`, none of Descartes' own environment (the runtime builds `env`
+    /// with the environment policy: no secret but the CLI's own).
+    pub clear_env: bool,
     /// Arguments appended to the CLI's command line.
     pub extra_args: Vec<String>,
     /// After SIGINT, how long the CLI may take to exit before SIGKILL.
@@ -51,7 +55,13 @@ pub struct CliOptions {
 
 impl Default for CliOptions {
     fn default() -> Self {
-        Self { program: None, env: Vec::new(), extra_args: Vec::new(), kill_grace: Duration::from_secs(5) }
+        Self {
+            program: None,
+            env: Vec::new(),
+            clear_env: false,
+            extra_args: Vec::new(),
+            kill_grace: Duration::from_secs(5),
+        }
     }
 }
 
@@ -75,6 +85,7 @@ impl CliOptions {
             program,
             args: args.into_iter().map(Into::into).collect(),
             env: self.env.clone(),
+            clear_env: self.clear_env,
             cwd: cwd.to_owned(),
             stdin: None,
             keep_stdin: false,

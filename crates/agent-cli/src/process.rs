@@ -23,8 +23,10 @@ pub struct Spawn {
     /// The binary (a name looked up on `PATH`, or a path).
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    /// Variables added to the CLI's environment (it inherits ours).
+    /// Variables added to the CLI's environment (it inherits ours, unless `clear_env`).
     pub env: Vec<(OsString, OsString)>,
+    /// Start from an empty environment: the CLI gets `env` only.
+    pub clear_env: bool,
     pub cwd: PathBuf,
     /// Written to stdin at once (e.g. the prompt).
     pub stdin: Option<String>,
@@ -61,6 +63,9 @@ impl CliProcess {
     pub async fn spawn(spec: Spawn) -> Result<Self, ProviderError> {
         let program = spec.program.display().to_string();
         let mut cmd = Command::new(&spec.program);
+        if spec.clear_env {
+            cmd.env_clear();
+        }
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.cwd)

@@ -19,6 +19,14 @@ use crate::places::Places;
 /// agent CLIs' (their permission requests pass the same decision).
 const GUARDED_TOOLS: &str = "{write_file,edit_file,Write,Edit,MultiEdit,NotebookEdit}";
 
+/// The variables each agent CLI needs from Descartes' environment (prefixes end in `*`),
+/// given back after the environment policy left them out.
+pub const AGENT_CLI_VARS: &[(&str, &[&str])] = &[
+    ("claude-code", &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]),
+    ("codex", &["OPENAI_*", "CODEX_*"]),
+    ("gemini-cli", &["GEMINI_*", "GOOGLE_*"]),
+];
+
 /// Reads an environment variable.
 pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -322,7 +330,11 @@ impl Runtime {
         let config_error = |message: String| {
             RuntimeError::Provider(descartes_core::ProviderError::Config { provider: sel.provider.clone(), message })
         };
-        let mut options = descartes_agent_cli::CliOptions::default();
+        let mut options = descartes_agent_cli::CliOptions {
+            env: self.agent_cli_env(&sel.kind),
+            clear_env: true,
+            ..Default::default()
+        };
         if sel.kind == "command" {
             let Some((program, args)) = sel.command.split_first() else {
                 return Err(config_error(format!(
@@ -338,6 +350,39 @@ impl Runtime {
         }
         descartes_agent_cli::backend(&sel.kind, options)
             .ok_or_else(|| config_error(format!("`{}` is not an agent CLI", sel.kind)))
+    }
+
+    /// The environment of an agent CLI of `kind`: the environment policy's (no secrets), plus
+    /// the variables the CLI itself needs (its API key, base URL and settings, per
+    /// [`AGENT_CLI_VARS`]; a `command` provider, a program the user declared, gets every
+    /// provider variable). The CLI's own tools see what the CLI sees: its own key stays visible
+    /// to them, no other secret does.
+    pub fn agent_cli_env(&self, kind: &str) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        self.agent_cli_env_from(kind, std::env::vars_os().collect())
+    }
+
+    /// [`Runtime::agent_cli_env`] built from `vars` instead of the process's environment.
+    pub fn agent_cli_env_from(
+        &self,
+        kind: &str,
+        vars: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        let mut env = self.shell_env().build(vars.iter().cloned());
+        let own = AGENT_CLI_VARS.iter().find(|(k, _)| *k == kind).map(|(_, globs)| *globs).unwrap_or(&[]);
+        let matches = |name: &str| {
+            own.iter().any(|g| match g.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == *g,
+            })
+        };
+        let provider_vars = if kind == "command" { self.provider_variables() } else { Vec::new() };
+        for (k, v) in vars {
+            let Some(name) = k.to_str() else { continue };
+            if (matches(name) || provider_vars.iter().any(|p| p == name)) && !env.iter().any(|(e, _)| *e == k) {
+                env.push((k.clone(), v));
+            }
+        }
+        env
     }
 
     /// The in-process local model (see `descartes model pull`): `sel.model` is a name in the
@@ -765,4 +810,68 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         return executable(&p).then_some(p);
     }
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| executable(p))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    #[test]
+    fn an_agent_cli_gets_its_own_variables_and_no_other_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let places = Places::project_in(dir.path(), None);
+        let rt = Runtime::with_places(dir.path().to_owned(), places, Arc::new(|_: &str| None)).unwrap();
+        let vars: Vec<(OsString, OsString)> = [
+            ("PATH", "/bin"),
+            ("HOME", "/h"),
+            ("ANTHROPIC_API_KEY", "sk-ant"),
+            ("ANTHROPIC_BASE_URL", "http://a"),
+            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+            ("OPENAI_API_KEY", "sk-openai"),
+            ("GITHUB_TOKEN", "ghp"),
+            ("AWS_SECRET_ACCESS_KEY", "aws"),
+            ("CODEX_HOME", "/c"),
+        ]
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect();
+        let names = |kind: &str| -> Vec<String> {
+            let mut n: Vec<String> =
+                rt.agent_cli_env_from(kind, vars.clone()).into_iter().map(|(k, _)| k.into_string().unwrap()).collect();
+            n.sort();
+            n
+        };
+        // CODEX_HOME is no secret: the environment policy passes it to everyone.
+        assert_eq!(
+            names("claude-code"),
+            [
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_BASE_URL",
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+                "CODEX_HOME",
+                "HOME",
+                "PATH"
+            ]
+        );
+        assert_eq!(
+            names("codex"),
+            ["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CODEX_HOME", "HOME", "OPENAI_API_KEY", "PATH"]
+        );
+        // A `command` provider (a program the user declared) gets every provider variable.
+        assert_eq!(
+            names("command"),
+            [
+                "ANTHROPIC_API_KEY",
+                "ANTHROPIC_BASE_URL",
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+                "CODEX_HOME",
+                "HOME",
+                "OPENAI_API_KEY",
+                "PATH"
+            ]
+        );
+    }
 }
