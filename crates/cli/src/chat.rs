@@ -133,7 +133,7 @@ async fn build_agent(
         store,
         provider,
         policy,
-        gate: None,
+        gate: crate::policy_cmd::run_gate(rt, &sel)?,
         tools: rt.tools_with_mcp().await,
         prompter,
         sink,

@@ -341,6 +341,12 @@ pub(crate) async fn prepare_driver(
     let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
     let DriverIo { sink, prompter, cancel, gate, human } = io;
     let sel = rt.select(provider.as_deref(), model.as_deref())?;
+    // The project's policy governs every run: a task's run brings its own gate (with the task's
+    // facts), `run` gets the global and project policies.
+    let gate = match gate {
+        Some(g) => Some(g),
+        None => crate::policy_cmd::run_gate(rt, &sel)?,
+    };
     // An agent CLI has its own system prompt; ours is added only when configured.
     let system_prompt = match system_prompt {
         Some(p) => Some(p),

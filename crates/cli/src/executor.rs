@@ -296,7 +296,7 @@ impl Executor {
         } else {
             Some(Arc::new(crate::policy_cmd::PolicyGate {
                 policy: policy.clone(),
-                task: crate::policy_cmd::task_facts(task),
+                task: Some(crate::policy_cmd::task_facts(task)),
                 agent: crate::policy_cmd::agent_facts(agent),
                 root: cwd.clone(),
             }))

@@ -21,9 +21,11 @@ pub enum PolicyCommand {
         /// Policy files to check (default: every one Descartes reads here).
         files: Vec<PathBuf>,
     },
-    /// The Policy Decision Records of a task (its claims, tool calls and merge), in order.
+    /// The decisions of a task (its claims, tool calls and merge) or of a run (its tool calls),
+    /// in order: Policy Decision Records and permission decisions, each with its rule.
     Explain {
-        /// The task id (or a unique prefix of it).
+        /// A task id or a run id (or a unique prefix of one).
+        #[arg(value_name = "ID")]
         task: String,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -82,24 +84,42 @@ pub fn enforced(d: &PolicyDecision) -> bool {
     d.rule_id.is_some() || d.effect != Effect::Allow
 }
 
-/// The policy at each tool call of a task's run: deny and allow by a rule are final, "require
-/// approval" asks (and is denied when nobody can be asked).
+/// The policy at each tool call of a run (a task's, or one started by `run` or `chat`): deny
+/// and allow by a rule are final, "require approval" asks (and is denied when nobody can be
+/// asked).
 pub struct PolicyGate {
     pub policy: Arc<PolicySet>,
-    pub task: TaskFacts,
+    /// The task the run works on (none for `run` and `chat`: rules about tasks do not match).
+    pub task: Option<TaskFacts>,
     pub agent: AgentFacts,
     pub root: PathBuf,
+}
+
+/// The policy gate of a run started by `run` or `chat` on the provider `sel`: the global and
+/// project policies (no agent layer: no registered agent runs it), the provider as the agent
+/// (`agents` rules match its name, `backend` its kind). `None` when no policy file exists. A
+/// policy file with errors is a configuration error naming each problem's file and line.
+pub fn run_gate(rt: &Runtime, sel: &descartes_runtime::Selection) -> Result<Option<Arc<dyn ToolGate>>> {
+    let policy = load(rt, None).map_err(|e| crate::commands::user_error(3, e.to_string()))?;
+    if policy.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(PolicyGate {
+        policy: Arc::new(policy),
+        task: None,
+        agent: AgentFacts { name: sel.provider.clone(), labels: Vec::new(), backend: sel.kind.clone() },
+        root: project_root(rt),
+    })))
 }
 
 impl ToolGate for PolicyGate {
     fn check(&self, tool: &str, input: &Value, _cwd: &Path) -> Option<GateVerdict> {
         let facts = ToolFacts::from_call(tool, input, &self.root);
-        let d = self.policy.evaluate(
-            &DecisionInput::new(Stage::Tool)
-                .with_task(self.task.clone())
-                .with_agent(self.agent.clone())
-                .with_tool(facts),
-        );
+        let mut decision = DecisionInput::new(Stage::Tool).with_agent(self.agent.clone()).with_tool(facts);
+        if let Some(task) = &self.task {
+            decision = decision.with_task(task.clone());
+        }
+        let d = self.policy.evaluate(&decision);
         if !enforced(&d) {
             return None;
         }
@@ -139,10 +159,42 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
         }
         PolicyCommand::Explain { task, json } => {
             let stores = rt.open_stores().await?;
-            let id = crate::task_cmd::resolve(&*stores.tasks, &task).await?;
-            let events = descartes_runtime::audit::task_events(&stores, &id).await?;
+            // A task's decisions (its own stream and its runs'), else a run's.
+            let (what, id, events) = match crate::task_cmd::resolve(&*stores.tasks, &task).await {
+                Ok(id) => ("task", id.clone(), descartes_runtime::audit::task_events(&stores, &id).await?),
+                Err(descartes_core::TaskError::NotFound(_)) => {
+                    let run = rt.resolve_run(&*stores.events, &task).await.map_err(|e| match e {
+                        descartes_runtime::RuntimeError::RunNotFound(_) => crate::commands::user_error(
+                            5,
+                            format!(
+                                "no task or run matches `{task}`; `descartes task list` and `descartes list` show them"
+                            ),
+                        ),
+                        other => other.into(),
+                    })?;
+                    ("run", run.to_string(), stores.events.read_run(&run, 0).await?)
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut n = 0;
             for e in &events {
+                if let EventData::PermissionDecided(p) = &e.data {
+                    n += 1;
+                    if json {
+                        println!("{}", serde_json::json!({ "at": e.at, "stream": e.run_id, "permission": p }));
+                    } else {
+                        println!(
+                            "{}  tool   {:<16}  rule {}  actor {}  ({})\n    {}",
+                            e.at.to_local("%Y-%m-%d %H:%M:%S"),
+                            if p.decision == descartes_protocol::Decision::Allow { "allow" } else { "deny" },
+                            p.rule,
+                            p.actor,
+                            p.tool,
+                            p.reason
+                        );
+                    }
+                    continue;
+                }
                 let EventData::PolicyDecided(p) = &e.data else { continue };
                 n += 1;
                 if json {
@@ -166,7 +218,7 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
                 }
             }
             if n == 0 && !json {
-                eprintln!("no policy decisions were recorded for task {id}");
+                eprintln!("no decisions were recorded for {what} {id}");
             }
             Ok(0)
         }
