@@ -251,6 +251,28 @@ fn line(t: &Task) -> String {
 }
 
 /// Resolves a full id or a unique prefix of one.
+/// A task, its dependencies and, when it waits, why.
+async fn shown(tasks: &dyn TaskStore, id: &str) -> Result<(Task, Vec<Task>, Option<String>)> {
+    let t = tasks.get_task(&resolve(tasks, id).await?).await?;
+    let mut deps = Vec::new();
+    for d in &t.depends_on {
+        deps.push(tasks.get_task(d).await?);
+    }
+    let leased: Vec<Task> =
+        tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|x| x.status.is_leased()).collect();
+    let waiting = waiting_reason(&t, &deps, &leased, SystemClock.now());
+    Ok((t, deps, waiting))
+}
+
+/// `task show --json`: the task, with `waiting` when it waits.
+fn task_json(t: &Task, waiting: Option<&str>) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(t)?;
+    if let (Some(obj), Some(w)) = (v.as_object_mut(), waiting) {
+        obj.insert("waiting".into(), serde_json::Value::String(w.to_owned()));
+    }
+    Ok(v)
+}
+
 pub(crate) async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
     match store.get_task(id).await {
         Ok(t) => Ok(t.id),
@@ -287,6 +309,21 @@ pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
         | TaskCommand::Merge { .. }
         | TaskCommand::Discard { .. }
         | TaskCommand::Approve { .. } => crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await,
+        TaskCommand::Show { ref id, json: true, evidence: true } => {
+            // The task's JSON with its evidence: the same fields as the human output, plus the
+            // content-addressed references.
+            match shown(&*tasks, id).await {
+                Ok((t, _, waiting)) => {
+                    let mut v = task_json(&t, waiting.as_deref())?;
+                    let evidence = crate::task_exec_cmd::evidence_json(&rt, &stores, &t.id).await?;
+                    if let Some(obj) = v.as_object_mut() {
+                        obj.insert("evidence".into(), evidence);
+                    }
+                    print_json(&v).map(|()| 0)
+                }
+                Err(e) => Err(e),
+            }
+        }
         TaskCommand::Show { ref id, json, evidence } if !json => {
             let id = resolve(&*tasks, id).await;
             match id {
@@ -365,20 +402,9 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
             }
         }
         TaskCommand::Show { id, json, .. } => {
-            let t = tasks.get_task(&resolve(tasks, &id).await?).await?;
-            let mut deps = Vec::new();
-            for d in &t.depends_on {
-                deps.push(tasks.get_task(d).await?);
-            }
-            let leased: Vec<Task> =
-                tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|x| x.status.is_leased()).collect();
-            let waiting = waiting_reason(&t, &deps, &leased, SystemClock.now());
+            let (t, deps, waiting) = shown(tasks, &id).await?;
             if json {
-                let mut v = serde_json::to_value(&t)?;
-                if let (Some(obj), Some(w)) = (v.as_object_mut(), &waiting) {
-                    obj.insert("waiting".into(), serde_json::Value::String(w.clone()));
-                }
-                print_json(&v)?;
+                print_json(&task_json(&t, waiting.as_deref())?)?;
             } else {
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "id:        {}", t.id)?;

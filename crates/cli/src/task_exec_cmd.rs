@@ -264,6 +264,29 @@ pub async fn show_extra(rt: &Arc<Runtime>, stores: &Stores, id: &str, evidence: 
     Ok(0)
 }
 
+/// The evidence of a task's last attempt as JSON (`task show --evidence --json`): the worktree,
+/// the attempt and whether it succeeded, the evidence manifest (changed files with the ones
+/// outside the task's locks, the test's result, the run, usage, the failure, and the
+/// content-addressed blob of each), and the merge commit; `null` fields when none yet.
+pub async fn evidence_json(rt: &Arc<Runtime>, stores: &Stores, id: &str) -> Result<serde_json::Value> {
+    let exec = Executor::new(rt.clone(), stores.clone(), None).await?;
+    let a = exec.artifacts(id).await?;
+    let mut v = serde_json::json!({
+        "worktree": a.worktree,
+        "attempt": null,
+        "succeeded": null,
+        "merged": a.merged,
+    });
+    if let (Some(obj), Some((attempt, succeeded, _, manifest))) = (v.as_object_mut(), a.evidence) {
+        obj.insert("attempt".into(), attempt.into());
+        obj.insert("succeeded".into(), succeeded.into());
+        if let serde_json::Value::Object(fields) = manifest {
+            obj.extend(fields);
+        }
+    }
+    Ok(v)
+}
+
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }

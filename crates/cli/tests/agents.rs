@@ -246,6 +246,16 @@ fn a_failed_test_command_fails_the_attempt_and_keeps_its_evidence() {
     assert_eq!(show(&env, &id)["status"], "failed");
     let ev = ok(&env, &["task", "show", &id, "--evidence"]);
     assert!(ev.contains("attempt 1 (failed)") && ev.contains("exit 4") && ev.contains("added    c.txt"), "{ev}");
+    // The same evidence in JSON, with its content-addressed references.
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&env, &["task", "show", &id, "--evidence", "--json"])).unwrap();
+    assert_eq!(json["id"], id.as_str());
+    let ev = &json["evidence"];
+    assert_eq!((ev["attempt"].as_u64(), ev["succeeded"].as_bool()), (Some(1), Some(false)), "{json:#}");
+    assert_eq!(ev["files"]["test"]["exit_code"], 4, "{json:#}");
+    assert_eq!(ev["files"]["changed_files"][0]["path"], "c.txt", "{json:#}");
+    assert_eq!(ev["files"]["diff"].as_str().map(str::len), Some(64), "a SHA-256 reference: {json:#}");
+    assert!(ev["worktree"]["branch"].as_str().unwrap().starts_with("descartes/"), "{json:#}");
     // A task that is not runnable now says why.
     let out = env.run(&["task", "execute", &id]);
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
