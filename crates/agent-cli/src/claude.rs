@@ -1,5 +1,19 @@
-//! Claude Code (`claude -p`), driven over stream-json on stdin and stdout, its permission
-//! requests (`control_request` `can_use_tool`) answered by Descartes.
+//! Claude Code (`claude -p`), driven over stream-json on stdin and stdout, every tool call
+//! decided by Descartes.
+//!
+//! The control protocol (as the official Agent SDKs speak it; checked against the pinned CLI,
+//! see `docs/PROTOCOLS.md`):
+//! - first on stdin, `{"type":"control_request","request_id":..,"request":{"subtype":"initialize",
+//!   "hooks":{"PreToolUse":[{"matcher":null,"hookCallbackIds":["descartes_pre_tool_use"]}]}}}`:
+//!   a `PreToolUse` hook for every tool, so that the calls Claude Code would allow by itself
+//!   (read-only commands such as `echo`, `ls`, `cat`) are decided too;
+//! - the CLI then sends `control_request` `hook_callback` (`callback_id`, `input` with
+//!   `tool_name`, `tool_input`, `tool_use_id`) before each call, answered with
+//!   `{"hookSpecificOutput":{"hookEventName":"PreToolUse","permissionDecision":"allow"|"deny",
+//!   "permissionDecisionReason":..}}`;
+//! - `control_request` `can_use_tool` (the permission prompt tool `stdio`) still comes for the
+//!   asks Claude Code makes on its own; a call the hook already allowed is allowed again at once
+//!   (one decision per call), others are decided like a hook call.
 
 use async_trait::async_trait;
 use descartes_core::{AgentCli, CliAnswer, CliEvent, CliPermissionRequest, CliRequest, CliSession, ProviderError};
@@ -72,6 +86,22 @@ impl ClaudeCode {
     }
 }
 
+/// The id of Descartes' `PreToolUse` hook callback.
+pub const HOOK_CALLBACK_ID: &str = "descartes_pre_tool_use";
+
+/// The `initialize` control request that registers Descartes' `PreToolUse` hook for every tool.
+pub fn initialize_request() -> String {
+    json!({
+        "type": "control_request",
+        "request_id": "descartes_initialize",
+        "request": {
+            "subtype": "initialize",
+            "hooks": {"PreToolUse": [{"matcher": null, "hookCallbackIds": [HOOK_CALLBACK_ID]}]},
+        },
+    })
+    .to_string()
+}
+
 /// The stream-json user message that carries the prompt.
 pub fn user_message(prompt: &str) -> String {
     json!({
@@ -90,7 +120,9 @@ impl AgentCli for ClaudeCode {
     }
 
     async fn start(&self, request: CliRequest) -> Result<Box<dyn CliSession>, ProviderError> {
-        let mut stdin = user_message(&request.prompt);
+        let mut stdin = initialize_request();
+        stdin.push('\n');
+        stdin.push_str(&user_message(&request.prompt));
         stdin.push('\n');
         let program = self.options.program_or("claude");
         let args = self.args(&request);
@@ -113,6 +145,10 @@ impl AgentCli for ClaudeCode {
 pub struct ClaudeDecoder {
     pending: Option<Pending>,
     last_error: Option<String>,
+    /// Requests that came through the hook: answered in the hook's format.
+    hook_requests: std::collections::HashSet<String>,
+    /// Tool uses the hook allowed: a later `can_use_tool` for them is allowed at once.
+    hook_allowed: std::collections::HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -234,16 +270,35 @@ impl Decoder for ClaudeDecoder {
                 let request = v.get("request");
                 match request.and_then(|r| r.get("subtype")).and_then(Value::as_str) {
                     Some("can_use_tool") => {
-                        let tool = str_of(request.and_then(|r| r.get("tool_name")));
+                        let input = request.and_then(|r| r.get("input")).cloned().unwrap_or(Value::Object(Map::new()));
+                        let use_id = tool_use_id_of(request);
+                        if use_id.as_ref().is_some_and(|id| self.hook_allowed.contains(id)) {
+                            // Decided (and recorded) when the hook asked: one decision per call.
+                            replies.push(can_use_tool_answer(&request_id, &CliAnswer::Allow { updated_input: input }));
+                        } else {
+                            let tool = str_of(request.and_then(|r| r.get("tool_name")));
+                            out.push(CliEvent::PermissionRequest(CliPermissionRequest {
+                                request_id,
+                                read_only: READ_ONLY_TOOLS.contains(&tool.as_str()),
+                                tool,
+                                input,
+                                tool_use_id: use_id,
+                            }));
+                        }
+                    }
+                    Some("hook_callback")
+                        if request.and_then(|r| r.get("callback_id")).and_then(Value::as_str)
+                            == Some(HOOK_CALLBACK_ID) =>
+                    {
+                        let hook = request.and_then(|r| r.get("input"));
+                        let tool = str_of(hook.and_then(|h| h.get("tool_name")));
+                        self.hook_requests.insert(request_id.clone());
                         out.push(CliEvent::PermissionRequest(CliPermissionRequest {
                             request_id,
                             read_only: READ_ONLY_TOOLS.contains(&tool.as_str()),
                             tool,
-                            input: request.and_then(|r| r.get("input")).cloned().unwrap_or(Value::Object(Map::new())),
-                            tool_use_id: request
-                                .and_then(|r| r.get("tool_use_id"))
-                                .and_then(Value::as_str)
-                                .map(str::to_owned),
+                            input: hook.and_then(|h| h.get("tool_input")).cloned().unwrap_or(Value::Object(Map::new())),
+                            tool_use_id: tool_use_id_of(hook).or_else(|| tool_use_id_of(request)),
                         }));
                     }
                     other => {
@@ -310,10 +365,23 @@ impl Decoder for ClaudeDecoder {
     }
 
     fn answer(&mut self, request: &CliPermissionRequest, answer: &CliAnswer) -> Option<String> {
-        let response = match answer {
-            CliAnswer::Allow { updated_input } => json!({"behavior": "allow", "updatedInput": updated_input}),
-            CliAnswer::Deny { message } => json!({"behavior": "deny", "message": message, "interrupt": false}),
+        if !self.hook_requests.remove(&request.request_id) {
+            return Some(can_use_tool_answer(&request.request_id, answer));
+        }
+        let (decision, reason) = match answer {
+            CliAnswer::Allow { .. } => {
+                self.hook_allowed.extend(request.tool_use_id.clone());
+                ("allow", "allowed by Descartes".to_owned())
+            }
+            CliAnswer::Deny { message } => ("deny", message.clone()),
         };
+        let response = json!({
+            "hookSpecificOutput": {
+                "hookEventName": "PreToolUse",
+                "permissionDecision": decision,
+                "permissionDecisionReason": reason,
+            },
+        });
         Some(
             json!({
                 "type": "control_response",
@@ -326,6 +394,24 @@ impl Decoder for ClaudeDecoder {
     fn last_error(&self) -> Option<String> {
         self.last_error.clone()
     }
+}
+
+/// The `tool_use_id` of a request or hook input.
+fn tool_use_id_of(v: Option<&Value>) -> Option<String> {
+    v.and_then(|r| r.get("tool_use_id")).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// The answer to a `can_use_tool` request.
+fn can_use_tool_answer(request_id: &str, answer: &CliAnswer) -> String {
+    let response = match answer {
+        CliAnswer::Allow { updated_input } => json!({"behavior": "allow", "updatedInput": updated_input}),
+        CliAnswer::Deny { message } => json!({"behavior": "deny", "message": message, "interrupt": false}),
+    };
+    json!({
+        "type": "control_response",
+        "response": {"subtype": "success", "request_id": request_id, "response": response},
+    })
+    .to_string()
 }
 
 /// Anthropic-style usage (`input_tokens`, `output_tokens`, `cache_read_input_tokens`,
@@ -435,6 +521,38 @@ mod tests {
         let events = decode(&mut d, r#"{"type":"result","subtype":"success","is_error":false,"result":"x"}"#);
         let CliEvent::AssistantMessage { usage, .. } = &events[0] else { panic!("{events:?}") };
         assert_eq!(*usage, Some(Usage { input_tokens: 10, output_tokens: 7, ..Default::default() }));
+    }
+
+    #[test]
+    fn the_pre_tool_use_hook_asks_descartes_about_every_call_once() {
+        let init: Value = serde_json::from_str(&initialize_request()).unwrap();
+        assert_eq!(init["request"]["subtype"], "initialize");
+        assert_eq!(init["request"]["hooks"]["PreToolUse"][0]["hookCallbackIds"][0], HOOK_CALLBACK_ID);
+        let mut d = ClaudeDecoder::default();
+        // A call Claude Code would allow by itself (`echo`) still comes to Descartes.
+        let hook = r#"{"type":"control_request","request_id":"h1","request":{"subtype":"hook_callback","callback_id":"descartes_pre_tool_use","input":{"session_id":"s","transcript_path":"/t","cwd":"/w","hook_event_name":"PreToolUse","tool_name":"Bash","tool_input":{"command":"echo hi"},"tool_use_id":"toolu_9"},"tool_use_id":"toolu_9"}}"#;
+        let events = decode(&mut d, hook);
+        let CliEvent::PermissionRequest(r) = &events[0] else { panic!("{events:?}") };
+        assert_eq!((r.tool.as_str(), r.tool_use_id.as_deref()), ("Bash", Some("toolu_9")));
+        assert_eq!(r.input, json!({"command": "echo hi"}));
+        let deny = d.answer(r, &CliAnswer::Deny { message: "no echo".into() }).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&deny).unwrap(),
+            json!({"type":"control_response","response":{"subtype":"success","request_id":"h1","response":{
+                "hookSpecificOutput":{"hookEventName":"PreToolUse","permissionDecision":"deny","permissionDecisionReason":"no echo"}}}})
+        );
+        // Allowed by the hook: a `can_use_tool` for the same call is allowed at once, no second
+        // decision.
+        let events = decode(&mut d, &hook.replace("h1", "h2"));
+        let CliEvent::PermissionRequest(r) = &events[0] else { panic!("{events:?}") };
+        let allow: Value =
+            serde_json::from_str(&d.answer(r, &CliAnswer::Allow { updated_input: json!({}) }).unwrap()).unwrap();
+        assert_eq!(allow["response"]["response"]["hookSpecificOutput"]["permissionDecision"], "allow");
+        let ask = r#"{"type":"control_request","request_id":"c1","request":{"subtype":"can_use_tool","tool_name":"Bash","input":{"command":"echo hi"},"tool_use_id":"toolu_9"}}"#;
+        let out = d.line(ask).unwrap();
+        assert!(out.events.is_empty(), "{:?}", out.events);
+        let reply: Value = serde_json::from_str(&out.replies[0]).unwrap();
+        assert_eq!(reply["response"]["response"]["behavior"], "allow");
     }
 
     #[test]

@@ -342,3 +342,93 @@ fn claude_code_cannot_write_descartes_own_files_even_with_yes() {
     assert_eq!(decision["data"]["actor"], "guardrail", "{decision}");
     assert!(decision["data"]["rule"].as_str().unwrap().starts_with("guardrail:deny"), "{decision}");
 }
+
+/// Claude Code as Anthropic would drive it to run `command` with `Bash`, then report what the
+/// tool answered.
+fn claude_bash(command: &'static str) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static {
+    move |req: &RecordedRequest| {
+        if req.tool_names().is_empty() {
+            return Reply::Stream(anthropic::text(&["ok"]));
+        }
+        if req.has_tool_result() {
+            return Reply::Stream(anthropic::text(&["Done."]));
+        }
+        let input = json!({"command": command, "description": "compute"}).to_string();
+        Reply::Stream(anthropic::tool_uses(Some("Running it."), &[("toolu_01", "Bash", &[&input])]))
+    }
+}
+
+/// What the model was told the tool returned (the last request's tool results).
+fn tool_results_seen(env: &Env) -> String {
+    env.server.requests().iter().flat_map(|r| r.tool_results()).map(|(_, out)| out).collect::<Vec<_>>().join(" | ")
+}
+
+/// Every call Claude Code executed has Descartes' decision before it in the log.
+fn assert_every_call_was_decided_first(events: &[Value]) {
+    for (i, e) in events.iter().enumerate().filter(|(_, e)| e["type"] == "tool_call_started") {
+        let id = &e["data"]["call_id"];
+        let decided = events[..i].iter().any(|d| {
+            d["type"] == "permission_decided" && d["data"]["call_id"] == *id && d["data"]["decision"] == "allow"
+        });
+        assert!(decided, "call {id} ran without an allow decision before it: {events:#?}");
+    }
+}
+
+#[test]
+fn claude_code_s_auto_approved_commands_are_decided_by_descartes() {
+    let Some(dir) = descartes_test_support::agent_clis::cli("claude").and_then(|p| p.parent().map(|d| d.to_owned()))
+    else {
+        return;
+    };
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let claude = |env: &Env, args: &[&str]| {
+        env.cmd(args)
+            .env("PATH", &path)
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .output()
+            .unwrap()
+    };
+
+    // `echo` is a command Claude Code runs without asking; without -y and without a terminal,
+    // Descartes' ask is a deny, and the command does not run.
+    let env = Env::new(claude_bash("echo $((5*5))-deny"));
+    env.init();
+    let out = claude(&env, &["run", "-p", "claude-code", "compute"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!tool_results_seen(&env).contains("25-deny"), "the command ran: {}", tool_results_seen(&env));
+    let events = env.events(env.runs()[0]["run_id"].as_str().unwrap());
+    let decision = events.iter().find(|e| e["type"] == "permission_decided").expect("a decision");
+    assert_eq!(
+        (decision["data"]["decision"].as_str(), decision["data"]["tool"].as_str()),
+        (Some("deny"), Some("Bash"))
+    );
+    assert_every_call_was_decided_first(&events);
+
+    // A project policy rule denies it even with -y, recorded with its rule.
+    let env = Env::new(claude_bash("echo $((6*11))-pd"));
+    env.init();
+    std::fs::create_dir_all(env.project().join(".ai")).unwrap();
+    std::fs::write(
+        env.project().join(".ai/policy.yaml"),
+        "rules:\n  - id: no-pd\n    effect: deny\n    tools: [Bash]\n    commands: [\"echo *-pd*\"]\n",
+    )
+    .unwrap();
+    let out = claude(&env, &["run", "-p", "claude-code", "-y", "compute"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!tool_results_seen(&env).contains("66-pd"), "the command ran: {}", tool_results_seen(&env));
+    let events = env.events(env.runs()[0]["run_id"].as_str().unwrap());
+    let policy = events.iter().find(|e| e["type"] == "policy_decided").expect("a policy decision");
+    assert_eq!((policy["data"]["decision"].as_str(), policy["data"]["rule"].as_str()), (Some("deny"), Some("no-pd")));
+    assert_every_call_was_decided_first(&events);
+
+    // Allowed (-y): it runs, after its decision.
+    let env = Env::new(claude_bash("echo $((5*5))-ok"));
+    env.init();
+    let out = claude(&env, &["run", "-p", "claude-code", "-y", "compute"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(tool_results_seen(&env).contains("25-ok"), "the command did not run: {}", tool_results_seen(&env));
+    let events = env.events(env.runs()[0]["run_id"].as_str().unwrap());
+    assert_eq!(events.iter().filter(|e| e["type"] == "permission_decided").count(), 1, "one decision per call");
+    assert_every_call_was_decided_first(&events);
+}
