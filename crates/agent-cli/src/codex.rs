@@ -1,26 +1,46 @@
-//! Codex (`codex exec --json`). Items are mapped to messages and tool calls: `agent_message` →
-//! answer text, `reasoning` → thinking, `command_execution` → a `shell` tool call and its result,
-//! `file_change` → an `apply_patch` call, `mcp_tool_call` → an `mcp__server__tool` call,
-//! `web_search` → a `web_search` call, `error` → a notice; `thread.started` gives the session.
+//! Codex, driven through `codex app-server` (JSON-RPC over stdio, no `"jsonrpc"` member) so
+//! that Descartes decides every command and every patch before it runs.
 //!
-//! Permissions: `codex exec` has no interactive approvals (they need `codex app-server`), so
-//! Descartes cannot answer them. Its sandbox is the policy instead: `read-only` by default
-//! (commands run but cannot write), `workspace-write` with `-y` (writes inside the working
-//! directory, no network). Tokens are reported, money is not.
+//! The conversation (checked against the pinned CLI, see `docs/PROTOCOLS.md`):
+//! - `initialize` (`clientInfo`), then the `initialized` notification;
+//! - `thread/start` (`cwd`, `approvalPolicy: "untrusted"`, `sandbox`, `model`) or, to continue
+//!   a session, `thread/resume` (`threadId`, the same settings, `excludeTurns`); the result's
+//!   `thread.id` is the session;
+//! - `turn/start` (`threadId`, `input: [{type: "text", text}]`); then notifications
+//!   (`item/started`, `item/completed` with `commandExecution`, `fileChange`, `mcpToolCall`,
+//!   `webSearch`, `agentMessage`, `reasoning` items; `item/agentMessage/delta`;
+//!   `thread/tokenUsage/updated`; `error`) until `turn/completed` (`turn.status`
+//!   `completed`, `failed` or `interrupted`);
+//! - the CLI's requests `item/commandExecution/requestApproval` (`itemId`, `command`) and
+//!   `item/fileChange/requestApproval` (`itemId`; the paths come with the item), answered
+//!   `{"decision": "accept" | "decline"}` once the decision is recorded. Descartes never
+//!   answers `acceptForSession` or an exec-policy amendment (they would let later calls skip
+//!   it); "allow for this run" is Descartes' own.
+//!
+//! With `approvalPolicy: "untrusted"` Codex asks before every command, those it deems safe
+//! (`echo`, `ls`, `cat`) included, in every sandbox mode. What Descartes does not decide: an
+//! `allow` rule of Codex's own exec policy (`~/.codex/rules/*.rules`, `/etc/codex/rules`) runs
+//! its commands without asking (such a call is recorded and reported as undecided), and input
+//! typed into an interactive process that was allowed. The sandbox stays as before:
+//! `read-only` by default, `workspace-write` with `-y`. Tokens are reported, money is not.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
-use descartes_core::{AgentCli, CliEvent, CliRequest, CliSession, ProviderError};
+use descartes_core::{AgentCli, CliAnswer, CliEvent, CliPermissionRequest, CliRequest, CliSession, ProviderError};
 use descartes_protocol::{ContentPart, Usage};
 use serde_json::{Map, Value, json};
 
 use crate::command::full_prompt;
 use crate::process::CliProcess;
+use crate::rpc::{Incoming, Rpc, classify, id_key};
 use crate::session::{Decoded, Decoder, ProcessSession, parse_json_line};
 use crate::{CliOptions, str_of, u64_of};
 
 pub const INSTALL_HINT: &str = "npm install -g @openai/codex";
+
+/// The approval policy that makes Codex ask before every command.
+const APPROVAL_POLICY: &str = "untrusted";
 
 /// The `codex` backend.
 #[derive(Debug, Clone, Default)]
@@ -33,21 +53,10 @@ impl Codex {
         Self { options }
     }
 
-    /// The command line for a request (without the program).
-    pub fn args(&self, request: &CliRequest) -> Vec<String> {
-        let mut args: Vec<String> = vec!["exec".into(), "--json".into(), "--skip-git-repo-check".into()];
-        let sandbox = if request.auto_approve { "workspace-write" } else { "read-only" };
-        args.extend(["--sandbox".into(), sandbox.into()]);
-        if let Some(model) = &request.model {
-            args.extend(["-m".into(), model.clone()]);
-        }
+    /// The command line (without the program).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["app-server".to_owned()];
         args.extend(self.options.extra_args.iter().cloned());
-        if let Some(id) = &request.resume_session {
-            args.extend(["resume".into(), id.clone()]);
-        }
-        // After `--` so that a prompt starting with `-` is not taken for an option.
-        args.push("--".into());
-        args.push(full_prompt(request));
         args
     }
 }
@@ -60,17 +69,36 @@ impl AgentCli for Codex {
 
     async fn start(&self, request: CliRequest) -> Result<Box<dyn CliSession>, ProviderError> {
         let program = self.options.program_or("codex");
-        let spawn = self.options.spawn(self.name(), program, self.args(&request), &request.cwd, INSTALL_HINT.into());
+        let mut decoder = CodexDecoder::new(request.clone());
+        let mut spawn = self.options.spawn(self.name(), program, self.args(), &request.cwd, INSTALL_HINT.into());
+        spawn.stdin = Some(decoder.initialize() + "\n");
+        spawn.keep_stdin = true;
         let process = CliProcess::spawn(spawn).await?;
-        Ok(Box::new(ProcessSession::new(process, CodexDecoder::default())))
+        Ok(Box::new(ProcessSession::new(process, decoder)))
     }
 }
 
-/// `codex exec --json` output, line by line.
-#[derive(Debug, Default)]
+/// Our requests awaiting their answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Initialize,
+    Thread,
+    Turn,
+}
+
+/// The app-server conversation of one invocation: what to send next, and the CLI's messages
+/// as events.
+#[derive(Debug)]
 pub struct CodexDecoder {
-    /// Tool calls already reported (at `item.started`).
-    started: HashSet<String>,
+    request: CliRequest,
+    rpc: Rpc,
+    calls: HashMap<u64, Call>,
+    /// Tool items reported so far: item id → (tool, input).
+    tools: HashMap<String, (String, Value)>,
+    /// Tool items Descartes was asked about.
+    asked: HashSet<String>,
+    /// Approval requests awaiting Descartes' answer: our key → the CLI's request id.
+    approvals: HashMap<String, Value>,
     /// Reasoning waiting for the next message it belongs to.
     thinking: Vec<ContentPart>,
     /// The last agent message: the run's result.
@@ -81,60 +109,263 @@ pub struct CodexDecoder {
 }
 
 impl CodexDecoder {
-    fn message(&mut self, part: ContentPart, out: &mut Vec<CliEvent>) {
-        let mut parts = std::mem::take(&mut self.thinking);
-        parts.push(part);
-        out.push(CliEvent::AssistantMessage { parts, usage: None, stop_reason: None });
-    }
-
-    /// The tool call an item stands for: (tool, input).
-    fn tool_of(item: &Map<String, Value>) -> Option<(String, Value)> {
-        match item.get("type").and_then(Value::as_str)? {
-            "command_execution" => Some(("shell".into(), json!({"command": str_of(item.get("command"))}))),
-            "file_change" => {
-                Some(("apply_patch".into(), json!({"changes": item.get("changes").cloned().unwrap_or(Value::Null)})))
-            }
-            "mcp_tool_call" => Some((
-                format!("mcp__{}__{}", str_of(item.get("server")), str_of(item.get("tool"))),
-                item.get("arguments").cloned().unwrap_or(Value::Object(Map::new())),
-            )),
-            "web_search" => Some(("web_search".into(), json!({"query": str_of(item.get("query"))}))),
-            _ => None,
+    pub fn new(request: CliRequest) -> Self {
+        Self {
+            request,
+            rpc: Rpc::new(false),
+            calls: HashMap::new(),
+            tools: HashMap::new(),
+            asked: HashSet::new(),
+            approvals: HashMap::new(),
+            thinking: Vec::new(),
+            answer: String::new(),
+            usage: None,
+            last_error: None,
+            finished: false,
         }
     }
 
-    /// The result of a completed tool item: (output, is_error).
-    fn result_of(item: &Map<String, Value>) -> (String, bool) {
-        let failed = str_of(item.get("status")) == "failed";
-        match item.get("type").and_then(Value::as_str).unwrap_or("") {
-            "command_execution" => {
-                let output = str_of(item.get("aggregated_output"));
-                let code = item.get("exit_code").and_then(Value::as_i64);
-                let is_error = failed || code.is_some_and(|c| c != 0);
-                let output = match code {
-                    Some(c) if c != 0 => format!("{output}\n[exit code {c}]").trim_start().to_owned(),
-                    _ => output,
+    /// The first line: `initialize`.
+    pub fn initialize(&mut self) -> String {
+        let info = json!({"name": "descartes", "title": "Descartes", "version": env!("CARGO_PKG_VERSION")});
+        self.call(Call::Initialize, "initialize", json!({"clientInfo": info}))
+    }
+
+    fn call(&mut self, call: Call, method: &str, params: Value) -> String {
+        let (id, line) = self.rpc.request(method, params);
+        self.calls.insert(id, call);
+        line
+    }
+
+    /// `thread/start`, or `thread/resume` for a session to continue.
+    fn thread(&mut self) -> String {
+        let sandbox = if self.request.auto_approve { "workspace-write" } else { "read-only" };
+        let mut params = json!({
+            "cwd": self.request.cwd.display().to_string(),
+            "approvalPolicy": APPROVAL_POLICY,
+            "sandbox": sandbox,
+        });
+        if let Some(model) = &self.request.model {
+            params["model"] = json!(model);
+        }
+        match self.request.resume_session.clone() {
+            Some(id) => {
+                params["threadId"] = json!(id);
+                params["excludeTurns"] = json!(true);
+                self.call(Call::Thread, "thread/resume", params)
+            }
+            None => self.call(Call::Thread, "thread/start", params),
+        }
+    }
+
+    fn finish(&mut self, result: String, is_error: bool, subtype: Option<&str>, out: &mut Vec<CliEvent>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if is_error {
+            self.last_error = Some(result.clone());
+        }
+        if !self.thinking.is_empty() {
+            let parts = std::mem::take(&mut self.thinking);
+            out.push(CliEvent::AssistantMessage { parts, usage: None, stop_reason: None });
+        }
+        out.push(CliEvent::Finished {
+            result,
+            is_error,
+            subtype: subtype.map(str::to_owned),
+            usage: self.usage,
+            cost_usd: None,
+        });
+    }
+
+    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
+        let Some(call) = self.calls.remove(&id) else { return Vec::new() };
+        let result = match result {
+            Ok(r) => r,
+            Err(message) => {
+                let what = match call {
+                    Call::Initialize => "initialize",
+                    Call::Thread if self.request.resume_session.is_some() => "thread/resume",
+                    Call::Thread => "thread/start",
+                    Call::Turn => "turn/start",
                 };
-                (output, is_error)
+                self.finish(format!("{what} failed: {message}"), true, Some("app_server_error"), out);
+                return Vec::new();
             }
-            "file_change" => {
-                let changes = item.get("changes").and_then(Value::as_array).cloned().unwrap_or_default();
-                let lines: Vec<String> =
-                    changes.iter().map(|c| format!("{} {}", str_of(c.get("kind")), str_of(c.get("path")))).collect();
-                (lines.join("\n"), failed)
+        };
+        match call {
+            Call::Initialize => vec![self.rpc.notification("initialized", None), self.thread()],
+            Call::Thread => {
+                let thread = result.get("thread").and_then(|t| t.get("id")).and_then(Value::as_str);
+                let Some(thread) = thread.map(str::to_owned) else {
+                    self.finish("the thread has no id".into(), true, Some("app_server_error"), out);
+                    return Vec::new();
+                };
+                let model = result.get("model").and_then(Value::as_str).map(str::to_owned);
+                out.push(CliEvent::SessionStarted { session_id: thread.clone(), model });
+                let text = full_prompt(&self.request);
+                let input = json!([{"type": "text", "text": text, "text_elements": []}]);
+                vec![self.call(Call::Turn, "turn/start", json!({"threadId": thread, "input": input}))]
             }
-            "mcp_tool_call" => {
-                if let Some(e) = item.get("error").filter(|e| !e.is_null()) {
-                    return (
-                        e.get("message").and_then(Value::as_str).map_or_else(|| e.to_string(), str::to_owned),
-                        true,
-                    );
+            Call::Turn => Vec::new(),
+        }
+    }
+
+    /// Reports a tool item (once), as a tool use of an assistant message.
+    fn tool_item(&mut self, item: &Map<String, Value>, out: &mut Vec<CliEvent>) {
+        let id = str_of(item.get("id"));
+        if self.tools.contains_key(&id) {
+            return;
+        }
+        let Some((tool, input)) = tool_of(item) else { return };
+        self.tools.insert(id.clone(), (tool.clone(), input.clone()));
+        let mut parts = std::mem::take(&mut self.thinking);
+        parts.push(ContentPart::ToolUse { id, name: tool, input });
+        out.push(CliEvent::AssistantMessage { parts, usage: None, stop_reason: None });
+    }
+
+    fn item(&mut self, params: &Value, completed: bool, out: &mut Vec<CliEvent>) {
+        let Some(item) = params.get("item").and_then(Value::as_object) else { return };
+        match item.get("type").and_then(Value::as_str).unwrap_or("") {
+            "agentMessage" if completed => {
+                let text = str_of(item.get("text"));
+                self.answer = text.clone();
+                let mut parts = std::mem::take(&mut self.thinking);
+                parts.push(ContentPart::text(text));
+                out.push(CliEvent::AssistantMessage { parts, usage: None, stop_reason: None });
+            }
+            "reasoning" if completed => {
+                let mut lines: Vec<String> = Vec::new();
+                for key in ["summary", "content"] {
+                    let list = item.get(key).and_then(Value::as_array).into_iter().flatten();
+                    lines.extend(list.filter_map(Value::as_str).map(str::to_owned));
                 }
-                let result = item.get("result");
-                let text = crate::text_of(result.and_then(|r| r.get("content")));
-                (text, failed)
+                let text = lines.join("\n");
+                if !text.trim().is_empty() {
+                    self.thinking.push(ContentPart::Thinking { text, signature: None });
+                }
             }
-            _ => (String::new(), failed),
+            _ => {
+                self.tool_item(item, out);
+                let id = str_of(item.get("id"));
+                if completed && self.tools.contains_key(&id) {
+                    if !self.asked.contains(&id) && str_of(item.get("status")) != "declined" {
+                        let tool = self.tools.get(&id).map(|t| t.0.clone()).unwrap_or_default();
+                        out.push(CliEvent::Notice(format!(
+                            "ran `{tool}` without asking Descartes (an allow rule of Codex's own exec policy?)"
+                        )));
+                    }
+                    let (output, is_error) = result_of(item);
+                    out.push(CliEvent::ToolResult { tool_use_id: id, output, is_error });
+                }
+            }
+        }
+    }
+
+    /// An approval request: a permission request for Descartes.
+    fn approval(&mut self, id: &Value, params: &Value, file_change: bool, out: &mut Vec<CliEvent>) {
+        let item_id = str_of(params.get("itemId"));
+        if !self.tools.contains_key(&item_id) {
+            // The item was not announced: make it known from the request itself.
+            let item = if file_change {
+                json!({"id": item_id, "type": "fileChange", "changes": []})
+            } else {
+                json!({"id": item_id, "type": "commandExecution", "command": str_of(params.get("command"))})
+            };
+            if let Some(item) = item.as_object() {
+                self.tool_item(item, out);
+            }
+        }
+        let (tool, input) = self.tools.get(&item_id).cloned().unwrap_or_else(|| ("unknown".into(), Value::Null));
+        let key = id_key(id);
+        self.approvals.insert(key.clone(), id.clone());
+        self.asked.insert(item_id.clone());
+        out.push(CliEvent::PermissionRequest(CliPermissionRequest {
+            request_id: key,
+            tool,
+            input,
+            tool_use_id: Some(item_id),
+            read_only: false,
+        }));
+    }
+
+    /// A request Descartes does not serve: refused in the way that grants nothing.
+    fn refuse(&self, id: &Value, method: &str, out: &mut Vec<CliEvent>) -> String {
+        out.push(CliEvent::Notice(format!("refused `{method}`: Descartes does not grant it")));
+        match method {
+            "item/permissions/requestApproval" => self.rpc.response(id, json!({"permissions": {}, "scope": "turn"})),
+            "mcpServer/elicitation/request" => self.rpc.response(id, json!({"action": "decline"})),
+            "item/tool/requestUserInput" => self.rpc.response(id, json!({"answers": {}})),
+            "execCommandApproval" | "applyPatchApproval" => self.rpc.response(id, json!({"decision": "denied"})),
+            _ => self.rpc.error(id, -32601, "not supported by this client (Descartes)"),
+        }
+    }
+
+    fn notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>) {
+        match method {
+            "item/started" => self.item(params, false, out),
+            "item/completed" => self.item(params, true, out),
+            "item/agentMessage/delta" => {
+                let delta = str_of(params.get("delta"));
+                if !delta.is_empty() {
+                    out.push(CliEvent::TextDelta(delta));
+                }
+            }
+            "thread/tokenUsage/updated" => {
+                // `last` is the model call just made: they add up to this invocation's usage
+                // (`total` counts the thread's earlier invocations too).
+                let last = params.get("tokenUsage").and_then(|u| u.get("last"));
+                let field = |k: &str| u64_of(last.and_then(|l| l.get(k)));
+                let cached = field("cachedInputTokens");
+                let usage = Usage {
+                    input_tokens: field("inputTokens"),
+                    output_tokens: field("outputTokens"),
+                    cache_read_tokens: cached,
+                    cache_write_tokens: field("cacheWriteInputTokens"),
+                };
+                let total = self.usage.get_or_insert_with(Usage::default);
+                total.add(&usage);
+                out.push(CliEvent::Usage { usage: *total, cost_usd: None });
+            }
+            "error" => {
+                let message = params
+                    .get("error")
+                    .and_then(|e| e.get("message"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("error")
+                    .to_owned();
+                self.last_error = Some(message.clone());
+                if params.get("willRetry").and_then(Value::as_bool) == Some(true) {
+                    out.push(CliEvent::Notice(format!("{message} (retrying)")));
+                }
+            }
+            "turn/completed" => {
+                let turn = params.get("turn");
+                match turn.and_then(|t| t.get("status")).and_then(Value::as_str).unwrap_or("completed") {
+                    "completed" => {
+                        let answer = self.answer.clone();
+                        self.finish(answer, false, None, out);
+                    }
+                    status => {
+                        let message = turn
+                            .and_then(|t| t.get("error"))
+                            .and_then(|e| e.get("message"))
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                            .or_else(|| self.last_error.clone())
+                            .unwrap_or_else(|| format!("the turn ended `{status}`"));
+                        self.finish(message, true, Some(&format!("turn_{status}")), out);
+                    }
+                }
+            }
+            "warning" | "configWarning" | "deprecationNotice" => {
+                let text = ["summary", "message"].iter().find_map(|k| params.get(*k).and_then(Value::as_str));
+                if let Some(text) = text {
+                    out.push(CliEvent::Notice(text.to_owned()));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -143,103 +374,36 @@ impl Decoder for CodexDecoder {
     fn line(&mut self, line: &str) -> Result<Decoded, String> {
         let v = parse_json_line("codex", line)?;
         let mut out = Vec::new();
-        match v.get("type").and_then(Value::as_str).unwrap_or("") {
-            "thread.started" => {
-                if let Some(id) = v.get("thread_id").and_then(Value::as_str) {
-                    out.push(CliEvent::SessionStarted { session_id: id.to_owned(), model: None });
-                }
-            }
-            kind @ ("item.started" | "item.completed") => {
-                let Some(item) = v.get("item").and_then(Value::as_object) else { return Ok(Decoded::default()) };
-                let id = str_of(item.get("id"));
-                let completed = kind == "item.completed";
-                match item.get("type").and_then(Value::as_str).unwrap_or("") {
-                    "agent_message" if completed => {
-                        let text = str_of(item.get("text"));
-                        self.answer = text.clone();
-                        self.message(ContentPart::text(text), &mut out);
-                    }
-                    "reasoning" if completed => {
-                        let text = str_of(item.get("text"));
-                        if !text.is_empty() {
-                            self.thinking.push(ContentPart::Thinking { text, signature: None });
-                        }
-                    }
-                    "error" if completed => {
-                        let message = str_of(item.get("message"));
-                        out.push(CliEvent::Notice(message));
-                    }
-                    _ => {
-                        if let Some((tool, input)) = Self::tool_of(item) {
-                            if self.started.insert(id.clone()) {
-                                self.message(ContentPart::ToolUse { id: id.clone(), name: tool, input }, &mut out);
-                                out.push(CliEvent::ToolStarted { tool_use_id: id.clone() });
-                            }
-                            if completed {
-                                let (output, is_error) = Self::result_of(item);
-                                out.push(CliEvent::ToolResult { tool_use_id: id, output, is_error });
-                            }
-                        }
-                    }
-                }
-            }
-            "turn.completed" => {
-                let u = v.get("usage");
-                let usage = Usage {
-                    input_tokens: u64_of(u.and_then(|u| u.get("input_tokens"))),
-                    output_tokens: u64_of(u.and_then(|u| u.get("output_tokens"))),
-                    cache_read_tokens: u64_of(u.and_then(|u| u.get("cached_input_tokens"))),
-                    cache_write_tokens: 0,
-                };
-                // Several turns may run in one exec: totals add up.
-                let total = self.usage.get_or_insert_with(Usage::default);
-                total.add(&usage);
-                out.push(CliEvent::Usage { usage: *total, cost_usd: None });
-            }
-            "turn.failed" => {
-                let message = v
-                    .get("error")
-                    .and_then(|e| e.get("message"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("the turn failed")
-                    .to_owned();
-                self.last_error = Some(message.clone());
-                self.finished = true;
-                out.push(CliEvent::Finished {
-                    result: message,
-                    is_error: true,
-                    subtype: Some("turn_failed".into()),
-                    usage: self.usage,
-                    cost_usd: None,
-                });
-            }
-            "error" => {
-                let message = str_of(v.get("message"));
-                self.last_error = Some(message.clone());
-                out.push(CliEvent::Notice(message));
-            }
-            // turn.started, item.updated, and types added later.
-            _ => {}
+        let mut replies = Vec::new();
+        match classify(v) {
+            Some(Incoming::Response { id, result }) => replies = self.response(id, result, &mut out),
+            Some(Incoming::Request { id, method, params }) => match method.as_str() {
+                "item/commandExecution/requestApproval" => self.approval(&id, &params, false, &mut out),
+                "item/fileChange/requestApproval" => self.approval(&id, &params, true, &mut out),
+                other => replies.push(self.refuse(&id, other, &mut out)),
+            },
+            Some(Incoming::Notification { method, params }) => self.notification(&method, &params, &mut out),
+            None => {}
         }
-        Ok(Decoded::events(out))
+        Ok(Decoded { events: out, replies })
+    }
+
+    fn answer(&mut self, request: &CliPermissionRequest, answer: &CliAnswer) -> Option<String> {
+        let id = self.approvals.remove(&request.request_id)?;
+        let decision = match answer {
+            CliAnswer::Allow { .. } => "accept",
+            CliAnswer::Deny { .. } => "decline",
+        };
+        Some(self.rpc.response(&id, json!({"decision": decision})))
     }
 
     fn at_exit(&mut self, _success: bool) -> Vec<CliEvent> {
-        if self.finished {
-            return Vec::new();
-        }
         let mut out = Vec::new();
-        if !self.thinking.is_empty() {
-            let parts = std::mem::take(&mut self.thinking);
-            out.push(CliEvent::AssistantMessage { parts, usage: None, stop_reason: None });
+        if !self.finished {
+            let message =
+                self.last_error.clone().unwrap_or_else(|| "codex app-server exited before the turn ended".into());
+            self.finish(message, true, Some("exited"), &mut out);
         }
-        out.push(CliEvent::Finished {
-            result: self.answer.clone(),
-            is_error: false,
-            subtype: None,
-            usage: self.usage,
-            cost_usd: None,
-        });
         out
     }
 
@@ -248,117 +412,260 @@ impl Decoder for CodexDecoder {
     }
 }
 
+/// The tool call an item stands for: (tool, input).
+fn tool_of(item: &Map<String, Value>) -> Option<(String, Value)> {
+    match item.get("type").and_then(Value::as_str)? {
+        "commandExecution" => Some(("shell".into(), json!({"command": unwrap_shell(&str_of(item.get("command")))}))),
+        "fileChange" => {
+            let changes = item.get("changes").cloned().unwrap_or(Value::Array(Vec::new()));
+            let paths: Vec<Value> =
+                changes.as_array().into_iter().flatten().filter_map(|c| c.get("path").cloned()).collect();
+            let mut input = json!({"paths": paths, "changes": changes});
+            if let Some(first) = paths.first() {
+                input["path"] = first.clone();
+            }
+            Some(("apply_patch".into(), input))
+        }
+        "mcpToolCall" => Some((
+            format!("mcp__{}__{}", str_of(item.get("server")), str_of(item.get("tool"))),
+            item.get("arguments").cloned().unwrap_or(Value::Object(Map::new())),
+        )),
+        "webSearch" => Some(("web_search".into(), json!({"query": str_of(item.get("query"))}))),
+        _ => None,
+    }
+}
+
+/// The result of a completed tool item: (output, is_error).
+fn result_of(item: &Map<String, Value>) -> (String, bool) {
+    let status = str_of(item.get("status"));
+    if status == "declined" {
+        return ("declined: not run".into(), true);
+    }
+    let failed = status == "failed";
+    match item.get("type").and_then(Value::as_str).unwrap_or("") {
+        "commandExecution" => {
+            let output = str_of(item.get("aggregatedOutput"));
+            let code = item.get("exitCode").and_then(Value::as_i64);
+            let is_error = failed || code.is_some_and(|c| c != 0);
+            let output = match code {
+                Some(c) if c != 0 => format!("{output}\n[exit code {c}]").trim_start().to_owned(),
+                _ => output,
+            };
+            (output, is_error)
+        }
+        "fileChange" => {
+            let changes = item.get("changes").and_then(Value::as_array).cloned().unwrap_or_default();
+            let lines: Vec<String> = changes
+                .iter()
+                .map(|c| {
+                    let kind = c.get("kind").and_then(|k| k.get("type")).and_then(Value::as_str).unwrap_or("update");
+                    format!("{kind} {}", str_of(c.get("path")))
+                })
+                .collect();
+            (lines.join("\n"), failed)
+        }
+        "mcpToolCall" => {
+            if let Some(e) = item.get("error").filter(|e| !e.is_null()) {
+                return (e.get("message").and_then(Value::as_str).map_or_else(|| e.to_string(), str::to_owned), true);
+            }
+            (crate::text_of(item.get("result").and_then(|r| r.get("content"))), failed)
+        }
+        _ => (String::new(), failed),
+    }
+}
+
+/// The command a shell wrapper runs: `/bin/bash -lc 'echo hi'` is `echo hi` (what the policy
+/// is matched against); anything else as it is.
+fn unwrap_shell(command: &str) -> String {
+    let mut words = command.splitn(3, ' ');
+    let (Some(shell), Some(flag), Some(rest)) = (words.next(), words.next(), words.next()) else {
+        return command.to_owned();
+    };
+    let shell = shell.rsplit('/').next().unwrap_or(shell);
+    if !matches!(shell, "bash" | "sh" | "zsh") || !matches!(flag, "-lc" | "-c") {
+        return command.to_owned();
+    }
+    if let Some(inner) = rest.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
+        return inner.replace("'\\''", "'");
+    }
+    if let Some(inner) = rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        return inner.replace("\\\"", "\"").replace("\\\\", "\\");
+    }
+    rest.to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = r#"{"type":"thread.started","thread_id":"0199abc"}
-{"type":"turn.started"}
-{"type":"item.completed","item":{"id":"item_0","type":"reasoning","text":"**Listing files**"}}
-{"type":"item.started","item":{"id":"item_1","type":"command_execution","command":"bash -lc ls","aggregated_output":"","exit_code":null,"status":"in_progress"}}
-{"type":"item.completed","item":{"id":"item_1","type":"command_execution","command":"bash -lc ls","aggregated_output":"a.rs\n","exit_code":0,"status":"completed"}}
-{"type":"item.completed","item":{"id":"item_2","type":"file_change","changes":[{"path":"src/a.rs","kind":"update"}],"status":"completed"}}
-{"type":"item.completed","item":{"id":"item_3","type":"agent_message","text":"Done."}}
-{"type":"turn.completed","usage":{"input_tokens":24763,"cached_input_tokens":24448,"output_tokens":122}}"#;
-
-    fn decode_all(d: &mut CodexDecoder, text: &str) -> Vec<CliEvent> {
-        text.lines().flat_map(|l| d.line(l).unwrap().events).collect()
-    }
-
-    #[test]
-    fn protocol_fixture() {
-        let mut d = CodexDecoder::default();
-        let mut events = decode_all(&mut d, FIXTURE);
-        events.extend(d.at_exit(true));
-        assert_eq!(events[0], CliEvent::SessionStarted { session_id: "0199abc".into(), model: None });
-        assert_eq!(
-            events[1],
-            CliEvent::AssistantMessage {
-                parts: vec![
-                    ContentPart::Thinking { text: "**Listing files**".into(), signature: None },
-                    ContentPart::ToolUse {
-                        id: "item_1".into(),
-                        name: "shell".into(),
-                        input: json!({"command":"bash -lc ls"})
-                    }
-                ],
-                usage: None,
-                stop_reason: None
-            }
-        );
-        assert_eq!(events[2], CliEvent::ToolStarted { tool_use_id: "item_1".into() });
-        assert_eq!(
-            events[3],
-            CliEvent::ToolResult { tool_use_id: "item_1".into(), output: "a.rs\n".into(), is_error: false }
-        );
-        assert!(
-            matches!(&events[4], CliEvent::AssistantMessage { parts, .. } if matches!(&parts[0], ContentPart::ToolUse { name, .. } if name == "apply_patch"))
-        );
-        assert_eq!(events[5], CliEvent::ToolStarted { tool_use_id: "item_2".into() });
-        assert_eq!(
-            events[6],
-            CliEvent::ToolResult { tool_use_id: "item_2".into(), output: "update src/a.rs".into(), is_error: false }
-        );
-        assert!(
-            matches!(&events[7], CliEvent::AssistantMessage { parts, .. } if parts == &vec![ContentPart::text("Done.")])
-        );
-        let usage = Usage { input_tokens: 24763, output_tokens: 122, cache_read_tokens: 24448, cache_write_tokens: 0 };
-        assert_eq!(events[8], CliEvent::Usage { usage, cost_usd: None });
-        assert_eq!(
-            events[9],
-            CliEvent::Finished {
-                result: "Done.".into(),
-                is_error: false,
-                subtype: None,
-                usage: Some(usage),
-                cost_usd: None
-            }
-        );
-        assert_eq!(events.len(), 10);
-    }
-
-    #[test]
-    fn failures() {
-        let mut d = CodexDecoder::default();
-        let events = decode_all(
-            &mut d,
-            r#"{"type":"item.completed","item":{"id":"i","type":"command_execution","command":"false","aggregated_output":"","exit_code":1,"status":"failed"}}
-{"type":"error","message":"stream disconnected"}
-{"type":"turn.failed","error":{"message":"unexpected status 401"}}
-{"type":"some.new.event"}"#,
-        );
-        assert!(matches!(&events[2], CliEvent::ToolResult { is_error: true, output, .. } if output == "[exit code 1]"));
-        assert_eq!(events[3], CliEvent::Notice("stream disconnected".into()));
-        assert!(
-            matches!(&events[4], CliEvent::Finished { is_error: true, result, .. } if result == "unexpected status 401")
-        );
-        assert_eq!(events.len(), 5);
-        assert!(d.at_exit(true).is_empty());
-        assert!(d.line("not json").is_err());
-    }
-
-    #[test]
-    fn arguments() {
-        let c = Codex::default();
-        let mut req = CliRequest {
-            max_cost_usd: None,
-            prompt: "-fix".into(),
-            resume_session: None,
-            cwd: ".".into(),
+    fn request(resume: Option<&str>) -> CliRequest {
+        CliRequest {
+            prompt: "please do it".into(),
+            resume_session: resume.map(str::to_owned),
+            cwd: "/w".into(),
             model: Some("gpt-x".into()),
             system_prompt: None,
             auto_approve: false,
+            max_cost_usd: None,
+        }
+    }
+
+    fn feed(d: &mut CodexDecoder, line: &str) -> Decoded {
+        d.line(line).unwrap()
+    }
+
+    fn sent(line: &str) -> Value {
+        serde_json::from_str(line).unwrap()
+    }
+
+    /// A transcript of the pinned CLI (abbreviated): a command asked about, declined, and the
+    /// answer.
+    #[test]
+    fn conversation() {
+        let mut d = CodexDecoder::new(request(None));
+        let init = sent(&d.initialize());
+        assert_eq!((init["id"].as_u64(), init["method"].as_str()), (Some(1), Some("initialize")));
+        assert!(init.get("jsonrpc").is_none());
+        let r = feed(&mut d, r#"{"id":1,"result":{"userAgent":"descartes/0.169.0","codexHome":"/h"}}"#);
+        assert_eq!(sent(&r.replies[0]), json!({"method": "initialized"}));
+        let start = sent(&r.replies[1]);
+        assert_eq!(start["method"], "thread/start");
+        assert_eq!(start["params"]["approvalPolicy"], "untrusted");
+        assert_eq!(start["params"]["sandbox"], "read-only");
+        assert_eq!(start["params"]["cwd"], "/w");
+        assert_eq!(start["params"]["model"], "gpt-x");
+        let r = feed(&mut d, r#"{"id":2,"result":{"thread":{"id":"th-1"},"model":"gpt-x"}}"#);
+        assert_eq!(r.events, vec![CliEvent::SessionStarted { session_id: "th-1".into(), model: Some("gpt-x".into()) }]);
+        let turn = sent(&r.replies[0]);
+        assert_eq!(turn["method"], "turn/start");
+        assert_eq!(turn["params"]["threadId"], "th-1");
+        assert_eq!(turn["params"]["input"][0]["text"], "please do it");
+        assert!(feed(&mut d, r#"{"id":3,"result":{"turn":{"id":"t1","status":"inProgress"}}}"#).events.is_empty());
+
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/started","params":{"item":{"type":"commandExecution","id":"call_1","command":"/bin/bash -lc 'echo hi'","status":"inProgress"},"threadId":"th-1","turnId":"t1"}}"#,
+        );
+        let use_ =
+            ContentPart::ToolUse { id: "call_1".into(), name: "shell".into(), input: json!({"command": "echo hi"}) };
+        assert_eq!(r.events, vec![CliEvent::AssistantMessage { parts: vec![use_], usage: None, stop_reason: None }]);
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/commandExecution/requestApproval","id":0,"params":{"kind":"command","threadId":"th-1","turnId":"t1","itemId":"call_1","command":"/bin/bash -lc 'echo hi'","cwd":"/w"}}"#,
+        );
+        let [CliEvent::PermissionRequest(ask)] = &r.events[..] else { panic!("{:?}", r.events) };
+        assert_eq!((ask.tool.as_str(), ask.tool_use_id.as_deref()), ("shell", Some("call_1")));
+        assert_eq!(ask.input, json!({"command": "echo hi"}));
+        let answer = d.answer(ask, &CliAnswer::Deny { message: "no".into() }).unwrap();
+        assert_eq!(sent(&answer), json!({"id": 0, "result": {"decision": "decline"}}));
+        assert!(d.answer(ask, &CliAnswer::Deny { message: "no".into() }).is_none(), "answered once");
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/completed","params":{"item":{"type":"commandExecution","id":"call_1","command":"/bin/bash -lc 'echo hi'","status":"declined","aggregatedOutput":null,"exitCode":null}}}"#,
+        );
+        assert!(matches!(&r.events[..], [CliEvent::ToolResult { is_error: true, .. }]), "{:?}", r.events);
+        let r = feed(
+            &mut d,
+            r#"{"method":"thread/tokenUsage/updated","params":{"tokenUsage":{"total":{"inputTokens":99,"outputTokens":9},"last":{"inputTokens":10,"cachedInputTokens":2,"outputTokens":5}}}}"#,
+        );
+        let usage = Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 2, cache_write_tokens: 0 };
+        assert_eq!(r.events, vec![CliEvent::Usage { usage, cost_usd: None }]);
+        let r = feed(&mut d, r#"{"method":"item/agentMessage/delta","params":{"itemId":"m","delta":"All "}}"#);
+        assert_eq!(r.events, vec![CliEvent::TextDelta("All ".into())]);
+        feed(
+            &mut d,
+            r#"{"method":"item/completed","params":{"item":{"type":"reasoning","id":"r","summary":["**Wrapping up**"],"content":[]}}}"#,
+        );
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/completed","params":{"item":{"type":"agentMessage","id":"m","text":"All done."}}}"#,
+        );
+        let CliEvent::AssistantMessage { parts, .. } = &r.events[0] else { panic!() };
+        assert_eq!(parts[0], ContentPart::Thinking { text: "**Wrapping up**".into(), signature: None });
+        assert_eq!(parts[1], ContentPart::text("All done."));
+        let r = feed(
+            &mut d,
+            r#"{"method":"turn/completed","params":{"turn":{"id":"t1","status":"completed","error":null}}}"#,
+        );
+        let done = CliEvent::Finished {
+            result: "All done.".into(),
+            is_error: false,
+            subtype: None,
+            usage: Some(usage),
+            cost_usd: None,
         };
-        assert_eq!(
-            c.args(&req),
-            ["exec", "--json", "--skip-git-repo-check", "--sandbox", "read-only", "-m", "gpt-x", "--", "-fix"]
+        assert_eq!(r.events, vec![done]);
+        assert!(d.at_exit(true).is_empty());
+    }
+
+    #[test]
+    fn resumes_patches_refusals_and_failures() {
+        let mut d = CodexDecoder::new(CliRequest { auto_approve: true, ..request(Some("th-9")) });
+        d.initialize();
+        let r = feed(&mut d, r#"{"id":1,"result":{}}"#);
+        let resume = sent(&r.replies[1]);
+        assert_eq!(resume["method"], "thread/resume");
+        assert_eq!(resume["params"]["threadId"], "th-9");
+        assert_eq!(resume["params"]["sandbox"], "workspace-write");
+        assert_eq!(resume["params"]["approvalPolicy"], "untrusted");
+
+        // A patch: every path is in the question.
+        feed(
+            &mut d,
+            r#"{"method":"item/started","params":{"item":{"type":"fileChange","id":"p1","changes":[{"path":"/w/a.txt","kind":{"type":"add"},"diff":"x"},{"path":"/w/.git/hooks/pre-commit","kind":{"type":"add"},"diff":"y"}],"status":"inProgress"}}}"#,
         );
-        req.auto_approve = true;
-        req.resume_session = Some("0199".into());
-        req.model = None;
-        assert_eq!(
-            c.args(&req),
-            ["exec", "--json", "--skip-git-repo-check", "--sandbox", "workspace-write", "resume", "0199", "--", "-fix"]
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/fileChange/requestApproval","id":5,"params":{"itemId":"p1","reason":null}}"#,
         );
+        let [CliEvent::PermissionRequest(ask)] = &r.events[..] else { panic!("{:?}", r.events) };
+        assert_eq!(ask.tool, "apply_patch");
+        assert_eq!(ask.input["paths"], json!(["/w/a.txt", "/w/.git/hooks/pre-commit"]));
+        let answer = d.answer(ask, &CliAnswer::Allow { updated_input: Value::Null }).unwrap();
+        assert_eq!(sent(&answer), json!({"id": 5, "result": {"decision": "accept"}}));
+
+        // A command run without asking is reported.
+        let r = feed(
+            &mut d,
+            r#"{"method":"item/completed","params":{"item":{"type":"commandExecution","id":"c9","command":"ls","status":"completed","aggregatedOutput":"a\n","exitCode":0}}}"#,
+        );
+        assert!(matches!(&r.events[1], CliEvent::Notice(n) if n.contains("without asking")), "{:?}", r.events);
+        assert_eq!(
+            r.events[2],
+            CliEvent::ToolResult { tool_use_id: "c9".into(), output: "a\n".into(), is_error: false }
+        );
+
+        // Requests Descartes does not serve are refused in a way that grants nothing.
+        let r = feed(&mut d, r#"{"method":"item/permissions/requestApproval","id":6,"params":{}}"#);
+        assert_eq!(sent(&r.replies[0])["result"]["permissions"], json!({}));
+        let r = feed(&mut d, r#"{"method":"something/new","id":"x","params":{}}"#);
+        assert_eq!(sent(&r.replies[0])["error"]["code"], -32601);
+
+        let r = feed(&mut d, r#"{"id":2,"error":{"code":-32600,"message":"invalid thread id: th-9"}}"#);
+        assert!(
+            matches!(&r.events[..], [CliEvent::Finished { is_error: true, result, .. }] if result.contains("thread/resume failed: invalid thread id")),
+            "{:?}",
+            r.events
+        );
+        assert!(d.line("not json").is_err());
+
+        let mut d = CodexDecoder::new(request(None));
+        feed(&mut d, r#"{"method":"error","params":{"error":{"message":"unexpected status 400"},"willRetry":false}}"#);
+        let r = feed(&mut d, r#"{"method":"turn/completed","params":{"turn":{"status":"failed","error":null}}}"#);
+        assert!(
+            matches!(&r.events[..], [CliEvent::Finished { is_error: true, result, subtype: Some(s), .. }] if result == "unexpected status 400" && s == "turn_failed")
+        );
+        let mut d = CodexDecoder::new(request(None));
+        assert!(matches!(&d.at_exit(true)[..], [CliEvent::Finished { is_error: true, .. }]));
+    }
+
+    #[test]
+    fn shell_wrappers_are_unwrapped() {
+        assert_eq!(unwrap_shell("/bin/bash -lc 'echo hi'"), "echo hi");
+        assert_eq!(unwrap_shell(r"bash -c 'echo '\''q'\'''"), "echo 'q'");
+        assert_eq!(unwrap_shell(r#"/bin/sh -c "ls -la""#), "ls -la");
+        assert_eq!(unwrap_shell("/bin/bash -lc ls"), "ls");
+        assert_eq!(unwrap_shell("python3 -c 'x'"), "python3 -c 'x'");
+        assert_eq!(unwrap_shell("ls"), "ls");
     }
 }

@@ -9,7 +9,7 @@
 //! | backend | command | permissions |
 //! |---|---|---|
 //! | `claude-code` (`headless`) | `claude -p --verbose --output-format stream-json --input-format stream-json --include-partial-messages --permission-prompt-tool stdio` | every ask answered by Descartes (`can_use_tool`) |
-//! | `codex` | `codex exec --json --skip-git-repo-check --sandbox read-only\|workspace-write` | none in exec mode: read-only sandbox by default, `-y` → `workspace-write` |
+//! | `codex` | `codex app-server` (JSON-RPC: `thread/start` with `approvalPolicy: untrusted`, sandbox `read-only`, `-y` → `workspace-write`) | every command and patch answered by Descartes (`item/commandExecution/requestApproval`, `item/fileChange/requestApproval`) |
 //! | `gemini-cli` | `gemini -p PROMPT --output-format stream-json [-m M] --approval-mode default\|yolo` | none in headless mode: tools needing approval are unavailable by default, `-y` → `yolo` |
 //! | `command` | any program; `{prompt}` in its arguments or the prompt on stdin | none (stdout is the answer) |
 //!
@@ -29,6 +29,7 @@ pub mod codex;
 pub mod command;
 pub mod gemini;
 pub mod process;
+pub mod rpc;
 pub mod session;
 
 pub use claude::ClaudeCode;

@@ -19,6 +19,7 @@ use axum::response::Response;
 use descartes_agent_cli::{ClaudeCode, CliOptions, Codex, GeminiCli};
 use descartes_core::agent::{AgentConfig, NullSink};
 use descartes_core::permission::NoPrompter;
+use descartes_core::policy::{PermissionRules, Policy, RuleSpec, Source};
 use descartes_core::{AgentCli, EventStore, ExternalAgent, ExternalOutcome, PermissionRequest, PromptAnswer, Prompter};
 use descartes_protocol::{Decision, Event, EventData, Message, RunId};
 use descartes_store::MemoryEventStore;
@@ -114,6 +115,26 @@ fn assert_tool_events(evs: &[Event], backend: &str, executed: bool) {
     }
     assert!(k.contains(&"model_call_completed"));
     assert_eq!(k.last(), Some(&"run_completed"), "{k:?}");
+    assert_decided(evs);
+}
+
+/// No tool call executed without a decision before it.
+fn assert_decided(evs: &[Event]) {
+    let json: Vec<Value> = evs.iter().map(|e| json!({"type": e.kind(), "data": e.data})).collect();
+    descartes_test_support::agent_clis::assert_every_call_decided(&json);
+}
+
+/// Permission rules as a project's config writes them.
+fn rules(allow: &[&str], deny: &[&str]) -> Policy {
+    let specs = |l: &[&str]| l.iter().map(|r| RuleSpec::parse(r).unwrap()).collect();
+    Policy::new(&[(Source::Project, PermissionRules { allow: specs(allow), ask: vec![], deny: specs(deny) })]).unwrap()
+}
+
+fn decisions(evs: &[Event]) -> Vec<descartes_protocol::PermissionDecided> {
+    find(evs, |d| match d {
+        EventData::PermissionDecided(p) => Some(p.clone()),
+        _ => None,
+    })
 }
 
 // ---- Claude Code ----
@@ -311,30 +332,32 @@ fn sse(chunks: Vec<Chunk>) -> String {
 
 // ---- Codex ----
 
-/// The OpenAI Responses streaming API: a shell call (`exec_command`, Codex's tool) until the
-/// conversation carries its output, then a text answer.
-fn responses_handler(path: &str, body: &Value) -> String {
-    if !path.ends_with("/responses") {
-        return String::new();
+/// The OpenAI Responses streaming API: a shell call (`exec_command`, Codex's tool) running
+/// `command` until the conversation carries its output, then a text answer.
+fn responses_handler(command: &'static str) -> impl Fn(&str, &Value) -> String + Send + Sync + 'static {
+    move |path: &str, body: &Value| {
+        if !path.ends_with("/responses") {
+            return String::new();
+        }
+        let input = body.get("input").and_then(Value::as_array).cloned().unwrap_or_default();
+        let has_output = input.iter().any(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"));
+        let item = if has_output {
+            json!({"type": "message", "role": "assistant", "id": "msg_2",
+                   "content": [{"type": "output_text", "text": "All done.", "annotations": []}]})
+        } else {
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
+                   "arguments": json!({"cmd": command}).to_string()})
+        };
+        let ev = |v: Value| Chunk::event(v["type"].as_str().unwrap_or("unknown"), &v);
+        sse(vec![
+            ev(json!({"type": "response.created", "response": {"id": "resp_1"}})),
+            ev(json!({"type": "response.output_item.added", "output_index": 0, "item": item})),
+            ev(json!({"type": "response.output_item.done", "output_index": 0, "item": item})),
+            ev(json!({"type": "response.completed", "response": {"id": "resp_1", "usage": {
+                "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}}})),
+        ])
     }
-    let input = body.get("input").and_then(Value::as_array).cloned().unwrap_or_default();
-    let has_output = input.iter().any(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"));
-    let item = if has_output {
-        json!({"type": "message", "role": "assistant", "id": "msg_2",
-               "content": [{"type": "output_text", "text": "All done.", "annotations": []}]})
-    } else {
-        json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command",
-               "arguments": json!({"cmd": "touch marker.txt"}).to_string()})
-    };
-    let ev = |v: Value| Chunk::event(v["type"].as_str().unwrap_or("unknown"), &v);
-    sse(vec![
-        ev(json!({"type": "response.created", "response": {"id": "resp_1"}})),
-        ev(json!({"type": "response.output_item.added", "output_index": 0, "item": item})),
-        ev(json!({"type": "response.output_item.done", "output_index": 0, "item": item})),
-        ev(json!({"type": "response.completed", "response": {"id": "resp_1", "usage": {
-            "input_tokens": 10, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": 5, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 15}}})),
-    ])
 }
 
 struct CodexRun {
@@ -347,9 +370,24 @@ struct CodexRun {
     _home: tempfile::TempDir,
 }
 
-async fn codex_run(yes: bool) -> Option<CodexRun> {
+impl CodexRun {
+    /// What the model was told about its call.
+    fn told(&self) -> Vec<String> {
+        self.server
+            .requests()
+            .iter()
+            .flat_map(|(_, b)| b.get("input").and_then(Value::as_array).cloned().unwrap_or_default())
+            .filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"))
+            .map(|i| i.to_string())
+            .collect()
+    }
+}
+
+/// Codex (`codex app-server`) asked by the model to run `command`, with `-y` or not, under the
+/// permission rules `policy`.
+async fn codex_run(yes: bool, command: &'static str, policy: Policy) -> Option<CodexRun> {
     let program = cli("codex")?;
-    let server = LocalFake::start(responses_handler).await;
+    let server = LocalFake::start(responses_handler(command)).await;
     let home = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -368,17 +406,19 @@ async fn codex_run(yes: bool) -> Option<CodexRun> {
     ];
     let backend = Arc::new(Codex::new(options(program, &env)));
     let store = Arc::new(MemoryEventStore::new());
-    let agent = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "", yes);
+    let mut agent = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "", yes);
+    agent.policy = policy;
     let run = RunId::from("real-codex");
     let outcome = agent.start(run.clone(), "make a marker".into(), Message::user_text("make a marker")).await.unwrap();
     assert_eq!(outcome, ExternalOutcome::Completed { result: "All done.".into() });
     let events = events(&store, &run).await;
+    assert_decided(&events);
     Some(CodexRun { agent, store, run, events, work, server, _home: home })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_with_yes_runs_the_command_in_a_workspace_write_sandbox_and_resumes() {
-    let Some(r) = codex_run(true).await else { return };
+async fn codex_with_yes_runs_the_command_descartes_allowed_and_resumes() {
+    let Some(r) = codex_run(true, "touch marker.txt", Policy::default()).await else { return };
     let evs = &r.events;
     assert!(r.work.path().join("marker.txt").exists(), "the command ran");
     assert_tool_events(evs, "codex", true);
@@ -387,11 +427,14 @@ async fn codex_with_yes_runs_the_command_in_a_workspace_write_sandbox_and_resume
         _ => None,
     });
     assert_eq!(started[0].tool, "shell");
-    assert!(started[0].input["command"].as_str().unwrap().contains("touch marker.txt"));
+    assert_eq!(started[0].input["command"], "touch marker.txt", "the command as the policy sees it");
+    let d = decisions(evs);
+    assert_eq!((d.len(), d[0].decision, d[0].rule.as_str()), (1, Decision::Allow, "flag:--yes"));
+    assert_eq!(d[0].call_id, Some(started[0].call_id.clone()));
     let EventData::RunCompleted(c) = &evs.last().unwrap().data else { panic!() };
     assert!(c.usage.input_tokens > 0 && c.usage.output_tokens > 0, "{:?}", c.usage);
 
-    // `codex exec resume <thread>`: the earlier conversation goes to the model again.
+    // `thread/resume`: the earlier conversation goes to the model again.
     let st = r.store.replay_run(&r.run).await.unwrap();
     let thread = st.backend_session.clone().unwrap().session_id;
     let before = r.server.requests().len();
@@ -401,22 +444,37 @@ async fn codex_with_yes_runs_the_command_in_a_workspace_write_sandbox_and_resume
     assert!(resumed.contains("make a marker") && resumed.contains("carry on with the task"), "{resumed}");
     let st = r.store.replay_run(&r.run).await.unwrap();
     assert_eq!(st.backend_session.unwrap().session_id, thread, "the same thread continued");
+    assert_decided(&events(&r.store, &r.run).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn codex_without_yes_is_read_only() {
-    let Some(r) = codex_run(false).await else { return };
-    assert!(!r.work.path().join("marker.txt").exists(), "the read-only sandbox refused the write");
-    assert_eq!(kinds(&r.events).last(), Some(&"run_completed"));
-    let told: Vec<String> = r
-        .server
-        .requests()
-        .iter()
-        .flat_map(|(_, b)| b.get("input").and_then(Value::as_array).cloned().unwrap_or_default())
-        .filter(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output"))
-        .map(|i| i.to_string())
-        .collect();
-    assert!(told.iter().any(|o| o.contains("Read-only file system")), "{told:?}");
+async fn codex_without_yes_and_without_a_terminal_runs_nothing() {
+    let Some(r) = codex_run(false, "touch marker.txt", Policy::default()).await else { return };
+    assert!(!r.work.path().join("marker.txt").exists(), "the ask was denied: nothing ran");
+    assert_tool_events(&r.events, "codex", false);
+    let d = decisions(&r.events);
+    assert_eq!((d.len(), d[0].decision, d[0].rule.as_str()), (1, Decision::Deny, "builtin:ask-without-terminal"));
+    assert!(r.told().iter().any(|o| o.contains("rejected")), "{:?}", r.told());
+}
+
+/// `echo` is a command Codex deems safe and would run without asking in its usual modes: a
+/// Descartes rule denies it even with `-y`, and an allow rule lets it run without `-y`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_s_safe_commands_are_decided_by_descartes_rules() {
+    let Some(r) = codex_run(true, "echo codex-was-here > echoed.txt", rules(&[], &["shell(echo *)"])).await else {
+        return;
+    };
+    assert!(!r.work.path().join("echoed.txt").exists(), "the denied echo did not run");
+    let d = decisions(&r.events);
+    assert_eq!((d.len(), d[0].decision), (1, Decision::Deny));
+    assert_eq!(d[0].rule, "project:deny shell \"echo *\"");
+
+    let Some(r) = codex_run(false, "echo codex-was-here", rules(&["shell(echo *)"], &[])).await else { return };
+    assert_tool_events(&r.events, "codex", true);
+    let d = decisions(&r.events);
+    assert_eq!((d.len(), d[0].decision), (1, Decision::Allow));
+    assert_eq!(d[0].rule, "project:allow shell \"echo *\"");
+    assert!(r.told().iter().any(|o| o.contains("codex-was-here")), "{:?}", r.told());
 }
 
 // ---- Gemini CLI ----

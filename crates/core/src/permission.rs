@@ -85,6 +85,8 @@ pub struct PendingAsk {
     call_id: Option<String>,
     rule: String,
     reason: String,
+    /// Where the rule that asked is written.
+    at: At,
 }
 
 /// Decides a call by the policy: the configured rules (the most specific first, then the
@@ -98,6 +100,9 @@ pub fn decide(policy: &Policy, q: &Question<'_>, run_allowed: &HashSet<String>, 
 /// [`decide`], with a [`ToolGate`] consulted first: its deny and allow are final, its
 /// "require approval" asks a human (never answered by `-y` or an earlier allow-for-run). Also
 /// returns the gate's record, which the caller appends to the log.
+///
+/// A call that touches several paths (a patch: `paths` in its input) is decided for each of
+/// them, and the strictest verdict (deny, then ask, then allow) is the call's.
 pub fn decide_gated(
     gate: Option<&dyn ToolGate>,
     policy: &Policy,
@@ -105,7 +110,15 @@ pub fn decide_gated(
     run_allowed: &HashSet<String>,
     auto_approve: bool,
 ) -> (Step, Option<PolicyDecided>) {
-    let decided = |decision, rule: &str, actor: &str, reason: String| {
+    let paths = per_path(q.input);
+    let mut first = first_verdict(gate, policy, q, paths.first().unwrap_or(q.input));
+    for input in paths.iter().skip(1) {
+        let f = first_verdict(gate, policy, q, input);
+        if f.severity() > first.severity() {
+            first = f;
+        }
+    }
+    let decided = |decision, rule: &str, actor: &str, reason: String, at: &At| {
         Step::Decided(PermissionDecided {
             call_id: q.call_id.clone(),
             tool: q.tool.to_owned(),
@@ -114,9 +127,11 @@ pub fn decide_gated(
             rule: rule.to_owned(),
             actor: actor.to_owned(),
             reason,
+            file: at.0.clone(),
+            line: at.1,
         })
     };
-    let ask = |rule: String, reason: String| {
+    let ask = |rule: String, reason: String, at: At| {
         Step::Ask(PendingAsk {
             request: PermissionRequest {
                 tool: q.tool.to_owned(),
@@ -126,38 +141,94 @@ pub fn decide_gated(
             call_id: q.call_id.clone(),
             rule,
             reason,
+            at,
         })
     };
-    // Descartes' own files first: no policy file and no `-y` opens them.
-    if let Some(v) = policy.guardrail(q.tool, q.input, q.cwd) {
-        return (decided(Decision::Deny, &v.rule, "guardrail", v.reason), None);
-    }
-    if let Some(g) = gate.and_then(|g| g.check(q.tool, q.input, q.cwd)) {
-        let rule = format!("policy:{}", g.record.rule.as_deref().unwrap_or("default"));
-        let reason = g.record.reason.clone();
-        let step = match g.action {
-            Action::Allow => decided(Decision::Allow, &rule, "policy", reason),
-            Action::Deny => decided(Decision::Deny, &rule, "policy", reason),
-            Action::Ask => ask(rule, reason),
-        };
-        return (step, Some(g.record));
-    }
-    let verdict = policy.evaluate(q.tool, q.input, q.cwd, q.read_only);
+    let verdict = match first {
+        // Descartes' own files first: no policy file and no `-y` opens them.
+        First::Guardrail(v) => return (decided(Decision::Deny, &v.rule, "guardrail", v.reason, &(None, None)), None),
+        First::Gate(g) => {
+            let rule = format!("policy:{}", g.record.rule.as_deref().unwrap_or("default"));
+            let reason = g.record.reason.clone();
+            let at: At = (g.record.file.clone(), g.record.line);
+            let step = match g.action {
+                Action::Allow => decided(Decision::Allow, &rule, "policy", reason, &at),
+                Action::Deny => decided(Decision::Deny, &rule, "policy", reason, &at),
+                Action::Ask => ask(rule, reason, at),
+            };
+            return (step, Some(g.record));
+        }
+        First::Rules(v) => v,
+    };
+    let at: At = (verdict.file.clone(), verdict.line);
     match verdict.action {
-        Action::Allow => return (decided(Decision::Allow, &verdict.rule, "policy", verdict.reason), None),
-        Action::Deny => return (decided(Decision::Deny, &verdict.rule, "policy", verdict.reason), None),
+        Action::Allow => return (decided(Decision::Allow, &verdict.rule, "policy", verdict.reason, &at), None),
+        Action::Deny => return (decided(Decision::Deny, &verdict.rule, "policy", verdict.reason, &at), None),
         Action::Ask => {}
     }
     if run_allowed.contains(q.tool) {
         let reason = format!("`{}` was allowed for this run", q.tool);
-        return (decided(Decision::Allow, "user:allow-for-run", "user", reason), None);
+        return (decided(Decision::Allow, "user:allow-for-run", "user", reason, &(None, None)), None);
     }
     if auto_approve {
         let reason = format!("-y/--yes allows every ask in this run (asked by {})", verdict.rule);
-        return (decided(Decision::Allow, "flag:--yes", "flag", reason), None);
+        return (decided(Decision::Allow, "flag:--yes", "flag", reason, &at), None);
     }
-    (ask(verdict.rule, verdict.reason), None)
+    (ask(verdict.rule, verdict.reason, at), None)
 }
+
+/// The first verdict on one input of a call: a guardrail's denial, the policy files' decision,
+/// or the permission rules' (with the built-in defaults).
+enum First {
+    Guardrail(crate::policy::Verdict),
+    Gate(GateVerdict),
+    Rules(crate::policy::Verdict),
+}
+
+impl First {
+    /// How strict: a guardrail denial, then deny, ask, allow.
+    fn severity(&self) -> u8 {
+        let of = |a: Action| match a {
+            Action::Allow => 0,
+            Action::Ask => 1,
+            Action::Deny => 2,
+        };
+        match self {
+            First::Guardrail(_) => 3,
+            First::Gate(g) => of(g.action),
+            First::Rules(v) => of(v.action),
+        }
+    }
+}
+
+fn first_verdict(gate: Option<&dyn ToolGate>, policy: &Policy, q: &Question<'_>, input: &Value) -> First {
+    if let Some(v) = policy.guardrail(q.tool, input, q.cwd) {
+        return First::Guardrail(v);
+    }
+    if let Some(g) = gate.and_then(|g| g.check(q.tool, input, q.cwd)) {
+        return First::Gate(g);
+    }
+    First::Rules(policy.evaluate(q.tool, input, q.cwd, q.read_only))
+}
+
+/// When a call lists several `paths` (a patch), one input per path (with `path` set to it);
+/// otherwise none (the call is decided on its own input).
+fn per_path(input: &Value) -> Vec<Value> {
+    let Some(paths) = input.get("paths").and_then(Value::as_array) else { return Vec::new() };
+    paths
+        .iter()
+        .map(|p| {
+            let mut one = input.clone();
+            if let Some(o) = one.as_object_mut() {
+                o.insert("path".into(), p.clone());
+            }
+            one
+        })
+        .collect()
+}
+
+/// Where the rule behind a decision is written: file and line.
+type At = (Option<String>, Option<u64>);
 
 impl PendingAsk {
     /// The decision a human's answer makes.
@@ -171,6 +242,8 @@ impl PendingAsk {
             rule: rule.to_owned(),
             actor: actor.to_owned(),
             reason,
+            file: self.at.0.clone(),
+            line: self.at.1,
         };
         match answer {
             PromptAnswer::AllowOnce => decided(

@@ -95,6 +95,8 @@ pub fn arg_field(tool: &str) -> Option<(ArgKind, &'static str)> {
             Some((ArgKind::Path, "path"))
         }
         "Read" | "Write" | "Edit" | "MultiEdit" => Some((ArgKind::Path, "file_path")),
+        // Codex's patches: each of their `paths` is decided (see `permission::decide_gated`).
+        "apply_patch" => Some((ArgKind::Path, "path")),
         "NotebookEdit" => Some((ArgKind::Path, "notebook_path")),
         "http_request" | "WebFetch" => Some((ArgKind::Host, "url")),
         _ => None,
@@ -252,6 +254,8 @@ pub struct Rule {
     arg_free: Option<GlobMatcher>,
     arg_path: Option<GlobMatcher>,
     arg_host: Option<GlobMatcher>,
+    /// Where the rule is written: its config file and line.
+    pub origin: Option<(PathBuf, usize)>,
 }
 
 impl Rule {
@@ -280,7 +284,13 @@ impl Rule {
             None => (None, None, None, None),
         };
         let tool = Pattern::new(&spec.tool);
-        Ok(Self { action, source, tool, tool_glob, arg, arg_free, arg_path, arg_host, spec })
+        Ok(Self { action, source, tool, tool_glob, arg, arg_free, arg_path, arg_host, spec, origin: None })
+    }
+
+    /// The rule, written at `line` of `file`.
+    pub fn at(mut self, file: PathBuf, line: usize) -> Self {
+        self.origin = Some((file, line));
+        self
     }
 
     /// The rule's name in events, e.g. `project:allow shell "echo *"`.
@@ -309,6 +319,8 @@ impl Rule {
             action: self.action,
             rule: self.name(),
             reason: format!("{verb} by the {} rule `{}`: {what}", self.source.as_str(), self.spec),
+            file: self.origin.as_ref().map(|(f, _)| f.display().to_string()),
+            line: self.origin.as_ref().map(|(_, l)| *l as u64),
         }
     }
 
@@ -467,6 +479,9 @@ pub struct Verdict {
     pub rule: String,
     /// Why, in words.
     pub reason: String,
+    /// Where the deciding rule is written (none for built-in rules).
+    pub file: Option<String>,
+    pub line: Option<u64>,
 }
 
 /// The name of the built-in rule that asks about every call no configured rule matches.
@@ -529,12 +544,20 @@ impl Policy {
             return rule.verdict(tool);
         }
         if read_only {
-            Verdict { action: Action::Allow, rule: BUILTIN_READ_ONLY.into(), reason: "read-only tool".into() }
+            Verdict {
+                action: Action::Allow,
+                rule: BUILTIN_READ_ONLY.into(),
+                reason: "read-only tool".into(),
+                file: None,
+                line: None,
+            }
         } else {
             Verdict {
                 action: Action::Ask,
                 rule: BUILTIN_ASK.into(),
                 reason: format!("`{tool}` is not read-only and no permission rule matches it"),
+                file: None,
+                line: None,
             }
         }
     }

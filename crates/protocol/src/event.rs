@@ -392,9 +392,16 @@ pub struct PermissionDecided {
     pub scope: DecisionScope,
     /// The rule that decided, e.g. `builtin:read-only`, `flag:--yes`, `user:allow-once`.
     pub rule: String,
-    /// Who decided: `policy`, `user`, `flag`.
+    /// Who decided: `policy`, `user`, `flag`, `guardrail`.
     pub actor: String,
     pub reason: String,
+    /// The file of the rule that decided (a config file's `[permissions]`, a policy file), when
+    /// a written rule decided or asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The rule's line in `file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use descartes_core::policy::{PermissionRules, Policy, RuleError, Source};
+use descartes_core::policy::{Action, PermissionRules, Policy, Rule, RuleError, RuleSpec, Source};
 use serde::{Deserialize, Serialize};
 
 /// The effective configuration.
@@ -571,16 +571,54 @@ impl Config {
     /// The permission policy: the rules of `user_config` are the user's, those of every other
     /// file the project's.
     pub fn policy(&self, user_config: Option<&Path>) -> Result<Policy, RuleError> {
-        let layers: Vec<(Source, PermissionRules)> = self
-            .permission_layers
-            .iter()
-            .map(|(file, rules)| {
-                let source = if Some(file.as_path()) == user_config { Source::User } else { Source::Project };
-                (source, rules.clone())
-            })
-            .collect();
-        Policy::new(&layers)
+        let mut rules = Vec::new();
+        for (file, layer) in &self.permission_layers {
+            let source = if Some(file.as_path()) == user_config { Source::User } else { Source::Project };
+            let lines = permission_lines(file);
+            for (action, list) in
+                [(Action::Allow, &layer.allow), (Action::Ask, &layer.ask), (Action::Deny, &layer.deny)]
+            {
+                for spec in list {
+                    let rule = Rule::new(action, source, spec.clone())?;
+                    let line = lines.iter().find(|(a, s, _)| *a == action && s == spec).map_or(1, |(_, _, l)| *l);
+                    rules.push(rule.at(file.clone(), line));
+                }
+            }
+        }
+        Ok(Policy::from_rules(rules))
     }
+}
+
+/// The line of each rule of a config file's `[permissions]` (read again for the positions the
+/// merged table does not keep); empty when the file cannot be read or parsed.
+fn permission_lines(file: &Path) -> Vec<(Action, RuleSpec, usize)> {
+    #[derive(Deserialize, Default)]
+    struct Lists {
+        #[serde(default)]
+        allow: Vec<toml::Spanned<String>>,
+        #[serde(default)]
+        ask: Vec<toml::Spanned<String>>,
+        #[serde(default)]
+        deny: Vec<toml::Spanned<String>>,
+    }
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        permissions: Lists,
+    }
+    let Ok(text) = std::fs::read_to_string(file) else { return Vec::new() };
+    let Ok(parsed) = toml::from_str::<File>(&text) else { return Vec::new() };
+    let p = parsed.permissions;
+    [(Action::Allow, p.allow), (Action::Ask, p.ask), (Action::Deny, p.deny)]
+        .into_iter()
+        .flat_map(|(action, list)| {
+            let text = &text;
+            list.into_iter().filter_map(move |s| {
+                let line = line_col(text, s.span().start).0;
+                RuleSpec::parse(s.get_ref()).ok().map(|spec| (action, spec, line))
+            })
+        })
+        .collect()
 }
 
 /// The effective configuration as TOML, with secrets redacted.

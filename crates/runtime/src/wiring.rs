@@ -17,7 +17,7 @@ use crate::places::Places;
 
 /// The tools the guardrail rules cover: every tool that writes its path, Descartes' and the
 /// agent CLIs' (their permission requests pass the same decision).
-const GUARDED_TOOLS: &str = "{write_file,edit_file,Write,Edit,MultiEdit,NotebookEdit}";
+const GUARDED_TOOLS: &str = "{write_file,edit_file,apply_patch,Write,Edit,MultiEdit,NotebookEdit}";
 
 /// The variables each agent CLI needs from Descartes' environment (prefixes end in `*`),
 /// given back after the environment policy left them out.

@@ -443,6 +443,8 @@ fn permission(run_id: &RunId, id: &str, tool: &str, rule: &str, actor: &str) -> 
             rule: rule.into(),
             actor: actor.into(),
             reason: "test".into(),
+            file: None,
+            line: None,
         },
     )
 }
@@ -776,6 +778,8 @@ async fn allow_for_run_survives_a_resume() {
             rule: "user:allow-for-run".into(),
             actor: "user".into(),
             reason: "test".into(),
+            file: None,
+            line: None,
         },
     ));
     log.push(tool_started(&run, "c1", "writer", json!({}), false));
@@ -915,6 +919,8 @@ async fn a_denial_logged_before_a_crash_is_reused_on_resume() {
             rule: "user:deny".into(),
             actor: "user".into(),
             reason: "denied by the user".into(),
+            file: None,
+            line: None,
         },
     ));
     h.append(log).await;

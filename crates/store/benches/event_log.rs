@@ -95,6 +95,8 @@ fn step(run: &RunId, i: usize) -> Vec<NewEvent> {
                 rule: "flag:--yes".into(),
                 actor: "flag".into(),
                 reason: "-y".into(),
+                file: None,
+                line: None,
             },
         ),
         NewEvent::new(

@@ -52,3 +52,35 @@ pub fn cli(name: &str) -> Option<PathBuf> {
     }
     path
 }
+
+/// The decision invariant, over a run's events as JSON (`{"type", "data"}`): every tool call
+/// that was executed (a `tool_call_started`, by Descartes or by an agent CLI) has a
+/// `permission_decided` allowing it, with its `call_id`, earlier in the log; and no call that
+/// was denied was executed. Panics naming the call otherwise.
+pub fn assert_every_call_decided(events: &[serde_json::Value]) {
+    use std::collections::HashMap;
+    let mut decided: HashMap<String, String> = HashMap::new();
+    for e in events {
+        let data = &e["data"];
+        let id = data["call_id"].as_str().unwrap_or_default().to_owned();
+        match e["type"].as_str().unwrap_or_default() {
+            "permission_decided" => {
+                decided.insert(id, data["decision"].as_str().unwrap_or_default().to_owned());
+            }
+            "tool_call_started" => {
+                let by = data["executed_by"].as_str().unwrap_or("descartes");
+                match decided.get(&id).map(String::as_str) {
+                    Some("allow") => {}
+                    Some(other) => {
+                        panic!("tool call {id} ({}) executed by {by} after a `{other}` decision", data["tool"])
+                    }
+                    None => panic!(
+                        "tool call {id} ({}) executed by {by} without a permission decision before it: {events:#?}",
+                        data["tool"]
+                    ),
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -130,8 +130,10 @@ pub fn count(events: &[Value], kind: &str) -> usize {
 
 /// The invariants every finished run must hold: one `run_started`, one `run_completed`, at
 /// most one `tool_call_started` and exactly one `tool_call_completed` per tool call, `seq`
-/// strictly increasing.
+/// strictly increasing, and every executed call decided before it ran
+/// ([`descartes_test_support::agent_clis::assert_every_call_decided`]).
 pub fn assert_log_invariants(events: &[Value]) {
+    descartes_test_support::agent_clis::assert_every_call_decided(events);
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq not strictly increasing: {seqs:?}");
     assert_eq!(count(events, "run_started"), 1, "run_started: {events:#?}");
