@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `claude-code` (`headless`) | `claude -p --verbose --output-format stream-json --input-format stream-json --include-partial-messages --permission-prompt-tool stdio` | every ask answered by Descartes (`can_use_tool`) |
 //! | `codex` | `codex app-server` (JSON-RPC: `thread/start` with `approvalPolicy: untrusted`, sandbox `read-only`, `-y` → `workspace-write`) | every command and patch answered by Descartes (`item/commandExecution/requestApproval`, `item/fileChange/requestApproval`) |
-//! | `gemini-cli` | `gemini -p PROMPT --output-format stream-json [-m M] --approval-mode default\|yolo` | none in headless mode: tools needing approval are unavailable by default, `-y` → `yolo` |
+//! | `gemini-cli` | `gemini --acp --admin-policy ASK_ALL --policy ASK_ALL [-m M]` (Agent Client Protocol: `session/new`, `session/prompt`) | every tool call answered by Descartes (`session/request_permission`; the policy file makes Gemini CLI ask for all, read-only tools and "safe" commands included) |
 //! | `command` | any program; `{prompt}` in its arguments or the prompt on stdin | none (stdout is the answer) |
 //!
 //! Every CLI inherits Descartes' environment (`ANTHROPIC_BASE_URL`, `OPENAI_API_KEY`, ...)

@@ -32,6 +32,11 @@ pub trait Decoder: Send {
         None
     }
 
+    /// Events an answer makes (e.g. the result of a refused call, for a CLI that reports none).
+    fn answered(&mut self) -> Vec<CliEvent> {
+        Vec::new()
+    }
+
     /// The output ended and the CLI exited with `success`, without a `Finished` event so far:
     /// events that complete the run (e.g. the answer of a CLI that reports no result line).
     fn at_exit(&mut self, _success: bool) -> Vec<CliEvent> {
@@ -133,10 +138,12 @@ impl<D: Decoder> CliSession for ProcessSession<D> {
     }
 
     async fn answer(&mut self, request: &CliPermissionRequest, answer: CliAnswer) -> Result<(), ProviderError> {
-        match self.decoder.answer(request, &answer) {
+        let written = match self.decoder.answer(request, &answer) {
             Some(line) => self.process.write_line(&line).await,
             None => Ok(()),
-        }
+        };
+        self.queue.extend(self.decoder.answered());
+        written
     }
 
     async fn cancel(&mut self) {

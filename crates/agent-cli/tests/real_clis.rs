@@ -479,43 +479,72 @@ async fn codex_s_safe_commands_are_decided_by_descartes_rules() {
 
 // ---- Gemini CLI ----
 
-fn gemini_handler(path: &str, body: &Value) -> String {
-    if path.contains(":countTokens") {
-        return json!({"totalTokens": 10}).to_string();
-    }
-    if !path.contains(":streamGenerateContent") {
-        if path.contains(":generateContent") {
-            return json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "{}"}]}, "finishReason": "STOP"}]})
-                .to_string();
+/// The Gemini API: a call of `tool` with `args` until the conversation carries its response,
+/// then a text answer (or, for a resumed session, "Resumed.").
+fn gemini_handler(tool: &'static str, args: Value) -> impl Fn(&str, &Value) -> String + Send + Sync + 'static {
+    move |path: &str, body: &Value| {
+        if path.contains(":countTokens") {
+            return json!({"totalTokens": 10}).to_string();
         }
-        return String::new();
+        if !path.contains(":streamGenerateContent") {
+            if path.contains(":generateContent") {
+                return json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "{}"}]}, "finishReason": "STOP"}]})
+                    .to_string();
+            }
+            return String::new();
+        }
+        let contents = body.get("contents").and_then(Value::as_array).cloned().unwrap_or_default();
+        let last_parts =
+            contents.last().and_then(|c| c.get("parts")).and_then(Value::as_array).cloned().unwrap_or_default();
+        let answered = last_parts.iter().any(|p| p.get("functionResponse").is_some());
+        let continuing = last_parts
+            .iter()
+            .any(|p| p.get("text").and_then(Value::as_str).is_some_and(|t| t.contains("carry on with the task")));
+        let parts = if answered {
+            json!([{"text": "All done."}])
+        } else if continuing {
+            json!([{"text": "Resumed."}])
+        } else {
+            json!([{"functionCall": {"name": tool, "args": args.clone()}}])
+        };
+        sse(vec![Chunk::data(&json!({
+            "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 15, "candidatesTokenCount": 6, "totalTokenCount": 21},
+        }))])
     }
-    let contents = body.get("contents").and_then(Value::as_array).cloned().unwrap_or_default();
-    let last_parts =
-        contents.last().and_then(|c| c.get("parts")).and_then(Value::as_array).cloned().unwrap_or_default();
-    let answered = last_parts.iter().any(|p| p.get("functionResponse").is_some());
-    let continuing = last_parts
-        .iter()
-        .any(|p| p.get("text").and_then(Value::as_str).is_some_and(|t| t.contains("carry on with the task")));
-    let parts = if answered {
-        json!([{"text": "All done."}])
-    } else if continuing {
-        json!([{"text": "Resumed."}])
-    } else {
-        json!([{"functionCall": {"name": "run_shell_command", "args": {"command": "touch marker.txt"}}}])
-    };
-    sse(vec![Chunk::data(&json!({
-        "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": 15, "candidatesTokenCount": 6, "totalTokenCount": 21},
-    }))])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gemini_cli_runs_the_shell_tool_with_yes_and_resumes() {
-    let Some(program) = cli("gemini") else { return };
-    let server = LocalFake::start(gemini_handler).await;
+struct GeminiRun {
+    agent: ExternalAgent,
+    store: Arc<MemoryEventStore>,
+    run: RunId,
+    events: Vec<Event>,
+    work: tempfile::TempDir,
+    server: LocalFake,
+    _home: tempfile::TempDir,
+}
+
+impl GeminiRun {
+    /// What the model was told about its call.
+    fn told(&self) -> Vec<String> {
+        self.server
+            .requests()
+            .iter()
+            .flat_map(|(_, b)| b.get("contents").and_then(Value::as_array).cloned().unwrap_or_default())
+            .flat_map(|c| c.get("parts").and_then(Value::as_array).cloned().unwrap_or_default())
+            .filter_map(|p| p.get("functionResponse").map(Value::to_string))
+            .collect()
+    }
+}
+
+/// Gemini CLI (`gemini --acp`) asked by the model to call `tool` with `args` (in a working
+/// directory holding `hello.txt`), with `-y` or not, under the permission rules `policy`.
+async fn gemini_run(yes: bool, tool: &'static str, args: Value, policy: Policy) -> Option<GeminiRun> {
+    let program = cli("gemini")?;
+    let server = LocalFake::start(gemini_handler(tool, args)).await;
     let home = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("hello.txt"), "gemini-read-this\n").unwrap();
     std::fs::create_dir_all(home.path().join(".gemini")).unwrap();
     std::fs::write(
         home.path().join(".gemini/settings.json"),
@@ -526,28 +555,77 @@ async fn gemini_cli_runs_the_shell_tool_with_yes_and_resumes() {
         ("HOME", home.path().display().to_string()),
         ("GEMINI_API_KEY", "test-key".to_owned()),
         ("GOOGLE_GEMINI_BASE_URL", server.url()),
-        ("GEMINI_CLI_TRUST_WORKSPACE", "true".to_owned()),
     ];
     let backend = Arc::new(GeminiCli::new(options(program, &env)));
     let store = Arc::new(MemoryEventStore::new());
-    let a = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "gemini-2.5-flash", true);
+    let mut agent = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "gemini-2.5-flash", yes);
+    agent.policy = policy;
     let run = RunId::from("real-gemini");
-    let outcome = a.start(run.clone(), "make a marker".into(), Message::user_text("make a marker")).await.unwrap();
+    let outcome = agent.start(run.clone(), "make a marker".into(), Message::user_text("make a marker")).await.unwrap();
     assert_eq!(outcome, ExternalOutcome::Completed { result: "All done.".into() });
-    assert!(work.path().join("marker.txt").exists(), "the command ran");
-    let evs = events(&store, &run).await;
-    assert_tool_events(&evs, "gemini-cli", true);
-    let EventData::RunCompleted(c) = &evs.last().unwrap().data else { panic!() };
+    let events = events(&store, &run).await;
+    assert_decided(&events);
+    Some(GeminiRun { agent, store, run, events, work, server, _home: home })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_cli_runs_the_shell_command_descartes_allowed_and_resumes() {
+    let touch = json!({"command": "touch marker.txt"});
+    let Some(r) = gemini_run(true, "run_shell_command", touch, Policy::default()).await else { return };
+    assert!(r.work.path().join("marker.txt").exists(), "the command ran");
+    assert_tool_events(&r.events, "gemini-cli", true);
+    let d = decisions(&r.events);
+    assert_eq!((d.len(), d[0].decision, d[0].tool.as_str()), (1, Decision::Allow, "shell"));
+    assert_eq!(d[0].rule, "flag:--yes");
+    let EventData::RunCompleted(c) = &r.events.last().unwrap().data else { panic!() };
     assert!(c.usage.input_tokens > 0, "{:?}", c.usage);
 
-    let st = store.replay_run(&run).await.unwrap();
+    // `session/load`: the session continues with its history.
+    let st = r.store.replay_run(&r.run).await.unwrap();
     assert!(st.backend_session.is_some());
-    let before = server.requests().len();
-    let outcome = a.resume(st, "completed").await.unwrap();
+    let before = r.server.requests().len();
+    let outcome = r.agent.resume(st, "completed").await.unwrap();
     assert_eq!(outcome, ExternalOutcome::Completed { result: "Resumed.".into() });
-    let resumed: Vec<(String, Value)> = server.requests().into_iter().skip(before).collect();
+    let resumed: Vec<(String, Value)> = r.server.requests().into_iter().skip(before).collect();
     assert!(
         resumed.iter().any(|(p, b)| p.contains(":streamGenerateContent") && b.to_string().contains("touch marker.txt")),
         "the resumed session carries the earlier conversation"
     );
+    assert_decided(&events(&r.store, &r.run).await);
+}
+
+/// The matrix: without `-y` and a terminal the ask is denied; a command Gemini CLI deems safe
+/// (`ls`) and a read-only tool it runs by itself (`read_file`) are decided by Descartes'
+/// rules, denied by a deny rule, run under an allow rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_cli_s_every_call_is_decided_by_descartes() {
+    let touch = json!({"command": "touch marker.txt"});
+    let Some(r) = gemini_run(false, "run_shell_command", touch, Policy::default()).await else { return };
+    assert!(!r.work.path().join("marker.txt").exists(), "the denied ask did not run");
+    assert_tool_events(&r.events, "gemini-cli", false);
+    assert_eq!(decisions(&r.events)[0].rule, "builtin:ask-without-terminal");
+    assert!(r.told().iter().any(|t| t.contains("cancel")), "{:?}", r.told());
+
+    let ls = json!({"command": "ls"});
+    let Some(r) = gemini_run(true, "run_shell_command", ls.clone(), rules(&[], &["shell(ls)"])).await else { return };
+    let d = decisions(&r.events);
+    assert_eq!((d[0].decision, d[0].rule.as_str()), (Decision::Deny, "project:deny shell \"ls\""));
+    assert!(!r.told().iter().any(|t| t.contains("hello.txt")), "ls did not run: {:?}", r.told());
+
+    let Some(r) = gemini_run(false, "run_shell_command", ls, rules(&["shell(ls)"], &[])).await else { return };
+    assert_tool_events(&r.events, "gemini-cli", true);
+    assert!(r.told().iter().any(|t| t.contains("hello.txt")), "ls ran: {:?}", r.told());
+
+    let read = json!({"file_path": "hello.txt"});
+    let Some(r) = gemini_run(true, "read_file", read.clone(), rules(&[], &["read_file(hello.txt)"])).await else {
+        return;
+    };
+    let d = decisions(&r.events);
+    assert_eq!((d[0].decision, d[0].tool.as_str()), (Decision::Deny, "read_file"));
+    assert!(!r.told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.told());
+
+    let Some(r) = gemini_run(false, "read_file", read, Policy::default()).await else { return };
+    let d = decisions(&r.events);
+    assert_eq!((d[0].decision, d[0].rule.as_str()), (Decision::Allow, "builtin:read-only"));
+    assert!(r.told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.told());
 }
