@@ -381,6 +381,7 @@ fn the_project_policy_denies_requires_approval_and_explains_itself() {
     let explain = ok(&env, &["policy", "explain", &clean]);
     assert!(explain.contains("tool   deny") && explain.contains("rule no-rm-rf"), "{explain}");
     assert!(explain.contains(".ai/policy.yaml:3"), "the rule's file and line: {explain}");
+    assert!(explain.contains("rule policy:no-rm-rf (") && explain.contains("policy.yaml:3)  actor"), "{explain}");
     assert!(explain.contains("actor agent:gpt") && explain.contains("rm -rf build"), "{explain}");
     let diff = ok(&env, &["task", "diff", &clean]);
     assert!(diff.is_empty(), "nothing was deleted: {diff}");

@@ -56,6 +56,8 @@ fn assert_denied_by_no_pd(env: &Env, run_id: &str) {
     let permission = decisions(&events, "permission_decided");
     assert_eq!(permission[0]["decision"], "deny", "{}", permission[0]);
     assert_eq!(permission[0]["rule"], "policy:no-pd");
+    assert!(permission[0]["file"].as_str().unwrap().ends_with(".ai/policy.yaml"), "{}", permission[0]);
+    assert_eq!(permission[0]["line"], 3);
     let done = decisions(&events, "tool_call_completed");
     assert!(!done[0]["output"].as_str().unwrap().contains("66-pd"), "the command ran: {}", done[0]);
     assert_eq!(decisions(&events, "tool_call_started").len(), 0, "a denied call never starts");
@@ -137,4 +139,29 @@ fn policy_explain_shows_a_run_s_decisions() {
     let out = env.run(&["policy", "explain", "nothing-like-this"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(stderr(&out).contains("no task or run matches"), "{}", stderr(&out));
+}
+
+/// A `[permissions]` rule's decisions name its config file and line too, in the log and in
+/// `policy explain`.
+#[test]
+fn a_permissions_rule_s_decision_names_its_file_and_line() {
+    let env = Env::new(shell_model("echo $((6*11))-pd"));
+    env.init();
+    let config = env.project().join(".descartes/config.toml");
+    std::fs::write(
+        &config,
+        "[permissions]\nallow = [\"shell(ls *)\"]\ndeny = [\n  \"shell(git push)\",\n  \"shell(echo *)\",\n]\n",
+    )
+    .unwrap();
+    let out = env.run(&["run", "-y", "-p", "openai", "compute"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = env.events(&env.run_id());
+    assert_log_invariants(&events);
+    let permission = decisions(&events, "permission_decided");
+    assert_eq!(permission[0]["decision"], "deny", "{}", permission[0]);
+    assert_eq!(permission[0]["rule"], "project:deny shell \"echo *\"");
+    assert_eq!(permission[0]["file"].as_str(), Some(config.display().to_string().as_str()));
+    assert_eq!(permission[0]["line"], 5);
+    let out = env.run(&["policy", "explain", &env.run_id()]);
+    assert!(stdout(&out).contains(&format!("({}:5)", config.display())), "{}", stdout(&out));
 }

@@ -14,6 +14,7 @@ pub mod guardrails;
 pub mod locks;
 pub mod mcp;
 pub mod places;
+pub mod policy_gate;
 mod wiring;
 
 pub use config::{Config, ConfigError, ProviderConfig};
