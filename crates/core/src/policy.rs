@@ -37,11 +37,15 @@
 
 use std::cmp::Ordering;
 use std::fmt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobBuilder, GlobMatcher};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::glob::{
+    command_parts, has_wildcard, is_simple_command, literal_len, normalize_command, normalize_host, normalize_path,
+};
 
 /// What a rule does to a matching call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -357,11 +361,12 @@ impl Rule {
         match kind {
             ArgKind::Command => {
                 let Some(command) = field(name) else { return false };
-                let matches_one = |c: &str| command_matches(arg, free, c.trim());
+                let matches_one = |c: &str| command_matches(arg, free, c);
+                let whole = normalize_command(command);
                 if self.action == Action::Allow {
-                    is_simple_command(command) && matches_one(command)
+                    is_simple_command(command) && matches_one(&whole)
                 } else {
-                    matches_one(command) || command_parts(command).any(matches_one)
+                    matches_one(&whole) || command_parts(command).any(|p| matches_one(&p))
                 }
             }
             ArgKind::Path => {
@@ -377,14 +382,15 @@ impl Rule {
                     }
                 };
                 if arg.exact {
-                    let base = normalize(Path::new(arg.text.trim_end_matches('/')));
+                    let trimmed = arg.text.trim_end_matches('/');
+                    let base = normalize(Path::new(if trimmed.is_empty() { "/" } else { trimmed }));
                     target == base || target.starts_with(&base)
                 } else {
                     path_glob.is_match(&target)
                 }
             }
             ArgKind::Host => {
-                let Some(host) = field(name).and_then(url_host) else { return false };
+                let Some(host) = field(name).and_then(normalize_host) else { return false };
                 if arg.exact { host.eq_ignore_ascii_case(&arg.text) } else { host_glob.is_match(&host) }
             }
         }
@@ -393,82 +399,16 @@ impl Rule {
 
 fn command_matches(arg: &Pattern, glob: &GlobMatcher, command: &str) -> bool {
     if arg.exact {
-        command == arg.text
-            || command.strip_prefix(arg.text.as_str()).is_some_and(|rest| rest.starts_with(char::is_whitespace))
+        let text = normalize_command(&arg.text);
+        command == text || command.strip_prefix(text.as_str()).is_some_and(|rest| rest.starts_with(' '))
     } else {
         glob.is_match(command)
     }
 }
 
-const SHELL_OPERATORS: &[char] = &[';', '&', '|', '<', '>', '`', '\n', '\r', '(', ')'];
-
-/// A command with no chaining, piping, redirection or substitution.
-fn is_simple_command(command: &str) -> bool {
-    !command.contains(SHELL_OPERATORS) && !command.contains("$(")
-}
-
-/// The parts of a command between shell operators.
-fn command_parts(command: &str) -> impl Iterator<Item = &str> {
-    command.split(SHELL_OPERATORS).map(|p| p.trim().trim_start_matches('$').trim()).filter(|p| !p.is_empty())
-}
-
-/// The host of a URL, lower case, without port or user info.
-fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host =
-        if let Some(v6) = host_port.strip_prefix('[') { v6.split(']').next()? } else { host_port.split(':').next()? };
-    (!host.is_empty()).then(|| host.trim_end_matches('.').to_ascii_lowercase())
-}
-
 /// A path with `.` and `..` resolved lexically.
 fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => match out.components().next_back() {
-                Some(Component::Normal(_)) => {
-                    out.pop();
-                }
-                // `/..` is `/`.
-                Some(Component::RootDir | Component::Prefix(_)) => {}
-                _ => out.push(".."),
-            },
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
-
-fn has_wildcard(s: &str) -> bool {
-    s.contains(['*', '?', '[', '{'])
-}
-
-/// Characters outside wildcards (`*`, `?`, `[...]`, `{...}`).
-fn literal_len(s: &str) -> usize {
-    let mut n = 0;
-    let mut depth_class = false;
-    let mut depth_alt = 0usize;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if !depth_class && depth_alt == 0 => {
-                if chars.next().is_some() {
-                    n += 1;
-                }
-            }
-            '[' if !depth_class => depth_class = true,
-            ']' if depth_class => depth_class = false,
-            '{' if !depth_class => depth_alt += 1,
-            '}' if !depth_class && depth_alt > 0 => depth_alt -= 1,
-            '*' | '?' if !depth_class && depth_alt == 0 => {}
-            _ if depth_class || depth_alt > 0 => {}
-            _ => n += 1,
-        }
-    }
-    n
+    PathBuf::from(normalize_path(&path.to_string_lossy()))
 }
 
 /// The outcome of the policy for one call, before any ask is answered.
