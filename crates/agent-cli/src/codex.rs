@@ -277,7 +277,14 @@ impl CodexDecoder {
                 self.tool_item(item, out);
             }
         }
-        let (tool, input) = self.tools.get(&item_id).cloned().unwrap_or_else(|| ("unknown".into(), Value::Null));
+        let (mut tool, mut input) =
+            self.tools.get(&item_id).cloned().unwrap_or_else(|| ("unknown".into(), Value::Null));
+        if let Some(why) = escalation(params, &input, self.asked.contains(&item_id)) {
+            // More than the sandbox allows, or a change Descartes cannot see: its own question
+            // (the guardrail refuses it unless Descartes' sandbox is off).
+            input = json!({"tool": tool, "input": input, "reason": why});
+            tool = ESCALATION_TOOL.into();
+        }
         let key = id_key(id);
         self.approvals.insert(key.clone(), id.clone());
         self.asked.insert(item_id.clone());
@@ -372,8 +379,12 @@ impl CodexDecoder {
 
 impl Decoder for CodexDecoder {
     fn line(&mut self, line: &str) -> Result<Decoded, String> {
-        let v = parse_json_line("codex", line)?;
         let mut out = Vec::new();
+        let v = match parse_json_line("codex", line) {
+            Ok(v) => v,
+            // Not the protocol (a warning on stdout): shown, not fatal.
+            Err(message) => return Ok(Decoded::events(vec![CliEvent::Notice(message)])),
+        };
         let mut replies = Vec::new();
         match classify(v) {
             Some(Incoming::Response { id, result }) => replies = self.response(id, result, &mut out),
@@ -412,14 +423,49 @@ impl Decoder for CodexDecoder {
     }
 }
 
+/// The tool name of a request for more than the sandbox allows (network access, writes outside
+/// it, a retry without it, a patch whose files are not known).
+pub const ESCALATION_TOOL: &str = "sandbox_escalation";
+
+/// Why an approval request asks for more than running `input` in the sandbox, if it does: a
+/// second request for an item already asked about (Codex's retry without the sandbox), network
+/// access, a write root, input to a running process, or a patch without known files.
+fn escalation(params: &Value, input: &Value, asked_before: bool) -> Option<String> {
+    let reason = str_of(params.get("reason"));
+    let set = |k: &str| params.get(k).is_some_and(|v| !v.is_null() && v != &json!([]));
+    if asked_before {
+        return Some(format!("asked again for the same call (a retry without the sandbox?): {reason}"));
+    }
+    if set("networkApprovalContext") || set("proposedNetworkPolicyAmendments") {
+        return Some(format!("network access: {reason}"));
+    }
+    if set("grantRoot") {
+        return Some(format!("writes under {}: {reason}", params["grantRoot"]));
+    }
+    let kind = params.get("kind").and_then(Value::as_str).unwrap_or("command");
+    if kind != "command" {
+        return Some(format!("a `{kind}` request: {reason}"));
+    }
+    if input.get("paths").is_some_and(|p| p.as_array().is_none_or(Vec::is_empty)) {
+        return Some("a patch whose files are not known".into());
+    }
+    None
+}
+
 /// The tool call an item stands for: (tool, input).
 fn tool_of(item: &Map<String, Value>) -> Option<(String, Value)> {
     match item.get("type").and_then(Value::as_str)? {
         "commandExecution" => Some(("shell".into(), json!({"command": unwrap_shell(&str_of(item.get("command")))}))),
         "fileChange" => {
             let changes = item.get("changes").cloned().unwrap_or(Value::Array(Vec::new()));
-            let paths: Vec<Value> =
-                changes.as_array().into_iter().flatten().filter_map(|c| c.get("path").cloned()).collect();
+            // Every file a change touches: its path and, for a move, where it goes.
+            let mut paths: Vec<Value> = Vec::new();
+            for c in changes.as_array().into_iter().flatten() {
+                paths.extend(c.get("path").cloned());
+                let kind = c.get("kind");
+                let target = ["move_path", "movePath"].iter().find_map(|k| kind.and_then(|o| o.get(*k)));
+                paths.extend(target.filter(|v| v.is_string()).cloned());
+            }
             let mut input = json!({"paths": paths, "changes": changes});
             if let Some(first) = paths.first() {
                 input["path"] = first.clone();
@@ -475,23 +521,15 @@ fn result_of(item: &Map<String, Value>) -> (String, bool) {
 }
 
 /// The command a shell wrapper runs: `/bin/bash -lc 'echo hi'` is `echo hi` (what the policy
-/// is matched against); anything else as it is.
+/// is matched against), split with POSIX shell rules; anything else as it is.
 fn unwrap_shell(command: &str) -> String {
-    let mut words = command.splitn(3, ' ');
-    let (Some(shell), Some(flag), Some(rest)) = (words.next(), words.next(), words.next()) else {
-        return command.to_owned();
-    };
-    let shell = shell.rsplit('/').next().unwrap_or(shell);
-    if !matches!(shell, "bash" | "sh" | "zsh") || !matches!(flag, "-lc" | "-c") {
-        return command.to_owned();
+    match shlex::split(command).as_deref() {
+        Some([shell, flag, script]) if matches!(flag.as_str(), "-lc" | "-c") => {
+            let name = shell.rsplit('/').next().unwrap_or(shell);
+            if matches!(name, "bash" | "sh" | "zsh") { script.clone() } else { command.to_owned() }
+        }
+        _ => command.to_owned(),
     }
-    if let Some(inner) = rest.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
-        return inner.replace("'\\''", "'");
-    }
-    if let Some(inner) = rest.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
-        return inner.replace("\\\"", "\"").replace("\\\\", "\\");
-    }
-    rest.to_owned()
 }
 
 #[cfg(test)]
@@ -647,7 +685,7 @@ mod tests {
             "{:?}",
             r.events
         );
-        assert!(d.line("not json").is_err());
+        assert!(matches!(&d.line("not json").unwrap().events[..], [CliEvent::Notice(_)]));
 
         let mut d = CodexDecoder::new(request(None));
         feed(&mut d, r#"{"method":"error","params":{"error":{"message":"unexpected status 400"},"willRetry":false}}"#);
@@ -660,7 +698,46 @@ mod tests {
     }
 
     #[test]
+    fn escalations_are_their_own_question() {
+        let mut d = CodexDecoder::new(request(None));
+        let started = r#"{"method":"item/started","params":{"item":{"type":"commandExecution","id":"c1","command":"/bin/bash -lc 'touch /etc/x'","status":"inProgress"}}}"#;
+        feed(&mut d, started);
+        let ask = r#"{"method":"item/commandExecution/requestApproval","id":1,"params":{"itemId":"c1","command":"/bin/bash -lc 'touch /etc/x'"}}"#;
+        let r = feed(&mut d, ask);
+        let [CliEvent::PermissionRequest(first)] = &r.events[..] else { panic!("{:?}", r.events) };
+        assert_eq!(first.tool, "shell");
+        // Asked again for the same call: a retry without the sandbox.
+        let again = ask.replace("\"id\":1", "\"id\":2");
+        let r = feed(&mut d, &again);
+        let [CliEvent::PermissionRequest(second)] = &r.events[..] else { panic!("{:?}", r.events) };
+        assert_eq!(second.tool, ESCALATION_TOOL);
+        assert_eq!(second.input["input"]["command"], "touch /etc/x");
+        let net = r#"{"method":"item/commandExecution/requestApproval","id":3,"params":{"itemId":"c2","command":"curl x","networkApprovalContext":{"host":"x"}}}"#;
+        let r = feed(&mut d, net);
+        assert!(
+            matches!(&r.events[..], [_, CliEvent::PermissionRequest(p)] if p.tool == ESCALATION_TOOL),
+            "{:?}",
+            r.events
+        );
+        let blind = r#"{"method":"item/fileChange/requestApproval","id":4,"params":{"itemId":"p9"}}"#;
+        let r = feed(&mut d, blind);
+        assert!(
+            matches!(&r.events[..], [_, CliEvent::PermissionRequest(p)] if p.tool == ESCALATION_TOOL),
+            "{:?}",
+            r.events
+        );
+        // A move is decided on where it goes too.
+        let mv = r#"{"method":"item/started","params":{"item":{"type":"fileChange","id":"p2","changes":[{"path":"/w/a","kind":{"type":"update","move_path":"/w/.git/hooks/pre-commit"}}]}}}"#;
+        feed(&mut d, mv);
+        let r = feed(&mut d, r#"{"method":"item/fileChange/requestApproval","id":5,"params":{"itemId":"p2"}}"#);
+        let [CliEvent::PermissionRequest(p)] = &r.events[..] else { panic!("{:?}", r.events) };
+        assert_eq!(p.input["paths"], json!(["/w/a", "/w/.git/hooks/pre-commit"]));
+    }
+
+    #[test]
     fn shell_wrappers_are_unwrapped() {
+        // Codex quotes with mixed pieces (shlex's join): the real command comes out.
+        assert_eq!(unwrap_shell(r#"/bin/bash -lc 'rm -rf "$HOME/x" '"'y'""#), r#"rm -rf "$HOME/x" 'y'"#);
         assert_eq!(unwrap_shell("/bin/bash -lc 'echo hi'"), "echo hi");
         assert_eq!(unwrap_shell(r"bash -c 'echo '\''q'\'''"), "echo 'q'");
         assert_eq!(unwrap_shell(r#"/bin/sh -c "ls -la""#), "ls -la");

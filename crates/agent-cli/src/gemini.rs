@@ -119,7 +119,14 @@ impl AgentCli for GeminiCli {
 fn write_policy(home: Option<&Path>) -> std::io::Result<PathBuf> {
     let dir = match home {
         Some(h) => h.join(".cache/descartes/gemini"),
-        None => std::env::temp_dir().join(format!("descartes-gemini-{}", std::process::id())),
+        None => {
+            // A directory of our own (mode 0700, created now: never one someone else made).
+            use std::os::unix::fs::DirBuilderExt;
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!("descartes-gemini-{}-{nanos}", std::process::id()));
+            std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+            dir
+        }
     };
     let path = dir.join("ask-all.toml");
     if std::fs::read_to_string(&path).is_ok_and(|t| t == ASK_ALL_POLICY) {
@@ -417,8 +424,12 @@ impl GeminiDecoder {
 
 impl Decoder for GeminiDecoder {
     fn line(&mut self, line: &str) -> Result<Decoded, String> {
-        let v = parse_json_line("gemini", line)?;
         let mut out = Vec::new();
+        let v = match parse_json_line("gemini", line) {
+            Ok(v) => v,
+            // Not the protocol (a warning on stdout): shown, not fatal.
+            Err(message) => return Ok(Decoded::events(vec![CliEvent::Notice(message)])),
+        };
         let mut replies = Vec::new();
         match classify(v) {
             Some(Incoming::Response { id, result }) => replies = self.response(id, result, &mut out),
@@ -472,11 +483,13 @@ impl Decoder for GeminiDecoder {
 }
 
 /// A tool call as Descartes names it: (tool, input, read_only). The tool's own name starts the
-/// call id (`run_shell_command__run_shell_command_17..._0`); a shell call's title is its
-/// command; the paths are in `locations`.
+/// call id (`run_shell_command__run_shell_command_17..._0`), checked against the call's `kind`
+/// (a name Descartes does not know is named by its kind: `execute` is `shell`, `edit` a write);
+/// a shell call's title is its command; the paths are in `locations`.
 fn tool_of(call: &Value) -> (String, Value, bool) {
     let id = str_of(call.get("toolCallId"));
     let name = id.split("__").next().unwrap_or_default().to_owned();
+    let kind = str_of(call.get("kind"));
     let title = str_of(call.get("title"));
     let path = call
         .get("locations")
@@ -486,30 +499,31 @@ fn tool_of(call: &Value) -> (String, Value, bool) {
         .and_then(Value::as_str)
         .map(str::to_owned)
         .or_else(|| {
-            let diff = call
-                .get("content")
-                .and_then(Value::as_array)?
-                .iter()
-                .find(|c| c.get("type") == Some(&json!("diff")))?;
+            let content = call.get("content").and_then(Value::as_array)?;
+            let diff = content.iter().find(|c| c.get("type") == Some(&json!("diff")))?;
             diff.get("path").and_then(Value::as_str).map(str::to_owned)
         });
     let with_path = |tool: &str, read_only: bool| {
         let mut input = json!({"title": title});
-        if let Some(p) = &path {
-            input["path"] = json!(p);
+        match &path {
+            Some(p) => input["path"] = json!(p),
+            // A path tool whose path is not known is not a read-only call.
+            None if read_only => return (tool.to_owned(), input, false),
+            None => {}
         }
         (tool.to_owned(), input, read_only)
     };
-    match name.as_str() {
-        "run_shell_command" => ("shell".into(), json!({"command": title}), false),
-        "write_file" => with_path("write_file", false),
-        "replace" => with_path("edit_file", false),
-        "read_file" | "read_many_files" => with_path("read_file", true),
-        "list_directory" => with_path("list_files", true),
-        "glob" | "grep_search" | "search_file_content" => with_path("search_files", true),
-        "web_fetch" => ("http_request".into(), json!({"url": title, "title": title}), false),
-        "" => ("unknown".into(), json!({"title": title}), false),
-        other => (other.to_owned(), json!({"title": title}), false),
+    match (name.as_str(), kind.as_str()) {
+        ("run_shell_command", _) | (_, "execute") => ("shell".into(), json!({"command": title}), false),
+        ("write_file", _) => with_path("write_file", false),
+        ("replace", _) | (_, "edit" | "delete" | "move") => with_path("edit_file", false),
+        ("read_file", _) => with_path("read_file", true),
+        ("list_directory", _) => with_path("list_files", true),
+        ("glob" | "grep_search" | "search_file_content", _) => with_path("search_files", true),
+        // Its URLs are inside a prompt (the title is a description): no host to decide on.
+        ("web_fetch", _) | (_, "fetch") => ("web_fetch".into(), json!({"prompt": title}), false),
+        ("", _) => ("unknown".into(), json!({"title": title}), false),
+        (other, _) => (other.to_owned(), json!({"title": title, "path": path}), false),
     }
 }
 
@@ -678,7 +692,7 @@ mod tests {
             "{:?}",
             r.events
         );
-        assert!(d.line("Ripgrep is not available").is_err());
+        assert!(matches!(&d.line("Ripgrep is not available").unwrap().events[..], [CliEvent::Notice(_)]));
     }
 
     #[test]
@@ -697,6 +711,11 @@ mod tests {
         assert_eq!(call("replace__x_0", "a", Some("/w/a")).0, "edit_file");
         assert_eq!(call("list_directory__x_0", ".", None).0, "list_files");
         assert_eq!(call("mcp_srv_poke__x_0", "poke", None).0, "mcp_srv_poke");
+        let odd = json!({"toolCallId": "x-1", "kind": "execute", "title": "rm -rf /"});
+        assert_eq!(tool_of(&odd), ("shell".into(), json!({"command": "rm -rf /"}), false), "named by its kind");
+        let nowhere = json!({"toolCallId": "read_file__1", "kind": "read", "title": "?"});
+        assert!(!tool_of(&nowhere).2, "a read of no known path is not read-only");
+        assert_eq!(tool_of(&json!({"toolCallId": "web_fetch__1", "title": "get https://a.b"})).0, "web_fetch");
         let diff = json!({"toolCallId": "write_file__y", "title": "b", "content": [{"type": "diff", "path": "/w/b", "newText": "x"}]});
         assert_eq!(tool_of(&diff).1["path"], "/w/b");
     }

@@ -56,11 +56,18 @@ pub fn run(rt: &Runtime, json: bool) -> Result<u8> {
         list.join(", ")
     };
     if !guardrail.is_empty() {
+        let whole: Vec<String> =
+            guardrail.iter().filter(|r| r.spec.pattern.is_none()).map(|r| format!("`{}`", r.spec.tool)).collect();
         writeln!(
             out,
-            "Guardrail (first, final even with -y): no tool writes Descartes' own files: {}; except beneath {}.\n",
+            "Guardrail (first, final even with -y): no tool writes Descartes' own files: {}; except beneath {}.{}\n",
             paths(Action::Deny),
-            paths(Action::Allow)
+            paths(Action::Allow),
+            if whole.is_empty() {
+                String::new()
+            } else {
+                format!(" Denied: {} (an agent CLI asking for more than its sandbox).", whole.join(", "))
+            }
         )?;
     }
     rows.retain(|r| r["source"] != "guardrail");

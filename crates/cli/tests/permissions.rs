@@ -121,6 +121,8 @@ fn permissions_lists_the_effective_rules_in_precedence_order() {
     // The guardrail's rules come first: no tool writes Descartes' own files.
     let guardrail = rows.iter().take_while(|r| r["source"] == "guardrail").count();
     assert!(guardrail >= 8, "{rows:#?}");
+    // An agent CLI's request for more than its sandbox is refused by the guardrail too.
+    assert!(rows[..guardrail].iter().any(|r| r["action"] == "deny" && r["rule"] == "sandbox_escalation"), "{rows:#?}");
     let config = env.project().join(".descartes/config.toml").display().to_string();
     assert!(
         rows[..guardrail]

@@ -562,6 +562,7 @@ impl Agent {
                     input: c.input.clone(),
                     idempotent: c.tool.idempotent(),
                     executed_by: None,
+                    not_run: false,
                 },
             );
         }
@@ -601,6 +602,7 @@ impl Agent {
                 input: input.clone(),
                 idempotent: true,
                 executed_by: None,
+                not_run: true,
             },
         );
         self.complete_tool(st, ob, id, name, ToolOutput::error(error), 0, false);

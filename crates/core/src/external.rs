@@ -642,6 +642,7 @@ impl ExternalAgent {
                 input,
                 idempotent: false,
                 executed_by: Some(self.backend.name().to_owned()),
+                not_run: false,
             },
         );
     }

@@ -101,7 +101,7 @@ pub fn decide(policy: &Policy, q: &Question<'_>, run_allowed: &HashSet<String>, 
 /// "require approval" asks a human (never answered by `-y` or an earlier allow-for-run). Also
 /// returns the gate's record, which the caller appends to the log.
 ///
-/// A call that touches several paths (a patch: `paths` in its input) is decided for each of
+/// A patch (`apply_patch`, whose input lists the `paths` it touches) is decided for each of
 /// them, and the strictest verdict (deny, then ask, then allow) is the call's.
 pub fn decide_gated(
     gate: Option<&dyn ToolGate>,
@@ -110,7 +110,7 @@ pub fn decide_gated(
     run_allowed: &HashSet<String>,
     auto_approve: bool,
 ) -> (Step, Option<PolicyDecided>) {
-    let paths = per_path(q.input);
+    let paths = if q.tool == "apply_patch" { per_path(q.input) } else { Vec::new() };
     let mut first = first_verdict(gate, policy, q, paths.first().unwrap_or(q.input));
     for input in paths.iter().skip(1) {
         let f = first_verdict(gate, policy, q, input);
@@ -186,16 +186,17 @@ enum First {
 }
 
 impl First {
-    /// How strict: a guardrail denial, then deny, ask, allow.
+    /// How strict: a guardrail denial, then deny, ask, allow; on the same action the policy
+    /// file's verdict before the permission rules' (its ask is not answered by `-y`).
     fn severity(&self) -> u8 {
         let of = |a: Action| match a {
             Action::Allow => 0,
-            Action::Ask => 1,
-            Action::Deny => 2,
+            Action::Ask => 2,
+            Action::Deny => 4,
         };
         match self {
-            First::Guardrail(_) => 3,
-            First::Gate(g) => of(g.action),
+            First::Guardrail(_) => 6,
+            First::Gate(g) => of(g.action) + 1,
             First::Rules(v) => of(v.action),
         }
     }
@@ -278,5 +279,69 @@ impl PendingAsk {
                 ),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PermissionRules, Rule, RuleSpec, Source};
+    use serde_json::json;
+
+    /// A policy file that asks about writes to `b/**` (rule `ask-b`, line 7).
+    struct AskB;
+
+    impl ToolGate for AskB {
+        fn check(&self, _tool: &str, input: &Value, _cwd: &Path) -> Option<GateVerdict> {
+            let path = input.get("path").and_then(Value::as_str)?;
+            path.starts_with("/p/b/").then(|| GateVerdict {
+                action: Action::Ask,
+                record: PolicyDecided {
+                    stage: "tool".into(),
+                    decision: "require_approval".into(),
+                    rule: Some("ask-b".into()),
+                    file: Some("/p/.ai/policy.yaml".into()),
+                    line: Some(7),
+                    reason: "b needs a look".into(),
+                    inputs: Value::Null,
+                    actor: "agent:x".into(),
+                },
+            })
+        }
+    }
+
+    fn policy() -> Policy {
+        let spec = |t: &str| RuleSpec::parse(t).unwrap();
+        let rules = PermissionRules { ask: vec![spec("apply_patch(a/**)")], ..Default::default() };
+        let guard = RuleSpec { tool: "{write_file,apply_patch}".into(), pattern: Some(".git/hooks".into()) };
+        Policy::new(&[(Source::Project, rules)])
+            .unwrap()
+            .with_rules(vec![Rule::new(Action::Deny, Source::Guardrail, guard).unwrap()])
+    }
+
+    fn ask(tool: &str, input: &Value, gate: Option<&dyn ToolGate>) -> Step {
+        let q = Question { call_id: Some("c".into()), tool, input, read_only: false, cwd: Path::new("/p") };
+        decide_gated(gate, &policy(), &q, &HashSet::new(), true).0
+    }
+
+    #[test]
+    fn a_patch_is_decided_on_every_file_it_touches() {
+        let patch = |paths: &[&str]| json!({"paths": paths, "path": paths[0]});
+        // One protected file among allowed ones: the guardrail refuses the whole patch.
+        let Step::Decided(d) = ask("apply_patch", &patch(&["/p/x.rs", "/p/.git/hooks/pre-commit"]), None) else {
+            panic!()
+        };
+        assert_eq!((d.decision, d.actor.as_str()), (Decision::Deny, "guardrail"));
+        // `-y` answers the permission rules' ask on `a/`...
+        let Step::Decided(d) = ask("apply_patch", &patch(&["/p/a/1.rs"]), Some(&AskB)) else { panic!() };
+        assert_eq!(d.rule, "flag:--yes");
+        // ...but not the policy file's ask on `b/`, even when `a/` is asked about too.
+        let Step::Ask(a) = ask("apply_patch", &patch(&["/p/a/1.rs", "/p/b/2.rs"]), Some(&AskB)) else { panic!() };
+        let d = a.answered(PromptAnswer::Unavailable);
+        assert_eq!((d.rule.as_str(), d.file.as_deref(), d.line), ("policy:ask-b", Some("/p/.ai/policy.yaml"), Some(7)));
+        // `paths` means nothing to another tool: its own `path` is decided.
+        let sneaky = json!({"path": "/p/.git/hooks/x", "paths": ["/p/ok.rs"]});
+        let Step::Decided(d) = ask("write_file", &sneaky, None) else { panic!() };
+        assert_eq!((d.decision, d.actor.as_str()), (Decision::Deny, "guardrail"));
     }
 }

@@ -258,8 +258,8 @@ pub struct Rule {
     arg_free: Option<GlobMatcher>,
     arg_path: Option<GlobMatcher>,
     arg_host: Option<GlobMatcher>,
-    /// Where the rule is written: its config file and line.
-    pub origin: Option<(PathBuf, usize)>,
+    /// Where the rule is written: its config file and line (when known).
+    pub origin: Option<(PathBuf, Option<usize>)>,
 }
 
 impl Rule {
@@ -276,7 +276,10 @@ impl Rule {
         let (arg, arg_free, arg_path, arg_host) = match &spec.pattern {
             Some(p) => {
                 let glob = |separator: bool, nocase: bool| {
-                    GlobBuilder::new(p)
+                    // A command pattern is matched against the command with whitespace runs
+                    // made single spaces: so is the pattern.
+                    let text = if separator || nocase { p.clone() } else { normalize_command(p) };
+                    GlobBuilder::new(&text)
                         .literal_separator(separator)
                         .case_insensitive(nocase)
                         .build()
@@ -292,7 +295,7 @@ impl Rule {
     }
 
     /// The rule, written at `line` of `file`.
-    pub fn at(mut self, file: PathBuf, line: usize) -> Self {
+    pub fn at(mut self, file: PathBuf, line: Option<usize>) -> Self {
         self.origin = Some((file, line));
         self
     }
@@ -324,7 +327,7 @@ impl Rule {
             rule: self.name(),
             reason: format!("{verb} by the {} rule `{}`: {what}", self.source.as_str(), self.spec),
             file: self.origin.as_ref().map(|(f, _)| f.display().to_string()),
-            line: self.origin.as_ref().map(|(_, l)| *l as u64),
+            line: self.origin.as_ref().and_then(|(_, l)| *l).map(|l| l as u64),
         }
     }
 
@@ -384,7 +387,8 @@ impl Rule {
                 if arg.exact {
                     let trimmed = arg.text.trim_end_matches('/');
                     let base = normalize(Path::new(if trimmed.is_empty() { "/" } else { trimmed }));
-                    target == base || target.starts_with(&base)
+                    // `.` is the working directory: every relative target is under it.
+                    base == Path::new(".") || target == base || target.starts_with(&base)
                 } else {
                     path_glob.is_match(&target)
                 }
@@ -546,6 +550,14 @@ mod tests {
         assert_eq!(eval(&p, "read_file", json!({"path": "a"})).rule, BUILTIN_READ_ONLY);
         let v = eval(&p, "shell", shell("ls"));
         assert_eq!((v.action, v.rule.as_str()), (Ask, BUILTIN_ASK));
+    }
+
+    #[test]
+    fn dot_is_everything_under_the_working_directory_and_globs_ignore_spacing() {
+        let p = policy(&[(Deny, Project, "write_file(.)"), (Deny, Project, "shell(rm  -rf *)")]);
+        assert_eq!(eval(&p, "write_file", json!({"path": "src/a.rs"})).action, Deny);
+        assert_eq!(eval(&p, "write_file", json!({"path": "/elsewhere/a.rs"})).action, Ask);
+        assert_eq!(eval(&p, "shell", shell("rm   -rf build")).action, Deny);
     }
 
     #[test]

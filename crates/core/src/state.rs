@@ -433,6 +433,7 @@ mod tests {
                 input: json!({}),
                 idempotent: false,
                 executed_by: None,
+                not_run: false,
             },
         ));
         let s = RunState::fold(RunId::from("r"), &events).unwrap();

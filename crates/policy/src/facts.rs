@@ -191,7 +191,7 @@ const SHELL_TOOLS: &[&str] = &["shell", "Bash"];
 /// Tools that read their `path` (or `file_path`).
 const READ_TOOLS: &[&str] = &["read_file", "list_files", "search_files", "Read", "Glob", "Grep", "LS"];
 /// Tools that write their `path` (or `file_path`, `notebook_path`).
-const WRITE_TOOLS: &[&str] = &["write_file", "edit_file", "Write", "Edit", "MultiEdit", "NotebookEdit"];
+const WRITE_TOOLS: &[&str] = &["write_file", "edit_file", "apply_patch", "Write", "Edit", "MultiEdit", "NotebookEdit"];
 /// Tools that reach the host of their `url`.
 const HOST_TOOLS: &[&str] = &["http_request", "WebFetch"];
 

@@ -346,6 +346,10 @@ pub struct ToolCallStarted {
     /// when Descartes executed it. Such calls are records, never executed on resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executed_by: Option<String>,
+    /// The call was settled without running (an unknown tool, arguments that fail its
+    /// schema): only its error follows, and no permission was asked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //!
 //! What every tool call of every run now passes (issue 15): the guardrail rules (Descartes' own
 //! files), the project's YAML policy through the gate (a 100-rule policy, every tool-level
-//! matcher kind, some rules with a CEL `when`), then the `[permissions]` rules (30). Against
+//! matcher kind, some rules with a CEL `when`), then the `[permissions]` rules (60: the same 30 from two files). Against
 //! the decision a `run` made before: the `[permissions]` rules alone. Inputs in turn: simple and
 //! compound shell commands (Descartes' `shell` and Claude Code's `Bash`), a file read, a file
 //! write, an HTTP call, a three-file Codex patch. Each decision is timed alone; p50 / p90 / p99.

@@ -580,7 +580,7 @@ impl Config {
             {
                 for spec in list {
                     let rule = Rule::new(action, source, spec.clone())?;
-                    let line = lines.iter().find(|(a, s, _)| *a == action && s == spec).map_or(1, |(_, _, l)| *l);
+                    let line = lines.iter().find(|(a, s, _)| *a == action && s == spec).map(|(_, _, l)| *l);
                     rules.push(rule.at(file.clone(), line));
                 }
             }

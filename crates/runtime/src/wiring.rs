@@ -17,6 +17,16 @@ use crate::places::Places;
 
 /// The tools the guardrail rules cover: every tool that writes its path, Descartes' and the
 /// agent CLIs' (their permission requests pass the same decision).
+/// The agent CLIs' files (under the home directory) that decide what they run without asking.
+const AGENT_CLI_CONTROL_FILES: &[&str] = &[
+    ".codex/rules",
+    ".codex/config.toml",
+    ".gemini/policies",
+    ".gemini/settings.json",
+    ".claude/settings.json",
+    ".cache/descartes",
+];
+
 const GUARDED_TOOLS: &str = "{write_file,edit_file,apply_patch,Write,Edit,MultiEdit,NotebookEdit}";
 
 /// The variables each agent CLI needs from Descartes' environment (prefixes end in `*`),
@@ -561,6 +571,11 @@ impl Runtime {
         if let crate::Mode::Project { root } = &self.places.mode {
             absolute.extend(descartes_tools::PROTECTED_NAMES.iter().map(|n| root.join(n)));
         }
+        // The agent CLIs' own permission settings: a rule written there would run calls
+        // without asking Descartes.
+        if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
+            absolute.extend(AGENT_CLI_CONTROL_FILES.iter().map(|f| home.join(f)));
+        }
         Protected {
             absolute,
             writable_within: vec![state.join("worktrees")],
@@ -609,6 +624,10 @@ impl Runtime {
         for p in &protected.writable_within {
             rules.push(rule(Action::Allow, p.display().to_string())?);
         }
+        // An agent CLI's request for more than its sandbox allows (Codex's retry without the
+        // sandbox, network access, writes outside it): only `--sandbox full-access` grants it.
+        let escalation = RuleSpec { tool: descartes_agent_cli::codex::ESCALATION_TOOL.to_owned(), pattern: None };
+        rules.push(Rule::new(Action::Deny, Source::Guardrail, escalation)?);
         Ok(policy.with_rules(rules))
     }
 

@@ -450,7 +450,10 @@ fn permission(run_id: &RunId, id: &str, tool: &str, rule: &str, actor: &str) -> 
 }
 
 fn tool_started(run_id: &RunId, id: &str, tool: &str, input: Value, idempotent: bool) -> NewEvent {
-    ev(run_id, ToolCallStarted { call_id: id.into(), tool: tool.into(), input, idempotent, executed_by: None })
+    ev(
+        run_id,
+        ToolCallStarted { call_id: id.into(), tool: tool.into(), input, idempotent, executed_by: None, not_run: false },
+    )
 }
 
 /// A run that crashed while its tool call `c1` of `tool` was executing (intent logged, no result).

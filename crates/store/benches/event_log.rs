@@ -107,6 +107,7 @@ fn step(run: &RunId, i: usize) -> Vec<NewEvent> {
                 input: json!({"command": "cargo test -p foo"}),
                 idempotent: false,
                 executed_by: None,
+                not_run: false,
             },
         ),
         NewEvent::new(

@@ -55,8 +55,8 @@ pub fn cli(name: &str) -> Option<PathBuf> {
 
 /// The decision invariant, over a run's events as JSON (`{"type", "data"}`): every tool call
 /// that was executed (a `tool_call_started`, by Descartes or by an agent CLI) has a
-/// `permission_decided` allowing it, with its `call_id`, earlier in the log; and no call that
-/// was denied was executed. Panics naming the call otherwise.
+/// `permission_decided` allowing it, with its `call_id`, earlier in the log (a start marked
+/// `not_run` is a call settled without running); and no call that was denied was executed. Panics naming the call otherwise.
 pub fn assert_every_call_decided(events: &[serde_json::Value]) {
     use std::collections::HashMap;
     let mut decided: HashMap<String, String> = HashMap::new();
@@ -67,6 +67,8 @@ pub fn assert_every_call_decided(events: &[serde_json::Value]) {
             "permission_decided" => {
                 decided.insert(id, data["decision"].as_str().unwrap_or_default().to_owned());
             }
+            // A call settled without running (unknown tool, invalid arguments) asks nothing.
+            "tool_call_started" if data["not_run"] == true => {}
             "tool_call_started" => {
                 let by = data["executed_by"].as_str().unwrap_or("descartes");
                 match decided.get(&id).map(String::as_str) {

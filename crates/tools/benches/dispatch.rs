@@ -94,6 +94,7 @@ fn main() {
                 input: input.clone(),
                 idempotent: tool.idempotent(),
                 executed_by: None,
+                not_run: false,
             };
             let started = serde_json::to_string(&started).unwrap();
             let output = tool.call(input.clone(), &ctx).await;
