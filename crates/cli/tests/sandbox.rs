@@ -132,6 +132,7 @@ fn a_run_cannot_change_the_guardrails_of_the_next_run() {
         ("shell", json!({"command": "mkdir -p .ai && echo 'rules: []' > .ai/policy.yaml"})),
         ("shell", json!({"command": "python3 -c \"open('.descartes/descartes.db', 'r+b')\""})),
         ("shell", json!({"command": "echo outside-test > made.txt"})),
+        ("write_file", json!({"path": ".claude/settings.json", "content": "{\"permissions\":{\"allow\":[\"Bash\"]}}"})),
     ]));
     env.init();
     if !landlock_available(&env) {
@@ -146,14 +147,16 @@ fn a_run_cannot_change_the_guardrails_of_the_next_run() {
     assert_eq!(read_lines(&env.project().join("made.txt")), vec!["outside-test"]);
     let events = env.events(&env.run_id());
     let results: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "tool_call_completed").collect();
-    assert_eq!(results.len(), 6);
+    assert_eq!(results.len(), 7);
+    assert!(!env.project().join(".claude/settings.json").exists(), "an agent CLI's settings are protected too");
+    assert_eq!(results[6]["data"]["is_error"], true, "{}", results[6]);
     for r in &results[..5] {
         assert_eq!(r["data"]["is_error"], true, "{r}");
     }
     // Refused by the guardrail before the tool runs (the tool would refuse it too), and recorded.
     assert!(results[0]["data"]["output"].as_str().unwrap().contains("denied by the guardrail rule"), "{}", results[0]);
     let guardrail = events.iter().filter(|e| e["type"] == "permission_decided" && e["data"]["actor"] == "guardrail");
-    assert_eq!(guardrail.count(), 2, "both write_file calls were denied by the guardrail");
+    assert_eq!(guardrail.count(), 3, "every write_file call was denied by the guardrail");
     assert!(results[4]["data"]["output"].as_str().unwrap().contains("Read-only file system"), "{}", results[4]);
     assert_eq!(results[5]["data"]["details"]["sandbox"]["protected"], "read-only", "{}", results[5]);
 }

@@ -4,7 +4,8 @@
 //! Two kinds: absolute paths the runtime knows (the state directory with the database, spool,
 //! evidence and worktree metadata; the config files; the user's policy directory), and names
 //! protected in every workspace root ([`PROTECTED_NAMES`]: `.descartes`, `.ai`, `.git/hooks`,
-//! `.git/config`, as Codex protects `.git` in workspace-write). Paths beneath a protected one
+//! `.git/config`, as Codex protects `.git` in workspace-write, and the agent CLIs' project
+//! settings: `.claude/settings*.json`, `.codex`, `.gemini/settings.json`, `.gemini/policies`). Paths beneath a protected one
 //! can be writable again (`writable_within`: the worktrees under the state directory, where
 //! tasks run, except their metadata).
 //!
@@ -17,7 +18,19 @@
 use std::path::{Path, PathBuf};
 
 /// Names protected beneath every workspace root.
-pub const PROTECTED_NAMES: &[&str] = &[".descartes", ".ai", ".git/hooks", ".git/config"];
+/// Besides Descartes' own, the agent CLIs' project settings: a permission rule or a hook written
+/// there would run calls without asking Descartes (and the user's next direct use of the CLI).
+pub const PROTECTED_NAMES: &[&str] = &[
+    ".descartes",
+    ".ai",
+    ".git/hooks",
+    ".git/config",
+    ".claude/settings.json",
+    ".claude/settings.local.json",
+    ".codex",
+    ".gemini/settings.json",
+    ".gemini/policies",
+];
 
 /// The protected paths of a place.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
