@@ -134,6 +134,7 @@ pub fn dispatch(cli: Cli) -> ExitCode {
                 Command::Chat(args) => crate::chat::run(rt, args, None).await,
                 Command::Session { command } => crate::session_cmd::run(rt, command).await,
                 Command::Permissions { json } => crate::permissions_cmd::run(&rt, json),
+                Command::Serve(args) => crate::serve_cmd::run(rt, args).await,
             }
         })
     })();

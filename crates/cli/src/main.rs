@@ -13,6 +13,7 @@ mod output;
 mod permissions_cmd;
 mod policy_cmd;
 mod providers_cmd;
+mod serve_cmd;
 mod session_cmd;
 mod task_cmd;
 mod task_exec_cmd;
@@ -103,6 +104,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the HTTP API (runs, the event log, live event streams) on 127.0.0.1:7878; every
+    /// request needs the token (`--print-token`).
+    Serve(crate::serve_cmd::ServeArgs),
     /// The effective permission rules, in precedence order, with the file each came from.
     Permissions {
         /// Print JSON instead of text.

@@ -15,6 +15,7 @@ pub mod locks;
 pub mod mcp;
 pub mod places;
 pub mod policy_gate;
+pub mod serve;
 mod wiring;
 
 pub use config::{Config, ConfigError, ProviderConfig};

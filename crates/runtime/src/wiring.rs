@@ -579,7 +579,9 @@ impl Runtime {
         Protected {
             absolute,
             writable_within: vec![state.join("worktrees")],
-            hidden: vec![state.join(crate::daemon::TOKEN_FILE)],
+            // The tokens of the daemon's socket and of the API: a command that read one could
+            // answer its own permission asks.
+            hidden: vec![state.join(crate::daemon::TOKEN_FILE), state.join(crate::serve::SERVER_TOKEN_FILE)],
             disabled: false,
         }
     }
@@ -699,11 +701,7 @@ impl Runtime {
 
     /// A run's status for users: `running` in the log but held by no process is `interrupted`.
     pub fn run_status(&self, summary: &RunSummary) -> String {
-        if summary.status == "running" && !RunLock::is_held(&self.places.locks_dir(), summary.run_id.as_str()) {
-            "interrupted".to_owned()
-        } else {
-            summary.status.clone()
-        }
+        crate::serve::run_status(&self.places.locks_dir(), summary)
     }
 
     /// Takes the lock of a run this process is about to drive.

@@ -1,0 +1,73 @@
+//! `descartes serve`: the HTTP API (`descartes-server`) over this place's event log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Args;
+use descartes_runtime::Runtime;
+use descartes_runtime::serve::{SERVER_TOKEN_FILE, run_status, server_token};
+use descartes_server::{ApiState, serve};
+
+use crate::commands::user_error;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to listen (HOST:PORT; port 0 picks a free one). Anything but loopback needs
+    /// --token-file.
+    #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
+    pub listen: String,
+    /// The file holding the bearer token (made, mode 0600, when missing). Default:
+    /// `server.token` in the state directory.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Print the token and exit.
+    #[arg(long)]
+    pub print_token: bool,
+}
+
+pub async fn run(rt: Runtime, args: ServeArgs) -> Result<u8> {
+    let token_path = args.token_file.clone().unwrap_or_else(|| rt.places.state_dir.join(SERVER_TOKEN_FILE));
+    let token = server_token(&token_path).map_err(|e| user_error(3, format!("the server token: {e}")))?;
+    if args.print_token {
+        println!("{token}");
+        return Ok(0);
+    }
+    let addr: SocketAddr = args
+        .listen
+        .parse()
+        .map_err(|e| user_error(2, format!("--listen {}: {e} (write HOST:PORT, e.g. 127.0.0.1:7878)", args.listen)))?;
+    if !addr.ip().is_loopback() && args.token_file.is_none() {
+        return Err(user_error(
+            2,
+            format!(
+                "listening on {addr} exposes the API beyond this machine: pass --token-file PATH (a token you \
+                 manage) to do so, or listen on 127.0.0.1"
+            ),
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| user_error(3, format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener.local_addr()?;
+    let store = rt.open_store().await?;
+    let locks = rt.places.locks_dir();
+    let status = Arc::new(move |s: &descartes_core::RunSummary| run_status(&locks, s));
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let state = ApiState::new(store, token, bound, status, rx);
+    eprintln!("descartes: serving the API on http://{bound} (token in {})", token_path.display());
+    println!("listening on http://{bound}");
+    serve(listener, state, tx, stop_signal()).await?;
+    eprintln!("descartes: the server stopped");
+    Ok(0)
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+}

@@ -1,0 +1,169 @@
+//! `descartes serve`: the HTTP API driven from outside the process with `curl`: the token, the
+//! host and origin checks, JSON errors, runs and the event log, the live stream resumed with
+//! `Last-Event-ID`, and a graceful stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command};
+
+use common::*;
+use serde_json::Value;
+
+struct Server {
+    child: Child,
+    url: String,
+    token: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(env: &Env) -> Server {
+    let token = stdout(&env.run(&["serve", "--print-token"])).trim().to_owned();
+    assert_eq!(token.len(), 32, "{token}");
+    let mut child = env.spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_owned();
+    Server { child, url, token }
+}
+
+/// `curl` with `args`: (HTTP status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl").args(["-s", "-w", "\n%{http_code}"]).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+fn get(s: &Server, path: &str) -> (u16, Value) {
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let (code, body) = curl(&["-H", &auth, &format!("{}{path}", s.url)]);
+    (code, serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}")))
+}
+
+fn text_model(_: &RecordedRequest) -> Reply {
+    Reply::Stream(openai::text(&["the answer"]))
+}
+
+#[test]
+fn the_api_needs_its_token_and_refuses_foreign_hosts_and_origins() {
+    let env = Env::new(text_model);
+    env.init();
+    let s = start(&env);
+    let url = format!("{}/v1/runs", s.url);
+    let (code, body) = curl(&[&url]);
+    assert_eq!(code, 401, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], "unauthorized");
+    assert!(err["error"]["message"].as_str().unwrap().contains("--print-token"), "{err}");
+    let (code, _) = curl(&["-H", "Authorization: Bearer 0123456789abcdef0123456789abcdef", &url]);
+    assert_eq!(code, 401);
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let (code, body) = curl(&["-H", &auth, "-H", "Origin: https://evil.example", &url]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("foreign_origin"), "{body}");
+    let (code, body) = curl(&["-H", &auth, "-H", "Host: attacker.example:7878", &url]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("foreign_host"), "{body}");
+    let own_origin = format!("Origin: {}", s.url);
+    assert_eq!(curl(&["-H", &auth, "-H", &own_origin, &url]).0, 200);
+
+    // Bad input: a JSON error with the right status.
+    let (code, body) = get(&s, "/v1/events?after=abc");
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_query")), "{body}");
+    let (code, body) = get(&s, "/v1/events?colour=red");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = get(&s, "/v1/runs/no-such-run");
+    assert_eq!((code, body["error"]["code"].as_str()), (404, Some("not_found")), "{body}");
+    let (code, body) = get(&s, "/v1/nothing");
+    assert_eq!(code, 404, "{body}");
+
+    // Not loopback without a token file of the user's: refused.
+    let out = env.run(&["serve", "--listen", "0.0.0.0:0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--token-file"), "{}", stderr(&out));
+    let token_file = env.project().join(".descartes/server.token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the token file is private");
+}
+
+#[test]
+fn runs_and_the_event_log_are_served_and_streamed_with_resume() {
+    let env = Env::new(text_model);
+    env.init();
+    assert!(env.run(&["run", "-p", "openai", "first"]).status.success());
+    let s = start(&env);
+    let (code, body) = get(&s, "/v1/runs");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["total"], 1);
+    let id = body["runs"][0]["run_id"].as_str().unwrap().to_owned();
+    assert_eq!(body["runs"][0]["status"], "completed");
+    let (_, run) = get(&s, &format!("/v1/runs/{}", &id[..8]));
+    assert_eq!(run["run_id"], id.as_str());
+
+    // The log, paginated: pages of 2 cover it with no gap and no duplicate.
+    let expected: Vec<i64> = env.events(&id).iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let (code, page) = get(&s, &format!("/v1/events?after={after}&limit=2"));
+        assert_eq!(code, 200, "{page}");
+        seen.extend(page["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()));
+        match page["next_after"].as_i64() {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+    let (_, only) = get(&s, &format!("/v1/events?type=run_completed&stream={id}"));
+    assert_eq!(only["events"].as_array().unwrap().len(), 1, "{only}");
+
+    // The live stream: what is there, then what comes; a reconnect with Last-Event-ID gets
+    // the rest and nothing twice.
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let stream_url = format!("{}/v1/events/stream", s.url);
+    let (_, first) = curl(&["-N", "--max-time", "2", "-H", &auth, &stream_url]);
+    let ids = |text: &str| -> Vec<i64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("id: ").or_else(|| l.strip_prefix("id:")))
+            .map(|v| v.trim().parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&first), expected, "{first}");
+    assert!(env.run(&["run", "-p", "openai", "second"]).status.success());
+    let last = format!("Last-Event-ID: {}", expected.last().unwrap());
+    let (_, rest) = curl(&["-N", "--max-time", "2", "-H", &auth, "-H", &last, &stream_url]);
+    let rest_ids = ids(&rest);
+    assert!(!rest_ids.is_empty(), "{rest}");
+    assert!(rest_ids.iter().all(|s| s > expected.last().unwrap()), "nothing twice: {rest_ids:?}");
+    let all: Vec<i64> = {
+        let (_, page) = get(&s, "/v1/events");
+        page["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect()
+    };
+    assert_eq!([expected.clone(), rest_ids].concat(), all, "no gap");
+    assert!(rest.contains("event: run_completed"), "{rest}");
+}
+
+#[test]
+fn sigterm_ends_the_streams_with_a_final_message() {
+    let env = Env::new(text_model);
+    env.init();
+    let mut s = start(&env);
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let stream_url = format!("{}/v1/events/stream", s.url);
+    let reader = std::thread::spawn(move || curl(&["-N", "--max-time", "20", "-H", &auth, &stream_url]));
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    signal(&s.child, "TERM");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let (code, body) = reader.join().unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("event: end"), "the stream ended with its final message: {body}");
+}
