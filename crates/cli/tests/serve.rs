@@ -25,9 +25,16 @@ impl Drop for Server {
 }
 
 fn start(env: &Env) -> Server {
+    start_with(env, &[])
+}
+
+/// A server with extra environment variables.
+fn start_with(env: &Env, vars: &[(&str, &str)]) -> Server {
     let token = stdout(&env.run(&["serve", "--print-token"])).trim().to_owned();
     assert_eq!(token.len(), 32, "{token}");
-    let mut child = env.spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let mut cmd = env.cmd(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.envs(vars.iter().copied()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{line}")).to_owned();
@@ -166,4 +173,26 @@ fn sigterm_ends_the_streams_with_a_final_message() {
     let (code, body) = reader.join().unwrap();
     assert_eq!(code, 200);
     assert!(body.contains("event: end"), "the stream ended with its final message: {body}");
+}
+
+#[test]
+fn two_servers_on_one_postgresql_database_both_see_every_event() {
+    let Some(db) = descartes_store_pg::testing::TestDb::create() else { return };
+    let env = Env::new(text_model);
+    env.init();
+    let vars = [("DESCARTES_DATABASE_URL", db.url())];
+    let (a, b) = (start_with(&env, &vars), start_with(&env, &vars));
+    let out = env.cmd(&["run", "-p", "openai", "shared"]).envs(vars).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seqs = |s: &Server| -> (String, Vec<i64>) {
+        let (_, runs) = get(s, "/v1/runs");
+        assert_eq!(runs["total"], 1, "{runs}");
+        let id = runs["runs"][0]["run_id"].as_str().unwrap().to_owned();
+        let (_, page) = get(s, &format!("/v1/events?stream={id}"));
+        (id, page["events"].as_array().unwrap().iter().map(|e| e["seq"].as_i64().unwrap()).collect())
+    };
+    let (id_a, seen_a) = seqs(&a);
+    let (id_b, seen_b) = seqs(&b);
+    assert_eq!((id_a, &seen_a), (id_b, &seen_b));
+    assert!(seen_a.len() >= 4, "{seen_a:?}");
 }

@@ -36,12 +36,17 @@ use descartes_protocol::{Event, RunId};
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::watch;
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 /// The most events one page holds.
 pub const PAGE_LIMIT: usize = 1000;
+/// How many events wait for a stream's client at most.
+pub const STREAM_BUFFER: usize = 256;
+/// How long a stream waits for a slow client (see [`ApiState::lag_timeout`]).
+pub const LAG_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A run's status as the caller knows it (the log's, or `interrupted` for a `running` run
 /// whose process is gone).
@@ -57,6 +62,9 @@ pub struct ApiState {
     pub status: RunStatus,
     /// Set when the server shuts down: streams end.
     pub shutdown: watch::Receiver<bool>,
+    /// How long a stream waits for a slow client to take its next event before it sends it
+    /// `lagged` (with the cursor to resume from) and disconnects it.
+    pub lag_timeout: Duration,
 }
 
 impl ApiState {
@@ -68,7 +76,7 @@ impl ApiState {
         status: RunStatus,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        Self { store, token: token.into(), hosts: own_hosts(addr).into(), status, shutdown }
+        Self { store, token: token.into(), hosts: own_hosts(addr).into(), status, shutdown, lag_timeout: LAG_TIMEOUT }
     }
 }
 
@@ -338,7 +346,8 @@ async fn stream(
     };
     let store = state.store.clone();
     let mut shutdown = state.shutdown.clone();
-    let events = async_stream(move |tx| async move {
+    let lag_timeout = state.lag_timeout;
+    let events = feed(move |tx| async move {
         let mut after = after;
         loop {
             if *shutdown.borrow() {
@@ -355,11 +364,19 @@ async fn stream(
             for e in batch {
                 let data = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
                 let sse = SseEvent::default().id(e.seq.to_string()).event(e.kind()).data(data);
-                if tx.send(sse).await.is_err() {
-                    return;
+                match tx.send_timeout(sse, lag_timeout).await {
+                    Ok(()) => after = e.seq,
+                    Err(SendTimeoutError::Timeout(_)) => {
+                        // The client takes too long: what it has is complete up to `after`.
+                        let lagged =
+                            json!({"after": after, "message": "the client fell behind; reconnect with Last-Event-ID"});
+                        tx.lagged(SseEvent::default().event("lagged").data(lagged.to_string()));
+                        return;
+                    }
+                    Err(SendTimeoutError::Closed(_)) => return,
                 }
             }
-            after = cursor;
+            after = after.max(cursor);
             tokio::select! {
                 () = store.wait_for_events(after, Duration::from_secs(15)) => {}
                 _ = shutdown.changed() => {}
@@ -369,15 +386,44 @@ async fn stream(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
-/// A stream fed by a task: at most 64 events wait for a slow client (the task waits then).
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>>
+/// A stream's sending side: a bounded channel, and the last word for a client that lagged.
+struct Feed {
+    tx: tokio::sync::mpsc::Sender<SseEvent>,
+    last: tokio::sync::oneshot::Sender<SseEvent>,
+}
+
+impl Feed {
+    async fn send(&self, e: SseEvent) -> Result<(), SendTimeoutError<SseEvent>> {
+        self.tx.send(e).await.map_err(|e| SendTimeoutError::Closed(e.0))
+    }
+    async fn send_timeout(&self, e: SseEvent, timeout: Duration) -> Result<(), SendTimeoutError<SseEvent>> {
+        self.tx.send_timeout(e, timeout).await
+    }
+    /// Sent after everything already queued, then the stream ends.
+    fn lagged(self, e: SseEvent) {
+        let _ = self.last.send(e);
+    }
+}
+
+/// A stream fed by a task through at most [`STREAM_BUFFER`] waiting events: the server never
+/// holds more for a slow client (the task waits, then gives up with `lagged`).
+fn feed<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<SseEvent>) -> Fut,
+    F: FnOnce(Feed) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) })
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let (last, last_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(f(Feed { tx, last }));
+    futures::stream::unfold((rx, Some(last_rx)), |(mut rx, last)| async move {
+        match rx.recv().await {
+            Some(e) => Some((Ok(e), (rx, last))),
+            None => match last?.await {
+                Ok(e) => Some((Ok(e), (rx, None))),
+                Err(_) => None,
+            },
+        }
+    })
 }
 
 /// Serves the API on `listener` until `stop` resolves; then in-flight requests finish and
