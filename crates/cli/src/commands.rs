@@ -598,19 +598,16 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
             stop.cancel();
         });
     }
-    let mut cursor = 0;
     let mut printed = 0usize;
     let mut totals = (0u32, descartes_protocol::Usage::default(), 0.0f64);
+    let filter = descartes_core::follow::EventFilter { stream: run.clone(), kinds: Vec::new() };
+    let mut follower = descartes_core::follow::Follower::new(&*store, filter, 0);
     loop {
-        let batch: Vec<Event> = match &run {
-            Some(r) => store.read_run(r, cursor).await?,
-            None => store.read_all(cursor, 1000).await?,
-        };
+        let batch: Vec<Event> = follower.next_page(1000).await?;
         let mut ended = false;
         {
             let mut out = std::io::stdout().lock();
             for e in &batch {
-                cursor = e.seq;
                 printed += 1;
                 if let EventData::ModelCallCompleted(c) = &e.data {
                     totals.0 += 1;
@@ -638,14 +635,14 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
             }
             out.flush()?;
         }
-        if run.is_none() && batch.len() == 1000 {
+        if batch.len() == 1000 {
             continue;
         }
         if !follow || (run.is_some() && ended) || stop.is_cancelled() {
             break;
         }
         tokio::select! {
-            _ = store.wait_for_events(cursor, Duration::from_secs(1)) => {}
+            _ = store.wait_for_events(follower.cursor(), Duration::from_secs(1)) => {}
             _ = stop.cancelled() => break,
         }
     }

@@ -509,16 +509,14 @@ async fn watch(events: &dyn EventStore, all: bool, json: bool) -> Result<()> {
             stop.cancel();
         });
     }
-    let mut cursor = if all { 0 } else { events.last_seq().await? };
+    let after = if all { 0 } else { events.last_seq().await? };
+    let filter = descartes_core::follow::EventFilter { stream: None, kinds: vec!["task_*".into()] };
+    let mut follower = descartes_core::follow::Follower::new(events, filter, after);
     loop {
-        let batch = events.read_all(cursor, 1000).await?;
+        let batch = follower.next_page(1000).await?;
         {
             let mut out = std::io::stdout().lock();
             for e in &batch {
-                cursor = e.seq;
-                if !e.kind().starts_with("task_") {
-                    continue;
-                }
                 if json {
                     writeln!(out, "{}", serde_json::to_string(e)?)?;
                 } else {
@@ -538,7 +536,7 @@ async fn watch(events: &dyn EventStore, all: bool, json: bool) -> Result<()> {
             continue;
         }
         tokio::select! {
-            _ = events.wait_for_events(cursor, Duration::from_secs(1)) => {}
+            _ = events.wait_for_events(follower.cursor(), Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return Ok(()),
         }
     }

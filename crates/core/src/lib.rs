@@ -12,6 +12,7 @@ pub mod batch;
 pub mod cost;
 pub mod error;
 pub mod external;
+pub mod follow;
 pub mod glob;
 mod outbox;
 pub mod permission;

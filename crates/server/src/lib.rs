@@ -31,6 +31,7 @@ use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use descartes_core::follow::{EventFilter, Follower};
 use descartes_core::{EventStore, RunSummary};
 use descartes_protocol::{Event, RunId};
 use futures::Stream;
@@ -292,29 +293,9 @@ struct Filter {
 }
 
 impl Filter {
-    fn matches(&self, e: &Event) -> bool {
-        self.stream.as_ref().is_none_or(|s| e.run_id == RunId::from(s.as_str()))
-            && self.kind.as_ref().is_none_or(|k| e.kind() == k)
-    }
-}
-
-/// The next matching events after `after`, at most `limit`; and the cursor after the last
-/// event read (matching or not), so that a reader skips what it has seen.
-async fn page(store: &dyn EventStore, filter: &Filter, mut after: i64, limit: usize) -> ApiResult<(Vec<Event>, i64)> {
-    let mut out = Vec::new();
-    loop {
-        let batch = store.read_all(after, PAGE_LIMIT).await.map_err(ApiError::internal)?;
-        let Some(last) = batch.last().map(|e| e.seq) else { return Ok((out, after)) };
-        for e in batch {
-            after = e.seq;
-            if filter.matches(&e) {
-                out.push(e);
-                if out.len() == limit {
-                    return Ok((out, after));
-                }
-            }
-        }
-        after = last;
+    /// The log's filter (one stream, one type).
+    fn events(&self) -> EventFilter {
+        EventFilter { stream: self.stream.as_deref().map(RunId::from), kinds: self.kind.iter().cloned().collect() }
     }
 }
 
@@ -324,7 +305,9 @@ async fn events(
 ) -> ApiResult<axum::Json<Value>> {
     let Query(filter) = query?;
     let limit = filter.limit.unwrap_or(PAGE_LIMIT).clamp(1, PAGE_LIMIT);
-    let (events, cursor) = page(&*state.store, &filter, filter.after.unwrap_or(0), limit).await?;
+    let mut follower = Follower::new(&*state.store, filter.events(), filter.after.unwrap_or(0));
+    let events = follower.next_page(limit).await.map_err(ApiError::internal)?;
+    let cursor = follower.cursor();
     let next = (events.len() == limit).then_some(cursor);
     Ok(axum::Json(json!({"events": events, "next_after": next, "cursor": cursor})))
 }
@@ -348,19 +331,21 @@ async fn stream(
     let mut shutdown = state.shutdown.clone();
     let lag_timeout = state.lag_timeout;
     let events = feed(move |tx| async move {
+        let mut follower = Follower::new(&*store, filter.events(), after);
         let mut after = after;
         loop {
             if *shutdown.borrow() {
                 let _ = tx.send(SseEvent::default().event("end").data("the server is shutting down")).await;
                 return;
             }
-            let (batch, cursor) = match page(&*store, &filter, after, PAGE_LIMIT).await {
+            let batch = match follower.next_page(PAGE_LIMIT).await {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = tx.send(SseEvent::default().event("error").data(e.message)).await;
+                    let _ = tx.send(SseEvent::default().event("error").data(e.to_string())).await;
                     return;
                 }
             };
+            let cursor = follower.cursor();
             for e in batch {
                 let data = serde_json::to_string(&e).unwrap_or_else(|_| "{}".into());
                 let sse = SseEvent::default().id(e.seq.to_string()).event(e.kind()).data(data);
