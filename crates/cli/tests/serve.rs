@@ -92,6 +92,22 @@ fn the_api_needs_its_token_and_refuses_foreign_hosts_and_origins() {
     let (code, body) = get(&s, "/v1/nothing");
     assert_eq!(code, 404, "{body}");
 
+    // The OpenAPI document, generated from the handlers.
+    let (code, doc) = get(&s, "/v1/openapi.json");
+    assert_eq!(code, 200, "{doc}");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for path in ["/v1/runs", "/v1/runs/{id}", "/v1/runs/{id}/events", "/v1/events", "/v1/events/stream"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path} is documented: {doc}");
+    }
+    let params: Vec<&str> = doc["paths"]["/v1/events"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["after", "stream", "type", "limit"]);
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+
     // Not loopback without a token file of the user's: refused.
     let out = env.run(&["serve", "--listen", "0.0.0.0:0"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

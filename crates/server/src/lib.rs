@@ -35,10 +35,12 @@ use descartes_core::follow::{EventFilter, Follower};
 use descartes_core::{EventStore, RunSummary};
 use descartes_protocol::{Event, RunId};
 use futures::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::watch;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -126,10 +128,88 @@ impl From<QueryRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The body of every error.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable: `unauthorized`, `foreign_host`, `foreign_origin`, `bad_query`, `not_found`,
+    /// `ambiguous`, `bad_last_event_id`, `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A run, as `descartes list --json` shows it.
+#[derive(Serialize, ToSchema)]
+pub struct RunView {
+    pub run_id: String,
+    /// `running`, `interrupted`, `completed`, `failed`, `cancelled`, ...
+    pub status: String,
+    pub prompt: String,
+    pub provider: String,
+    pub model: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: descartes_protocol::Timestamp,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: descartes_protocol::Timestamp,
+    pub tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// A page of runs.
+#[derive(Serialize, ToSchema)]
+pub struct RunsPage {
+    pub runs: Vec<RunView>,
+    pub total: usize,
+    /// The `offset` of the next page, if there is one.
+    pub next_offset: Option<usize>,
+}
+
+/// A page of events (each `{seq, id, run_id, type, v, at, data}`).
+#[derive(Serialize, ToSchema)]
+pub struct EventsPage {
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<Event>,
+    /// The `after` of the next page, if the page is full.
+    pub next_after: Option<i64>,
+    /// The `seq` of the last event read: where a reader resumes.
+    pub cursor: i64,
+}
+
+/// The API's OpenAPI document, generated from the handlers (`GET /v1/openapi.json`).
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Descartes API", description = "Runs and the event log of a Descartes place."),
+    paths(health, openapi, list_runs, get_run, run_events, events, stream),
+    components(schemas(ErrorBody, ErrorDetail, RunView, RunsPage, EventsPage)),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "This document")))]
+async fn openapi() -> axum::Json<utoipa::openapi::OpenApi> {
+    axum::Json(ApiDoc::openapi())
+}
+
 /// The API's routes, guarded.
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/events", get(run_events))
@@ -193,50 +273,56 @@ async fn not_found(request: Request) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such resource: {}", request.uri().path()))
 }
 
+#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "The server is up"), (status = 401, body = ErrorBody)))]
 async fn health() -> axum::Json<Value> {
     axum::Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct RunsQuery {
+    /// Only runs with this status.
     status: Option<String>,
+    /// At most this many (1 to 1000; 100).
     limit: Option<usize>,
+    /// Skip this many.
     offset: Option<usize>,
 }
 
-fn run_json(r: &RunSummary, status: String) -> Value {
-    json!({
-        "run_id": r.run_id,
-        "status": status,
-        "prompt": r.prompt,
-        "provider": r.provider,
-        "model": r.model,
-        "started_at": r.started_at,
-        "updated_at": r.updated_at,
-        "tokens": r.tokens,
-        "cost_usd": r.cost_usd,
-    })
+fn run_view(r: &RunSummary, status: String) -> RunView {
+    RunView {
+        run_id: r.run_id.as_str().to_owned(),
+        status,
+        prompt: r.prompt.clone(),
+        provider: r.provider.clone(),
+        model: r.model.clone(),
+        started_at: r.started_at,
+        updated_at: r.updated_at,
+        tokens: r.tokens,
+        cost_usd: r.cost_usd,
+    }
 }
 
+#[utoipa::path(get, path = "/v1/runs", params(RunsQuery), responses((status = 200, body = RunsPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list_runs(
     State(state): State<ApiState>,
     query: Result<Query<RunsQuery>, QueryRejection>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<RunsPage>> {
     let Query(q) = query?;
     let limit = q.limit.unwrap_or(100).clamp(1, PAGE_LIMIT);
     let offset = q.offset.unwrap_or(0);
     let runs = state.store.list_runs().await.map_err(ApiError::internal)?;
-    let matching: Vec<Value> = runs
+    let matching: Vec<RunView> = runs
         .iter()
         .map(|r| (r, (state.status)(r)))
         .filter(|(_, s)| q.status.as_ref().is_none_or(|want| want == s))
-        .map(|(r, s)| run_json(r, s))
+        .map(|(r, s)| run_view(r, s))
         .collect();
     let total = matching.len();
-    let page: Vec<Value> = matching.into_iter().skip(offset).take(limit).collect();
-    let next = (offset + page.len() < total).then_some(offset + page.len());
-    Ok(axum::Json(json!({"runs": page, "total": total, "next_offset": next})))
+    let runs: Vec<RunView> = matching.into_iter().skip(offset).take(limit).collect();
+    let next_offset = (offset + runs.len() < total).then_some(offset + runs.len());
+    Ok(axum::Json(RunsPage { runs, total, next_offset }))
 }
 
 /// The run `id` names (a full id or a unique prefix).
@@ -253,42 +339,54 @@ async fn find_run(state: &ApiState, id: &str) -> ApiResult<RunSummary> {
     }
 }
 
-async fn get_run(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<axum::Json<Value>> {
+#[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = String, Path, description = "A run id or a unique prefix of one")), responses((status = 200, body = RunView), (status = 404, body = ErrorBody), (status = 400, description = "The prefix names several runs", body = ErrorBody)))]
+async fn get_run(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<axum::Json<RunView>> {
     let run = find_run(&state, &id).await?;
     let status = (state.status)(&run);
-    Ok(axum::Json(run_json(&run, status)))
+    Ok(axum::Json(run_view(&run, status)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// Events after this `seq`.
     after: Option<i64>,
+    /// At most this many (1 to 1000).
     limit: Option<usize>,
 }
 
+#[utoipa::path(get, path = "/v1/runs/{id}/events", params(("id" = String, Path, description = "A run id or a unique prefix of one"), PageQuery), responses((status = 200, body = EventsPage), (status = 404, body = ErrorBody)))]
 async fn run_events(
     State(state): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<PageQuery>, QueryRejection>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<EventsPage>> {
     let Query(q) = query?;
     let run = find_run(&state, &id).await?;
     let limit = q.limit.unwrap_or(PAGE_LIMIT).clamp(1, PAGE_LIMIT);
     let events = state.store.read_run(&run.run_id, q.after.unwrap_or(0)).await.map_err(ApiError::internal)?;
     let more = events.len() > limit;
-    let page: Vec<&Event> = events.iter().take(limit).collect();
-    let next = if more { page.last().map(|e| e.seq) } else { None };
-    Ok(axum::Json(json!({"events": page, "next_after": next})))
+    let events: Vec<Event> = events.into_iter().take(limit).collect();
+    let cursor = events.last().map_or(q.after.unwrap_or(0), |e| e.seq);
+    let next_after = more.then_some(cursor);
+    Ok(axum::Json(EventsPage { events, next_after, cursor }))
 }
 
 /// Which events a reader wants.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Filter {
+    /// Events after this `seq` (the stream: `Last-Event-ID` wins).
     after: Option<i64>,
+    /// One stream only (a run, a session, an agent).
     stream: Option<String>,
+    /// One event type only (`run_completed`).
     #[serde(rename = "type")]
+    #[param(rename = "type")]
     kind: Option<String>,
+    /// At most this many (1 to 1000; pages only).
     limit: Option<usize>,
 }
 
@@ -299,19 +397,21 @@ impl Filter {
     }
 }
 
+#[utoipa::path(get, path = "/v1/events", params(Filter), responses((status = 200, body = EventsPage), (status = 400, body = ErrorBody)))]
 async fn events(
     State(state): State<ApiState>,
     query: Result<Query<Filter>, QueryRejection>,
-) -> ApiResult<axum::Json<Value>> {
+) -> ApiResult<axum::Json<EventsPage>> {
     let Query(filter) = query?;
     let limit = filter.limit.unwrap_or(PAGE_LIMIT).clamp(1, PAGE_LIMIT);
     let mut follower = Follower::new(&*state.store, filter.events(), filter.after.unwrap_or(0));
     let events = follower.next_page(limit).await.map_err(ApiError::internal)?;
     let cursor = follower.cursor();
-    let next = (events.len() == limit).then_some(cursor);
-    Ok(axum::Json(json!({"events": events, "next_after": next, "cursor": cursor})))
+    let next_after = (events.len() == limit).then_some(cursor);
+    Ok(axum::Json(EventsPage { events, next_after, cursor }))
 }
 
+#[utoipa::path(get, path = "/v1/events/stream", params(Filter, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")), responses((status = 200, description = "Server-Sent Events: `id` is the seq, `event` the type, `data` the event; `lagged` (with `after`) for a client that fell behind, `end` at shutdown", content_type = "text/event-stream")))]
 async fn stream(
     State(state): State<ApiState>,
     headers: HeaderMap,
