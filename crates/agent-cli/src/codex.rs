@@ -33,8 +33,8 @@ use serde_json::{Map, Value, json};
 
 use crate::command::full_prompt;
 use crate::process::CliProcess;
-use crate::rpc::{Incoming, Rpc, classify, id_key};
-use crate::session::{Decoded, Decoder, ProcessSession, parse_json_line};
+use crate::rpc::{self, Rpc, id_key};
+use crate::session::{Decoded, Decoder, ProcessSession};
 use crate::{CliOptions, str_of, u64_of};
 
 pub const INSTALL_HINT: &str = "npm install -g @openai/codex";
@@ -179,7 +179,7 @@ impl CodexDecoder {
         });
     }
 
-    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
+    fn on_response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
         let Some(call) = self.calls.remove(&id) else { return Vec::new() };
         let result = match result {
             Ok(r) => r,
@@ -309,7 +309,7 @@ impl CodexDecoder {
         }
     }
 
-    fn notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>) {
+    fn on_notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>) {
         match method {
             "item/started" => self.item(params, false, out),
             "item/completed" => self.item(params, true, out),
@@ -377,26 +377,28 @@ impl CodexDecoder {
     }
 }
 
+impl rpc::Handler for CodexDecoder {
+    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
+        self.on_response(id, result, out)
+    }
+
+    fn request(&mut self, id: &Value, method: &str, params: &Value, out: &mut Vec<CliEvent>) -> Vec<String> {
+        match method {
+            "item/commandExecution/requestApproval" => self.approval(id, params, false, out),
+            "item/fileChange/requestApproval" => self.approval(id, params, true, out),
+            other => return vec![self.refuse(id, other, out)],
+        }
+        Vec::new()
+    }
+
+    fn notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>) {
+        self.on_notification(method, params, out);
+    }
+}
+
 impl Decoder for CodexDecoder {
     fn line(&mut self, line: &str) -> Result<Decoded, String> {
-        let mut out = Vec::new();
-        let v = match parse_json_line("codex", line) {
-            Ok(v) => v,
-            // Not the protocol (a warning on stdout): shown, not fatal.
-            Err(message) => return Ok(Decoded::events(vec![CliEvent::Notice(message)])),
-        };
-        let mut replies = Vec::new();
-        match classify(v) {
-            Some(Incoming::Response { id, result }) => replies = self.response(id, result, &mut out),
-            Some(Incoming::Request { id, method, params }) => match method.as_str() {
-                "item/commandExecution/requestApproval" => self.approval(&id, &params, false, &mut out),
-                "item/fileChange/requestApproval" => self.approval(&id, &params, true, &mut out),
-                other => replies.push(self.refuse(&id, other, &mut out)),
-            },
-            Some(Incoming::Notification { method, params }) => self.notification(&method, &params, &mut out),
-            None => {}
-        }
-        Ok(Decoded { events: out, replies })
+        Ok(rpc::decode_line("codex", line, self))
     }
 
     fn answer(&mut self, request: &CliPermissionRequest, answer: &CliAnswer) -> Option<String> {
@@ -535,25 +537,14 @@ fn unwrap_shell(command: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rpc::testing::sent;
 
     fn request(resume: Option<&str>) -> CliRequest {
-        CliRequest {
-            prompt: "please do it".into(),
-            resume_session: resume.map(str::to_owned),
-            cwd: "/w".into(),
-            model: Some("gpt-x".into()),
-            system_prompt: None,
-            auto_approve: false,
-            max_cost_usd: None,
-        }
+        crate::rpc::testing::request(resume, Some("gpt-x"))
     }
 
     fn feed(d: &mut CodexDecoder, line: &str) -> Decoded {
         d.line(line).unwrap()
-    }
-
-    fn sent(line: &str) -> Value {
-        serde_json::from_str(line).unwrap()
     }
 
     /// A transcript of the pinned CLI (abbreviated): a command asked about, declined, and the

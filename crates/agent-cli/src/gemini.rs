@@ -35,8 +35,8 @@ use serde_json::{Value, json};
 
 use crate::command::full_prompt;
 use crate::process::CliProcess;
-use crate::rpc::{Incoming, Rpc, classify, id_key};
-use crate::session::{Decoded, Decoder, ProcessSession, parse_json_line};
+use crate::rpc::{self, Rpc, id_key};
+use crate::session::{Decoded, Decoder, ProcessSession};
 use crate::{CliOptions, str_of, u64_of};
 
 pub const INSTALL_HINT: &str = "npm install -g @google/gemini-cli";
@@ -278,7 +278,7 @@ impl GeminiDecoder {
         out.push(CliEvent::Finished { result, is_error, subtype: subtype.map(str::to_owned), usage, cost_usd: None });
     }
 
-    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
+    fn on_response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
         let Some(call) = self.calls.remove(&id) else { return Vec::new() };
         let result = match result {
             Ok(r) => r,
@@ -422,30 +422,30 @@ impl GeminiDecoder {
     }
 }
 
+impl rpc::Handler for GeminiDecoder {
+    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String> {
+        self.on_response(id, result, out)
+    }
+
+    fn request(&mut self, id: &Value, method: &str, params: &Value, out: &mut Vec<CliEvent>) -> Vec<String> {
+        if method == "session/request_permission" {
+            self.permission(id, params, out);
+            return Vec::new();
+        }
+        out.push(CliEvent::Notice(format!("refused `{method}`: not offered by Descartes")));
+        vec![self.rpc.error(id, -32601, "not supported by this client (Descartes)")]
+    }
+
+    fn notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>) {
+        if method == "session/update" {
+            self.update(params, out);
+        }
+    }
+}
+
 impl Decoder for GeminiDecoder {
     fn line(&mut self, line: &str) -> Result<Decoded, String> {
-        let mut out = Vec::new();
-        let v = match parse_json_line("gemini", line) {
-            Ok(v) => v,
-            // Not the protocol (a warning on stdout): shown, not fatal.
-            Err(message) => return Ok(Decoded::events(vec![CliEvent::Notice(message)])),
-        };
-        let mut replies = Vec::new();
-        match classify(v) {
-            Some(Incoming::Response { id, result }) => replies = self.response(id, result, &mut out),
-            Some(Incoming::Request { id, method, params }) => match method.as_str() {
-                "session/request_permission" => self.permission(&id, &params, &mut out),
-                other => {
-                    out.push(CliEvent::Notice(format!("refused `{other}`: not offered by Descartes")));
-                    replies.push(self.rpc.error(&id, -32601, "not supported by this client (Descartes)"));
-                }
-            },
-            Some(Incoming::Notification { method, params }) if method == "session/update" => {
-                self.update(&params, &mut out)
-            }
-            Some(Incoming::Notification { .. }) | None => {}
-        }
-        Ok(Decoded { events: out, replies })
+        Ok(rpc::decode_line("gemini", line, self))
     }
 
     fn answer(&mut self, request: &CliPermissionRequest, answer: &CliAnswer) -> Option<String> {
@@ -544,25 +544,14 @@ fn content_text(content: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rpc::testing::sent;
 
     fn request(resume: Option<&str>) -> CliRequest {
-        CliRequest {
-            prompt: "please do it".into(),
-            resume_session: resume.map(str::to_owned),
-            cwd: "/w".into(),
-            model: None,
-            system_prompt: None,
-            auto_approve: false,
-            max_cost_usd: None,
-        }
+        crate::rpc::testing::request(resume, None)
     }
 
     fn feed(d: &mut GeminiDecoder, line: &str) -> Decoded {
         d.line(line).unwrap()
-    }
-
-    fn sent(line: &str) -> Value {
-        serde_json::from_str(line).unwrap()
     }
 
     const ASK: &str = r#"{"jsonrpc":"2.0","id":0,"method":"session/request_permission","params":{"sessionId":"s1","options":[{"optionId":"proceed_always","name":"Allow for this session","kind":"allow_always"},{"optionId":"proceed_once","name":"Allow","kind":"allow_once"},{"optionId":"cancel","name":"Reject","kind":"reject_once"}],"toolCall":{"toolCallId":"run_shell_command__run_shell_command_1796528674451_0","status":"pending","title":"touch marker.txt","content":[],"locations":[],"kind":"execute"}}}"#;

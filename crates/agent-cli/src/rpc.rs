@@ -2,7 +2,39 @@
 //! Agent Client Protocol (`"jsonrpc": "2.0"`) speak it: one message per line, requests both
 //! ways, each side numbering its own.
 
+use descartes_core::CliEvent;
 use serde_json::{Map, Value, json};
+
+use crate::session::{Decoded, parse_json_line};
+
+/// What a JSON-RPC backend does with each kind of message; [`decode_line`] dispatches.
+pub trait Handler {
+    /// The answer to our request `id`: lines to send next.
+    fn response(&mut self, id: u64, result: Result<Value, String>, out: &mut Vec<CliEvent>) -> Vec<String>;
+    /// The CLI's request: lines to answer it with now (none when Descartes answers later).
+    fn request(&mut self, id: &Value, method: &str, params: &Value, out: &mut Vec<CliEvent>) -> Vec<String>;
+    fn notification(&mut self, method: &str, params: &Value, out: &mut Vec<CliEvent>);
+}
+
+/// One line of a JSON-RPC CLI: its events and the lines to send back. A line that is not the
+/// protocol (a warning printed on stdout) is a notice, not the end of the run.
+pub fn decode_line(program: &str, line: &str, handler: &mut dyn Handler) -> Decoded {
+    let v = match parse_json_line(program, line) {
+        Ok(v) => v,
+        Err(message) => return Decoded::events(vec![CliEvent::Notice(message)]),
+    };
+    let mut events = Vec::new();
+    let replies = match classify(v) {
+        Some(Incoming::Response { id, result }) => handler.response(id, result, &mut events),
+        Some(Incoming::Request { id, method, params }) => handler.request(&id, &method, &params, &mut events),
+        Some(Incoming::Notification { method, params }) => {
+            handler.notification(&method, &params, &mut events);
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    Decoded { events, replies }
+}
 
 /// One line from the CLI.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,6 +137,31 @@ pub fn id_key(id: &Value) -> String {
     match id {
         Value::String(s) => format!("s:{s}"),
         other => other.to_string(),
+    }
+}
+
+/// What the decoders' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use descartes_core::CliRequest;
+    use serde_json::Value;
+
+    /// A request in `/w`, continuing `resume` if given.
+    pub fn request(resume: Option<&str>, model: Option<&str>) -> CliRequest {
+        CliRequest {
+            prompt: "please do it".into(),
+            resume_session: resume.map(str::to_owned),
+            cwd: "/w".into(),
+            model: model.map(str::to_owned),
+            system_prompt: None,
+            auto_approve: false,
+            max_cost_usd: None,
+        }
+    }
+
+    /// A line sent to the CLI, parsed.
+    pub fn sent(line: &str) -> Value {
+        serde_json::from_str(line).unwrap_or_default()
     }
 }
 

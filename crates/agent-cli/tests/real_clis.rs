@@ -360,7 +360,8 @@ fn responses_handler(command: &'static str) -> impl Fn(&str, &Value) -> String +
     }
 }
 
-struct CodexRun {
+/// A real CLI's run against its fake model server.
+struct CliRun {
     agent: ExternalAgent,
     store: Arc<MemoryEventStore>,
     run: RunId,
@@ -370,9 +371,9 @@ struct CodexRun {
     _home: tempfile::TempDir,
 }
 
-impl CodexRun {
-    /// What the model was told about its call.
-    fn told(&self) -> Vec<String> {
+impl CliRun {
+    /// What the model was told about its call (the Responses API's `function_call_output`).
+    fn codex_told(&self) -> Vec<String> {
         self.server
             .requests()
             .iter()
@@ -385,7 +386,7 @@ impl CodexRun {
 
 /// Codex (`codex app-server`) asked by the model to run `command`, with `-y` or not, under the
 /// permission rules `policy`.
-async fn codex_run(yes: bool, command: &'static str, policy: Policy) -> Option<CodexRun> {
+async fn codex_run(yes: bool, command: &'static str, policy: Policy) -> Option<CliRun> {
     let program = cli("codex")?;
     let server = LocalFake::start(responses_handler(command)).await;
     let home = tempfile::tempdir().unwrap();
@@ -413,7 +414,7 @@ async fn codex_run(yes: bool, command: &'static str, policy: Policy) -> Option<C
     assert_eq!(outcome, ExternalOutcome::Completed { result: "All done.".into() });
     let events = events(&store, &run).await;
     assert_decided(&events);
-    Some(CodexRun { agent, store, run, events, work, server, _home: home })
+    Some(CliRun { agent, store, run, events, work, server, _home: home })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,7 +455,7 @@ async fn codex_without_yes_and_without_a_terminal_runs_nothing() {
     assert_tool_events(&r.events, "codex", false);
     let d = decisions(&r.events);
     assert_eq!((d.len(), d[0].decision, d[0].rule.as_str()), (1, Decision::Deny, "builtin:ask-without-terminal"));
-    assert!(r.told().iter().any(|o| o.contains("rejected")), "{:?}", r.told());
+    assert!(r.codex_told().iter().any(|o| o.contains("rejected")), "{:?}", r.codex_told());
 }
 
 /// `echo` is a command Codex deems safe and would run without asking in its usual modes: a
@@ -474,7 +475,7 @@ async fn codex_s_safe_commands_are_decided_by_descartes_rules() {
     let d = decisions(&r.events);
     assert_eq!((d.len(), d[0].decision), (1, Decision::Allow));
     assert_eq!(d[0].rule, "project:allow shell \"echo *\"");
-    assert!(r.told().iter().any(|o| o.contains("codex-was-here")), "{:?}", r.told());
+    assert!(r.codex_told().iter().any(|o| o.contains("codex-was-here")), "{:?}", r.codex_told());
 }
 
 // ---- Gemini CLI ----
@@ -514,19 +515,9 @@ fn gemini_handler(tool: &'static str, args: Value) -> impl Fn(&str, &Value) -> S
     }
 }
 
-struct GeminiRun {
-    agent: ExternalAgent,
-    store: Arc<MemoryEventStore>,
-    run: RunId,
-    events: Vec<Event>,
-    work: tempfile::TempDir,
-    server: LocalFake,
-    _home: tempfile::TempDir,
-}
-
-impl GeminiRun {
-    /// What the model was told about its call.
-    fn told(&self) -> Vec<String> {
+impl CliRun {
+    /// What the model was told about its call (the Gemini API's `functionResponse`).
+    fn gemini_told(&self) -> Vec<String> {
         self.server
             .requests()
             .iter()
@@ -539,7 +530,7 @@ impl GeminiRun {
 
 /// Gemini CLI (`gemini --acp`) asked by the model to call `tool` with `args` (in a working
 /// directory holding `hello.txt`), with `-y` or not, under the permission rules `policy`.
-async fn gemini_run(yes: bool, tool: &'static str, args: Value, policy: Policy) -> Option<GeminiRun> {
+async fn gemini_run(yes: bool, tool: &'static str, args: Value, policy: Policy) -> Option<CliRun> {
     let program = cli("gemini")?;
     let server = LocalFake::start(gemini_handler(tool, args)).await;
     let home = tempfile::tempdir().unwrap();
@@ -565,7 +556,7 @@ async fn gemini_run(yes: bool, tool: &'static str, args: Value, policy: Policy) 
     assert_eq!(outcome, ExternalOutcome::Completed { result: "All done.".into() });
     let events = events(&store, &run).await;
     assert_decided(&events);
-    Some(GeminiRun { agent, store, run, events, work, server, _home: home })
+    Some(CliRun { agent, store, run, events, work, server, _home: home })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,17 +595,17 @@ async fn gemini_cli_s_every_call_is_decided_by_descartes() {
     assert!(!r.work.path().join("marker.txt").exists(), "the denied ask did not run");
     assert_tool_events(&r.events, "gemini-cli", false);
     assert_eq!(decisions(&r.events)[0].rule, "builtin:ask-without-terminal");
-    assert!(r.told().iter().any(|t| t.contains("cancel")), "{:?}", r.told());
+    assert!(r.gemini_told().iter().any(|t| t.contains("cancel")), "{:?}", r.gemini_told());
 
     let ls = json!({"command": "ls"});
     let Some(r) = gemini_run(true, "run_shell_command", ls.clone(), rules(&[], &["shell(ls)"])).await else { return };
     let d = decisions(&r.events);
     assert_eq!((d[0].decision, d[0].rule.as_str()), (Decision::Deny, "project:deny shell \"ls\""));
-    assert!(!r.told().iter().any(|t| t.contains("hello.txt")), "ls did not run: {:?}", r.told());
+    assert!(!r.gemini_told().iter().any(|t| t.contains("hello.txt")), "ls did not run: {:?}", r.gemini_told());
 
     let Some(r) = gemini_run(false, "run_shell_command", ls, rules(&["shell(ls)"], &[])).await else { return };
     assert_tool_events(&r.events, "gemini-cli", true);
-    assert!(r.told().iter().any(|t| t.contains("hello.txt")), "ls ran: {:?}", r.told());
+    assert!(r.gemini_told().iter().any(|t| t.contains("hello.txt")), "ls ran: {:?}", r.gemini_told());
 
     let read = json!({"file_path": "hello.txt"});
     let Some(r) = gemini_run(true, "read_file", read.clone(), rules(&[], &["read_file(hello.txt)"])).await else {
@@ -622,10 +613,10 @@ async fn gemini_cli_s_every_call_is_decided_by_descartes() {
     };
     let d = decisions(&r.events);
     assert_eq!((d[0].decision, d[0].tool.as_str()), (Decision::Deny, "read_file"));
-    assert!(!r.told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.told());
+    assert!(!r.gemini_told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.gemini_told());
 
     let Some(r) = gemini_run(false, "read_file", read, Policy::default()).await else { return };
     let d = decisions(&r.events);
     assert_eq!((d[0].decision, d[0].rule.as_str()), (Decision::Allow, "builtin:read-only"));
-    assert!(r.told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.told());
+    assert!(r.gemini_told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.gemini_told());
 }
