@@ -73,6 +73,13 @@ pub struct StartArgs {
     /// Run in this terminal instead of the background (logs still go to daemon.log).
     #[arg(long)]
     pub foreground: bool,
+    /// Serve the HTTP API too, on ADDR (as `descartes serve --listen`): one process runs the
+    /// workers and the API.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The API's token file (as `descartes serve --token-file`).
+    #[arg(long, value_name = "PATH", requires = "listen")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
@@ -132,6 +139,12 @@ fn start_detached(rt: &Runtime, args: &StartArgs, paths: &DaemonPaths) -> Result
         .args(["--grace", &ms(args.grace)]);
     if let Some(c) = &args.command {
         cmd.arg("--command").arg(c);
+    }
+    if let Some(listen) = &args.listen {
+        cmd.arg("--listen").arg(listen);
+    }
+    if let Some(file) = &args.token_file {
+        cmd.arg("--token-file").arg(file);
     }
     if let Some(mode) = rt.sandbox_flag {
         cmd.args(["--sandbox", mode.as_str()]);
@@ -268,6 +281,11 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
             command = command.with_env("DESCARTES_SANDBOX", mode.as_str());
         }
     }
+    // The API first: a bad address stops the start before any task is claimed.
+    let api = match &args.listen {
+        Some(listen) => Some(crate::serve_cmd::Api::open(&rt, listen, args.token_file.as_deref()).await?),
+        None => None,
+    };
     // Tasks routed to registered agents run on them; the others run the daemon's command.
     let runner = crate::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);
@@ -313,7 +331,21 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
             paths.log.display()
         );
     }
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = api.map(|api| {
+        tracing::info!("serving the API on http://{}", api.bound);
+        tokio::spawn(api.serve(async move {
+            let _ = api_stopped.await;
+        }))
+    });
     daemon.run().await;
+    // The workers are done: the API finishes its requests and ends its streams.
+    let _ = api_stop.send(());
+    if let Some(task) = api_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!("the API stopped with an error: {e}");
+    }
     stores.events.flush().await?;
     Ok(0)
 }

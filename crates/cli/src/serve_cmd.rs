@@ -28,39 +28,66 @@ pub struct ServeArgs {
 }
 
 pub async fn run(rt: Runtime, args: ServeArgs) -> Result<u8> {
-    let token_path = args.token_file.clone().unwrap_or_else(|| rt.places.state_dir.join(SERVER_TOKEN_FILE));
-    let token = server_token(&token_path).map_err(|e| user_error(3, format!("the server token: {e}")))?;
     if args.print_token {
+        let (token, _) = token(&rt, args.token_file.as_deref())?;
         println!("{token}");
         return Ok(0);
     }
-    let addr: SocketAddr = args
-        .listen
-        .parse()
-        .map_err(|e| user_error(2, format!("--listen {}: {e} (write HOST:PORT, e.g. 127.0.0.1:7878)", args.listen)))?;
-    if !addr.ip().is_loopback() && args.token_file.is_none() {
-        return Err(user_error(
-            2,
-            format!(
-                "listening on {addr} exposes the API beyond this machine: pass --token-file PATH (a token you \
-                 manage) to do so, or listen on 127.0.0.1"
-            ),
-        ));
-    }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| user_error(3, format!("cannot listen on {addr}: {e}")))?;
-    let bound = listener.local_addr()?;
-    let store = rt.open_store().await?;
-    let locks = rt.places.locks_dir();
-    let status = Arc::new(move |s: &descartes_core::RunSummary| run_status(&locks, s));
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let state = ApiState::new(store, token, bound, status, rx);
-    eprintln!("descartes: serving the API on http://{bound} (token in {})", token_path.display());
-    println!("listening on http://{bound}");
-    serve(listener, state, tx, stop_signal()).await?;
+    let api = Api::open(&rt, &args.listen, args.token_file.as_deref()).await?;
+    println!("listening on http://{}", api.bound);
+    api.serve(stop_signal()).await?;
     eprintln!("descartes: the server stopped");
     Ok(0)
+}
+
+/// The token and its file (`--token-file`, or `server.token` in the state directory).
+fn token(rt: &Runtime, file: Option<&std::path::Path>) -> Result<(String, PathBuf)> {
+    let path = file.map_or_else(|| rt.places.state_dir.join(SERVER_TOKEN_FILE), std::path::Path::to_owned);
+    let token = server_token(&path).map_err(|e| user_error(3, format!("the server token: {e}")))?;
+    Ok((token, path))
+}
+
+/// The API, bound and ready to serve (for `serve` and `daemon start --listen`).
+pub struct Api {
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    pub bound: SocketAddr,
+}
+
+impl Api {
+    /// Binds `listen` (loopback, or anywhere with an explicit token file) over the place's log.
+    pub async fn open(rt: &Runtime, listen: &str, token_file: Option<&std::path::Path>) -> Result<Self> {
+        let (token, token_path) = token(rt, token_file)?;
+        let addr: SocketAddr = listen
+            .parse()
+            .map_err(|e| user_error(2, format!("--listen {listen}: {e} (write HOST:PORT, e.g. 127.0.0.1:7878)")))?;
+        if !addr.ip().is_loopback() && token_file.is_none() {
+            return Err(user_error(
+                2,
+                format!(
+                    "listening on {addr} exposes the API beyond this machine: pass --token-file PATH (a token \
+                     you manage) to do so, or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| user_error(3, format!("cannot listen on {addr}: {e}")))?;
+        let bound = listener.local_addr()?;
+        let store = rt.open_store().await?;
+        let locks = rt.places.locks_dir();
+        let status = Arc::new(move |s: &descartes_core::RunSummary| run_status(&locks, s));
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let state = ApiState::new(store, token, bound, status, rx);
+        eprintln!("descartes: serving the API on http://{bound} (token in {})", token_path.display());
+        Ok(Self { listener, state, shutdown, bound })
+    }
+
+    /// Serves until `stop` resolves; then in-flight requests finish and streams end.
+    pub async fn serve(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        serve(self.listener, self.state, self.shutdown, stop).await
+    }
 }
 
 /// SIGINT or SIGTERM.

@@ -212,3 +212,39 @@ fn two_servers_on_one_postgresql_database_both_see_every_event() {
     assert_eq!((id_a, &seen_a), (id_b, &seen_b));
     assert!(seen_a.len() >= 4, "{seen_a:?}");
 }
+
+/// `daemon start --listen`: one process runs the workers and the API; a stop ends both.
+#[test]
+fn the_daemon_serves_the_api_too() {
+    let env = Env::new(text_model);
+    env.init();
+    let token = stdout(&env.run(&["serve", "--print-token"])).trim().to_owned();
+    let mut child = env.spawn(&["daemon", "start", "--foreground", "--workers", "1", "--listen", "127.0.0.1:0"]);
+    // Its stderr is read to the end (a closed pipe would fail its next message).
+    let stderr_pipe = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("serving the API on ").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let url = rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let s = Server { child, url, token };
+    let (code, body) = get(&s, "/v1/health");
+    assert_eq!((code, body["ok"].as_bool()), (200, Some(true)), "{body}");
+    let created = env.run(&["task", "create", "through the daemon"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let (_, page) = get(&s, "/v1/events?type=task_created");
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "{page}");
+    let mut s = s;
+    signal(&s.child, "TERM");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // A wrong address stops the start with a clear error.
+    let out = env.run(&["daemon", "start", "--foreground", "--listen", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--listen nowhere"), "{}", stderr(&out));
+}
