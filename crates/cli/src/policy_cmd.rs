@@ -93,11 +93,7 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
                     if json {
                         println!("{}", serde_json::json!({ "at": e.at, "stream": e.run_id, "permission": p }));
                     } else {
-                        let at = match (&p.file, p.line) {
-                            (Some(f), Some(l)) => format!(" ({f}:{l})"),
-                            (Some(f), None) => format!(" ({f})"),
-                            _ => String::new(),
-                        };
+                        let at = located(p.file.as_deref(), p.line);
                         println!(
                             "{}  tool   {:<16}  rule {}{at}  actor {}  ({})\n    {}",
                             e.at.to_local("%Y-%m-%d %H:%M:%S"),
@@ -115,11 +111,7 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
                 if json {
                     println!("{}", serde_json::json!({ "at": e.at, "stream": e.run_id, "record": p }));
                 } else {
-                    let at = match (&p.file, p.line) {
-                        (Some(f), Some(l)) => format!(" ({f}:{l})"),
-                        (Some(f), None) => format!(" ({f})"),
-                        _ => String::new(),
-                    };
+                    let at = located(p.file.as_deref(), p.line);
                     println!(
                         "{}  {:<5}  {:<16}  rule {}{at}  actor {}\n    {}\n    inputs: {}",
                         e.at.to_local("%Y-%m-%d %H:%M:%S"),
@@ -153,4 +145,13 @@ fn default_files(rt: &Runtime) -> Vec<PathBuf> {
     }
     files.retain(|f| f.exists());
     files
+}
+
+/// ` (FILE:LINE)` of the rule that decided, or nothing for a built-in rule.
+fn located(file: Option<&str>, line: Option<u64>) -> String {
+    match (file, line) {
+        (Some(f), Some(l)) => format!(" ({f}:{l})"),
+        (Some(f), None) => format!(" ({f})"),
+        _ => String::new(),
+    }
 }

@@ -24,18 +24,6 @@ rules:
     commands: [\"ls*\"]
 ";
 
-/// A model that runs `command` with `shell`, then answers with what it saw.
-fn shell_model(command: &'static str) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static {
-    move |req: &RecordedRequest| {
-        if let Some((_, out)) = req.tool_results().last() {
-            Reply::Stream(openai::text(&[&format!("saw: {}", out.replace('\n', " "))]))
-        } else {
-            let args = serde_json::json!({ "command": command }).to_string();
-            Reply::Stream(openai::tool_call("call_1", "shell", &[&args]))
-        }
-    }
-}
-
 fn with_policy(env: &Env) {
     std::fs::create_dir_all(env.project().join(".ai")).unwrap();
     std::fs::write(env.project().join(".ai/policy.yaml"), POLICY).unwrap();

@@ -5,18 +5,6 @@ mod common;
 
 use common::*;
 
-/// A model that runs `command` with `shell`, then answers with what it saw.
-fn shell_model(command: &'static str) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static {
-    move |req: &RecordedRequest| {
-        if let Some((_, out)) = req.tool_results().last() {
-            Reply::Stream(openai::text(&[&format!("saw: {}", out.replace('\n', " "))]))
-        } else {
-            let args = serde_json::json!({ "command": command }).to_string();
-            Reply::Stream(openai::tool_call("call_1", "shell", &[&args]))
-        }
-    }
-}
-
 fn landlock_available(env: &Env) -> bool {
     let out = env.cmd(&["__sandbox", "--probe"]).output().unwrap();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -194,4 +182,28 @@ fn a_guardrail_file_created_by_a_run_stops_agents_until_the_user_trusts_it() {
     assert!(out.status.success() && stdout(&out).contains("trusted:"), "{}", stdout(&out));
     let out = env.run(&["run", "-y", "-p", "openai", "again"]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// The tokens of the API and of the daemon are read by no tool, `-y` or not: a run that could
+/// read one could answer its own permission asks through the API.
+#[test]
+fn no_tool_reads_the_api_token() {
+    use serde_json::json;
+    let env = Env::new(scripted(vec![
+        ("read_file", json!({"path": ".descartes/server.token"})),
+        ("shell", json!({"command": "cat .descartes/server.token; echo read=$?"})),
+    ]));
+    env.init();
+    let token = stdout(&env.run(&["serve", "--print-token"])).trim().to_owned();
+    let out = env.run(&["run", "-y", "-p", "openai", "read the token"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains(&token), "{}", stdout(&out));
+    let events = env.events(&env.run_id());
+    let done: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "tool_call_completed").collect();
+    assert_eq!(done.len(), 2);
+    for d in &done {
+        assert!(!d["data"]["output"].as_str().unwrap().contains(&token), "{d}");
+    }
+    let guardrail = events.iter().find(|e| e["type"] == "permission_decided" && e["data"]["actor"] == "guardrail");
+    assert_eq!(guardrail.unwrap()["data"]["tool"], "read_file", "the read was refused before it ran");
 }

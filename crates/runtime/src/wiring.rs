@@ -27,6 +27,9 @@ const AGENT_CLI_CONTROL_FILES: &[&str] = &[
     ".cache/descartes",
 ];
 
+/// The file-reading tools, Descartes' and the agent CLIs'.
+const READ_TOOLS: &str = "{read_file,Read,NotebookRead}";
+
 const GUARDED_TOOLS: &str = "{write_file,edit_file,apply_patch,Write,Edit,MultiEdit,NotebookEdit}";
 
 /// The variables each agent CLI needs from Descartes' environment (prefixes end in `*`),
@@ -625,6 +628,11 @@ impl Runtime {
         }
         for p in &protected.writable_within {
             rules.push(rule(Action::Allow, p.display().to_string())?);
+        }
+        // The tokens: no tool reads them (a shell command finds `/dev/null` there).
+        for p in &protected.hidden {
+            let spec = RuleSpec { tool: READ_TOOLS.to_owned(), pattern: Some(p.display().to_string()) };
+            rules.push(Rule::new(Action::Deny, Source::Guardrail, spec)?);
         }
         // An agent CLI's request for more than its sandbox allows (Codex's retry without the
         // sandbox, network access, writes outside it): only `--sandbox full-access` grants it.

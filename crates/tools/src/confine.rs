@@ -63,6 +63,7 @@ impl Workspace {
         }
         let joined = if Path::new(path).is_absolute() { PathBuf::from(path) } else { cwd.join(path) };
         let resolved = canonicalize_lenient(&joined, path)?;
+        self.protected.check_read(&resolved).map_err(|message| ConfineError::Protected { message })?;
         let roots = self.canonical_roots(cwd);
         if roots.iter().any(|r| resolved.starts_with(r)) {
             return Ok(resolved);

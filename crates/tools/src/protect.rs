@@ -40,8 +40,8 @@ pub struct Protected {
     /// Paths beneath protected ones that stay writable (each may itself contain protected
     /// paths: a worktree's `.ai` is protected again by [`PROTECTED_NAMES`]).
     pub writable_within: Vec<PathBuf>,
-    /// Files no sandboxed command may even read (the daemon's control token): the helper
-    /// mounts `/dev/null` over them.
+    /// Files no tool may even read (the tokens of the daemon's socket and of the API): the
+    /// file tools refuse them, and the sandbox helper mounts `/dev/null` over them.
     pub hidden: Vec<PathBuf>,
     /// Nothing is protected: `full-access` chosen on the command line.
     pub disabled: bool,
@@ -94,6 +94,15 @@ impl Protected {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// Refuses a read of `path` (canonical) when it is a hidden file: a tool that read a token
+    /// could answer its own permission asks.
+    pub fn check_read(&self, path: &Path) -> Result<(), String> {
+        if self.disabled || !self.hidden.iter().any(|h| canonical_or_self(h) == path) {
+            return Ok(());
+        }
+        Err(format!("`{}` holds a secret of Descartes (a token): no tool reads it", path.display()))
     }
 
     /// What the sandbox helper mounts for a command whose writable paths are `writable`

@@ -190,3 +190,15 @@ impl Drop for Env {
         }
     }
 }
+
+/// A model that runs `command` with `shell`, then answers with what it saw.
+pub fn shell_model(command: &'static str) -> impl Fn(&RecordedRequest) -> Reply + Send + Sync + 'static {
+    move |req: &RecordedRequest| {
+        if let Some((_, out)) = req.tool_results().last() {
+            Reply::Stream(openai::text(&[&format!("saw: {}", out.replace('\n', " "))]))
+        } else {
+            let args = serde_json::json!({ "command": command }).to_string();
+            Reply::Stream(openai::tool_call("call_1", "shell", &[&args]))
+        }
+    }
+}
