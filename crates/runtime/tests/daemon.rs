@@ -113,6 +113,8 @@ async fn workers_run_every_task_once() {
     ran.dedup();
     assert_eq!(ran.len(), 40);
     assert_eq!(runner.ran().len(), 40, "a task ran twice");
+    // The counters move just after the store commits.
+    wait_for("40 counted", Duration::from_secs(5), async || h.status().done >= 40).await;
     let st = h.status();
     assert_eq!((st.done, st.failed, st.lost, st.workers), (40, 0, 0, 3));
     h.stop();
@@ -146,6 +148,8 @@ async fn a_failed_attempt_is_recorded_and_retried_until_max_attempts() {
         store.get_task(&twice.id).await.unwrap().status == TaskStatus::Failed
     })
     .await;
+    // The counter moves just after the store commits the failure.
+    wait_for("three failed attempts counted", Duration::from_secs(5), async || h.status().failed >= 3).await;
     assert_eq!(h.status().failed, 3);
     h.stop();
     join.await.unwrap();
