@@ -52,6 +52,10 @@ pub struct CliOptions {
     pub extra_args: Vec<String>,
     /// After SIGINT, how long the CLI may take to exit before SIGKILL.
     pub kill_grace: Duration,
+    /// A program the CLI is started through, with its arguments (the CLI's path and arguments
+    /// follow): the sandbox helper, which hides Descartes' tokens from the CLI and its tools
+    /// and makes the CLI die with Descartes.
+    pub wrapper: Option<(PathBuf, Vec<OsString>)>,
 }
 
 impl Default for CliOptions {
@@ -62,6 +66,7 @@ impl Default for CliOptions {
             clear_env: false,
             extra_args: Vec::new(),
             kill_grace: Duration::from_secs(5),
+            wrapper: None,
         }
     }
 }
@@ -92,6 +97,7 @@ impl CliOptions {
             keep_stdin: false,
             install_hint,
             kill_grace: self.kill_grace,
+            wrapper: self.wrapper.clone(),
         }
     }
 

@@ -36,6 +36,8 @@ pub struct Spawn {
     pub install_hint: String,
     /// SIGINT, then SIGKILL after this long.
     pub kill_grace: Duration,
+    /// Started through this program and its arguments (see `CliOptions::wrapper`).
+    pub wrapper: Option<(PathBuf, Vec<OsString>)>,
 }
 
 /// A running CLI.
@@ -51,6 +53,26 @@ pub struct CliProcess {
     exited: Option<ExitStatus>,
 }
 
+/// The program of `spec` as the CLI's own `PATH` finds it (a path with a `/` as it is,
+/// relative to the working directory).
+fn find_program(spec: &Spawn) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable =
+        |p: &std::path::Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if spec.program.components().count() > 1 {
+        let p = spec.cwd.join(&spec.program);
+        return executable(&p).then_some(p);
+    }
+    let path = spec
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .or_else(|| if spec.clear_env { None } else { std::env::var_os("PATH") })?;
+    std::env::split_paths(&path).map(|d| d.join(&spec.program)).find(|p| executable(p))
+}
+
 #[derive(Default)]
 struct StderrTail {
     bytes: VecDeque<u8>,
@@ -62,7 +84,22 @@ impl CliProcess {
     /// and how to install it.
     pub async fn spawn(spec: Spawn) -> Result<Self, ProviderError> {
         let program = spec.program.display().to_string();
-        let mut cmd = Command::new(&spec.program);
+        let mut cmd = match &spec.wrapper {
+            None => Command::new(&spec.program),
+            Some((wrapper, prefix)) => {
+                // The wrapper starts the CLI: find it first, so a missing one is reported as such.
+                let found = find_program(&spec).ok_or_else(|| ProviderError::Config {
+                    provider: spec.backend.clone(),
+                    message: format!(
+                        "the `{program}` CLI was not found (not on PATH); install it with `{}`",
+                        spec.install_hint
+                    ),
+                })?;
+                let mut c = Command::new(wrapper);
+                c.args(prefix).arg(found);
+                c
+            }
+        };
         if spec.clear_env {
             cmd.env_clear();
         }

@@ -84,8 +84,23 @@ fn find<T>(events: &[Event], f: impl Fn(&EventData) -> Option<T>) -> Vec<T> {
     events.iter().filter_map(|e| f(&e.data)).collect()
 }
 
-fn options(program: PathBuf, env: &[(&str, String)]) -> CliOptions {
-    let mut o = CliOptions { program: Some(program), kill_grace: Duration::from_secs(3), ..Default::default() };
+/// The token every real CLI run has in its working directory, hidden from the CLI as the
+/// runtime hides Descartes' tokens.
+const SECRET: &str = "descartes-test-secret-4f1c";
+
+/// The CLI's options, started through the sandbox helper with `work/secret.token` hidden.
+fn options(program: PathBuf, env: &[(&str, String)], work: &Path) -> CliOptions {
+    use descartes_tools::{Protected, Sandbox, SandboxHelper, SandboxPolicy};
+    let token = work.join("secret.token");
+    std::fs::write(&token, SECRET).unwrap();
+    let helper = SandboxHelper::locate().expect(
+        "the sandbox helper is missing: `cargo test --workspace` builds it, or `cargo build -p descartes-tools`",
+    );
+    let hidden = Protected { hidden: vec![token], ..Default::default() };
+    let wrapper = Sandbox::with_helper(SandboxPolicy::default(), helper).protecting(hidden).hiding_prefix();
+    assert!(wrapper.is_some());
+    let mut o =
+        CliOptions { program: Some(program), kill_grace: Duration::from_secs(3), wrapper, ..Default::default() };
     for (k, v) in env {
         o = o.with_env(*k, v.clone());
     }
@@ -182,7 +197,7 @@ impl ClaudeFixture {
             ("ANTHROPIC_API_KEY", "sk-ant-test".to_owned()),
             ("DISABLE_AUTOUPDATER", "1".to_owned()),
         ];
-        Arc::new(ClaudeCode::new(options(self.program.clone(), &env)))
+        Arc::new(ClaudeCode::new(options(self.program.clone(), &env, self.work.path())))
     }
 }
 
@@ -405,7 +420,7 @@ async fn codex_run(yes: bool, command: &'static str, policy: Policy) -> Option<C
         ("HOME", home.path().display().to_string()),
         ("DESCARTES_FAKE_OPENAI_KEY", "sk-test".to_owned()),
     ];
-    let backend = Arc::new(Codex::new(options(program, &env)));
+    let backend = Arc::new(Codex::new(options(program, &env, work.path())));
     let store = Arc::new(MemoryEventStore::new());
     let mut agent = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "", yes);
     agent.policy = policy;
@@ -547,7 +562,7 @@ async fn gemini_run(yes: bool, tool: &'static str, args: Value, policy: Policy) 
         ("GEMINI_API_KEY", "test-key".to_owned()),
         ("GOOGLE_GEMINI_BASE_URL", server.url()),
     ];
-    let backend = Arc::new(GeminiCli::new(options(program, &env)));
+    let backend = Arc::new(GeminiCli::new(options(program, &env, work.path())));
     let store = Arc::new(MemoryEventStore::new());
     let mut agent = agent(store.clone(), backend, Arc::new(NoPrompter), work.path(), "gemini-2.5-flash", yes);
     agent.policy = policy;
@@ -619,4 +634,25 @@ async fn gemini_cli_s_every_call_is_decided_by_descartes() {
     let d = decisions(&r.events);
     assert_eq!((d[0].decision, d[0].rule.as_str()), (Decision::Allow, "builtin:read-only"));
     assert!(r.gemini_told().iter().any(|t| t.contains("gemini-read-this")), "{:?}", r.gemini_told());
+}
+
+/// The CLIs' own shells run outside Descartes' sandbox, in the CLI's process: a token hidden by
+/// the helper the CLI is started through reads as empty there (`SECRET` is in the work dir).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_s_shell_cannot_read_a_hidden_token() {
+    let Some(r) = codex_run(true, "cat secret.token; echo read=$?-done", Policy::default()).await else { return };
+    let told = r.codex_told().join(" | ");
+    // Codex's own sandbox refuses the read of the device bound over it (`Permission denied`).
+    assert!(told.contains("-done"), "the command ran: {told}");
+    assert!(!told.contains(SECRET), "the token reached the model: {told}");
+    assert_eq!(std::fs::read_to_string(r.work.path().join("secret.token")).unwrap(), SECRET, "hidden, not removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_cli_s_shell_cannot_read_a_hidden_token() {
+    let cat = json!({"command": "cat secret.token; echo read=$?-done"});
+    let Some(r) = gemini_run(true, "run_shell_command", cat, Policy::default()).await else { return };
+    let told = r.gemini_told().join(" | ");
+    assert!(told.contains("read=0-done"), "the command ran: {told}");
+    assert!(!told.contains(SECRET), "the token reached the model: {told}");
 }

@@ -432,3 +432,33 @@ fn claude_code_s_auto_approved_commands_are_decided_by_descartes() {
     assert_eq!(events.iter().filter(|e| e["type"] == "permission_decided").count(), 1, "one decision per call");
     assert_every_call_was_decided_first(&events);
 }
+
+/// Claude Code's own `Bash` runs in its process, outside Descartes' shell sandbox; the API's
+/// token is hidden from it all the same (a run that read it could answer its own asks).
+#[test]
+fn claude_code_s_own_shell_cannot_read_the_api_token() {
+    let Some(dir) = descartes_test_support::agent_clis::cli("claude").and_then(|p| p.parent().map(|d| d.to_owned()))
+    else {
+        return;
+    };
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let env = Env::new(claude_bash("cat .descartes/server.token; echo read=$?-done"));
+    env.init();
+    let token = stdout(&env.run(&["serve", "--print-token"])).trim().to_owned();
+    assert!(token.len() >= 32, "{token}");
+    let out = env
+        .cmd(&["run", "-p", "claude-code", "-y", "read the token"])
+        .env("PATH", &path)
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let seen = tool_results_seen(&env);
+    assert!(seen.contains("read=0-done"), "the command did not run: {seen}");
+    assert!(!seen.contains(&token), "the token reached the model: {seen}");
+    assert!(!stdout(&out).contains(&token));
+    let events = env.events(env.runs()[0]["run_id"].as_str().unwrap());
+    assert!(!serde_json::to_string(&events).unwrap().contains(&token));
+    assert_every_call_was_decided_first(&events);
+}

@@ -346,6 +346,9 @@ impl Runtime {
         let mut options = descartes_agent_cli::CliOptions {
             env: self.agent_cli_env(&sel.kind),
             clear_env: true,
+            // The CLI's own tools run in its process, outside Descartes' sandbox: they must not
+            // read the tokens (one would let a run answer its own asks through the API).
+            wrapper: self.sandbox().hiding_prefix(),
             ..Default::default()
         };
         if sel.kind == "command" {

@@ -321,6 +321,21 @@ impl Sandbox {
         command
     }
 
+    /// How to start an unrestricted program that must not see Descartes' hidden files (an
+    /// agent CLI, whose own tools run in its process): the helper and its arguments, up to and
+    /// including `--`; the program and its arguments follow. The program dies with this
+    /// process. `None` without a helper, or when protection is disabled.
+    pub fn hiding_prefix(&self) -> Option<(PathBuf, Vec<OsString>)> {
+        let helper = self.helper.as_ref().ok().filter(|_| !self.protected.disabled)?;
+        let mut args = helper.prefix_args.clone();
+        args.extend(["--mode".into(), SandboxMode::FullAccess.as_str().into()]);
+        for p in &self.protected.hidden {
+            args.extend(["--hide".into(), p.clone().into_os_string()]);
+        }
+        args.extend(["--parent".into(), std::process::id().to_string().into(), "--".into()]);
+        Some((helper.program.clone(), args))
+    }
+
     /// No sandbox (`full-access`).
     pub fn full_access() -> Self {
         Self::new(SandboxPolicy { mode: SandboxMode::FullAccess, ..SandboxPolicy::default() })

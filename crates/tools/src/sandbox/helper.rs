@@ -4,8 +4,10 @@
 //! 1. **Protected paths** (`--readonly`): in a private user + mount namespace, each path is
 //!    bind-mounted onto itself read-only, then the paths of `--writable-within` (the call's
 //!    spool, a worktree under the state directory) are bound again writable, and `/dev/null`
-//!    is bound over each file of `--hide` (the daemon's token). The working directory is
-//!    entered again so that it resolves through the new mounts.
+//!    is bound over each file of `--hide` (the daemon's and the API's tokens). The working
+//!    directory is entered again so that it resolves through the new mounts. In `full-access`
+//!    mode only the files of `--hide` are covered (an agent CLI: unrestricted, but blind to
+//!    the tokens); nothing else is restricted.
 //! 2. **Landlock**: reads everywhere, writes only beneath `--write` paths; from ABI 6 the
 //!    command cannot signal processes outside its sandbox nor connect to abstract Unix sockets
 //!    made outside it. A Landlock-restricted process cannot mount or unmount, so step 1 holds.
@@ -137,7 +139,16 @@ fn restrict(args: &HelperArgs) -> Result<SandboxStatus, SandboxError> {
         path_beneath_rules,
     };
     if args.mode == SandboxMode::FullAccess {
-        return Ok(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None));
+        // Unrestricted, but the hidden files stay hidden (an agent CLI's own tools).
+        if args.hide.is_empty() {
+            return Ok(SandboxStatus::unsandboxed(SandboxMode::FullAccess, None));
+        }
+        let notice = protect_paths(&[], &[], &args.hide).err().map(|e| {
+            format!("sandbox (full-access): Descartes' tokens could NOT be hidden ({e}); the permission policy still applies.")
+        });
+        let mut status = SandboxStatus::unsandboxed(SandboxMode::FullAccess, notice.clone());
+        status.protected = if notice.is_some() { "not-enforced" } else { "hidden" }.into();
+        return Ok(status);
     }
     let mut notices = Vec::new();
     let protected = if args.readonly.is_empty() && args.hide.is_empty() {
