@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use descartes_app::run::{RunIo, RunSettings};
 use descartes_core::permission::NoPrompter;
 use descartes_core::session::{ContextPolicy, compact, conversation_tokens};
 use descartes_core::state::RunState;
-use descartes_core::{Agent, AgentConfig, Budget, EventStore, OutputSink, Prompter, RunOutcome, TokenCounter};
+use descartes_core::{Agent, Budget, EventStore, Prompter, RunOutcome, TokenCounter};
 use descartes_protocol::{ContentPart, Message, MessagePinned, NewEvent, Role, RunId, SessionStarted};
 use descartes_runtime::{RunLock, Runtime};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -77,7 +78,7 @@ pub async fn run(rt: Runtime, args: ChatArgs, resume: Option<RunState>) -> Resul
     let (system_prompt, context_files) = match resume.as_ref().and_then(|s| s.started.as_ref()) {
         Some(started) => (started.system_prompt.clone().unwrap_or_default(), Vec::new()),
         None => {
-            let (prompt, files) = crate::commands::system_prompt_with_rules(&rt, &rt.cwd, &args.rules)?;
+            let (prompt, files) = descartes_app::run::system_prompt_with_rules(&rt, &rt.cwd, &args.rules)?;
             (prompt, files.iter().map(|p| p.display().to_string()).collect())
         }
     };
@@ -112,46 +113,29 @@ async fn build_agent(
     system_prompt: &str,
     sink: Arc<HumanSink>,
 ) -> Result<Agent> {
+    let not_a_model = |provider: &str| {
+        anyhow::anyhow!(
+            "`{provider}` is an agent CLI; `descartes chat` runs on a model provider (use `descartes run -p {provider}`)"
+        )
+    };
     let sel = rt.select(args.provider.as_deref(), args.model.as_deref())?;
     if sel.is_agent_cli() {
-        anyhow::bail!(
-            "`{}` is an agent CLI; `descartes chat` runs on a model provider (use `descartes run -p {}`)",
-            sel.provider,
-            sel.provider
-        );
-    }
-    let provider = rt.build_provider(&sel)?;
-    let (resilience, warnings) = rt.resilience(&*store, &sel, &[]).await?;
-    for w in warnings {
-        eprintln!("descartes: warning: {w}");
+        return Err(not_a_model(&sel.provider));
     }
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
-    let sink: Arc<dyn OutputSink> = sink;
-    let policy = rt.permission_policy()?;
-    Ok(Agent {
-        store,
-        provider,
-        policy,
-        gate: crate::policy_cmd::run_gate(rt, &sel)?,
-        tools: rt.tools_with_mcp().await,
-        prompter,
-        sink,
-        cancel: CancellationToken::new(),
-        tool_specs: Default::default(),
-        resilience,
-        config: AgentConfig {
-            provider: sel.provider.clone(),
-            model: sel.model.clone(),
-            max_turns: args.max_turns.unwrap_or(rt.config.max_turns),
-            auto_approve: args.yes,
-            system_prompt: Some(system_prompt.to_owned()),
-            max_tokens: sel.max_tokens,
-            cwd: rt.cwd.clone(),
-            spool_root: rt.places.spool_dir(),
-            budget: Budget { max_tokens: rt.config.budget.max_tokens, max_cost_usd: rt.config.budget.max_cost_usd },
-        },
-    })
+    let settings = RunSettings {
+        provider: args.provider.clone(),
+        model: args.model.clone(),
+        auto_approve: args.yes,
+        max_turns: args.max_turns.unwrap_or(rt.config.max_turns),
+        cwd: rt.cwd.clone(),
+        system_prompt: Some(system_prompt.to_owned()),
+        budget: Budget { max_tokens: rt.config.budget.max_tokens, max_cost_usd: rt.config.budget.max_cost_usd },
+    };
+    let io = RunIo { sink, prompter, cancel: CancellationToken::new(), gate: None };
+    let prepared = descartes_app::run::prepare(rt, store, &[], settings, io).await?;
+    prepared.into_agent().ok_or_else(|| not_a_model(&sel.provider))
 }
 
 /// Where input lines come from.

@@ -7,87 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use descartes_app::run::{Prepared, RunIo, RunRequest, RunSettings};
 use descartes_core::agent::goal_message;
-use descartes_core::external::{ExternalAgent, ExternalOutcome};
 use descartes_core::permission::NoPrompter;
-use descartes_core::state::{RunState, RunStatus};
-use descartes_core::{Agent, AgentConfig, Budget, CoreError, EventStore, OutputSink, Prompter, RunOutcome, StoreError};
+use descartes_core::{CoreError, EventStore, OutputSink, Prompter, RunOutcome};
 use descartes_protocol::{Event, EventData, RunId};
+use descartes_runtime::Runtime;
 use descartes_runtime::config::{self, LogFormat};
-use descartes_runtime::{Runtime, RuntimeError};
 use tokio_util::sync::CancellationToken;
 
 use crate::output::{HumanSink, JsonSink, TerminalPrompter, event_summary};
 use crate::{Cli, Command, ConfigCommand, ModelArgs, ResumeArgs, RunArgs};
 
-const DEFAULT_SYSTEM_PROMPT: &str = "You are Descartes, an autonomous software agent. You work in the directory given \
-below, using the tools to inspect files, run commands and make changes. Work step by step; when the goal is reached, \
-answer with a short summary of what you did and found.";
-
-/// The system prompt of a new run on a model provider: the configured one or the default, then
-/// the rules and context files (see `descartes_runtime::context` for their order), then
-/// `session` rules files. Returns the prompt and the files it holds.
-pub(crate) fn system_prompt_with_rules(
-    rt: &Runtime,
-    cwd: &std::path::Path,
-    session: &[PathBuf],
-) -> Result<(String, Vec<PathBuf>)> {
-    let base = rt
-        .config
-        .system_prompt
-        .clone()
-        .unwrap_or_else(|| format!("{DEFAULT_SYSTEM_PROMPT}\n\nWorking directory: {}", cwd.display()));
-    let (files, left_out) = rt.rules(session).map_err(|e| user_error(2, e.to_string()))?;
-    let rules = descartes_runtime::context::render_rules(&files, &left_out);
-    Ok((format!("{base}{rules}"), files.into_iter().map(|f| f.path).collect()))
-}
-
-/// An error with its exit code and a message that says what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-struct UserError {
-    code: u8,
-    message: String,
-}
-
-pub(crate) fn user_error(code: u8, message: impl Into<String>) -> anyhow::Error {
-    UserError { code, message: message.into() }.into()
-}
-
+/// The exit code of an error: the one table in `descartes_app::error`.
 fn exit_code(err: &anyhow::Error) -> u8 {
-    if let Some(u) = err.downcast_ref::<UserError>() {
-        return u.code;
-    }
-    if let Some(r) = err.downcast_ref::<RuntimeError>() {
-        return match r {
-            RuntimeError::Config(_)
-            | RuntimeError::UnknownProvider { .. }
-            | RuntimeError::UnknownKind { .. }
-            | RuntimeError::MissingApiKey { .. }
-            | RuntimeError::Provider(_) => 3,
-            RuntimeError::Store(_) => 4,
-            RuntimeError::EmptyRunId => 2,
-            RuntimeError::GuardrailsChanged(_) => 3,
-            RuntimeError::RunNotFound(_) | RuntimeError::AmbiguousRun { .. } => 5,
-            RuntimeError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => 5,
-            RuntimeError::Io(_) => 1,
-        };
-    }
-    if err.downcast_ref::<StoreError>().is_some() {
-        return 4;
-    }
-    if let Some(t) = err.downcast_ref::<descartes_core::TaskError>() {
-        return crate::task_cmd::exit_code(t);
-    }
-    if let Some(c) = err.downcast_ref::<CoreError>() {
-        return match c {
-            CoreError::Store(_) => 4,
-            CoreError::RunNotFound(_) | CoreError::NotResumable(_) => 5,
-            CoreError::Cancelled => 130,
-            _ => 1,
-        };
-    }
-    1
+    descartes_app::classify(err).exit_code()
 }
 
 pub fn dispatch(cli: Cli) -> ExitCode {
@@ -211,103 +145,27 @@ fn install_signals(cancel: CancellationToken) {
     });
 }
 
-/// What drives a run: Descartes' own agent loop on a model, or an agent CLI.
-enum Driver {
-    Model(Agent),
-    Cli(ExternalAgent),
-}
-
-pub(crate) struct Prepared {
-    driver: Driver,
-    /// Provider and model, for messages.
-    label: String,
-    human: Option<Arc<HumanSink>>,
-}
-
-impl Prepared {
-    pub(crate) async fn start(
-        &self,
-        run_id: RunId,
-        prompt: String,
-        goal: descartes_protocol::Message,
-    ) -> Result<RunOutcome, CoreError> {
-        match &self.driver {
-            Driver::Model(a) => a.start(run_id, prompt, goal).await,
-            Driver::Cli(a) => {
-                let outcome = a.start(run_id.clone(), prompt, goal).await?;
-                self.after_cli(a, run_id, outcome).await
-            }
-        }
-    }
-
-    async fn resume(&self, state: RunState, previous: &str) -> Result<RunOutcome, CoreError> {
-        match &self.driver {
-            Driver::Model(a) => a.resume(state, previous).await,
-            Driver::Cli(a) => {
-                let run_id = state.run_id.clone();
-                let outcome = a.resume(state, previous).await?;
-                self.after_cli(a, run_id, outcome).await
-            }
-        }
-    }
-
-    /// Maps a CLI run's outcome; a rate-limited CLI is parked until its limit resets, then
-    /// its session is resumed (cancellable; a crash meanwhile leaves the run `parked`).
-    async fn after_cli(
-        &self,
-        a: &ExternalAgent,
-        run_id: RunId,
-        mut outcome: ExternalOutcome,
-    ) -> Result<RunOutcome, CoreError> {
-        loop {
-            return Ok(match outcome {
-                ExternalOutcome::Completed { result } => RunOutcome::Completed { result },
-                ExternalOutcome::Failed { error, kind } => RunOutcome::Failed { error, kind },
-                ExternalOutcome::Cancelled => RunOutcome::Cancelled,
-                ExternalOutcome::BudgetExceeded { error } => RunOutcome::BudgetExceeded { error },
-                ExternalOutcome::Parked { until, reason } => {
-                    let wait = until.since(descartes_protocol::Timestamp::now());
-                    eprintln!(
-                        "descartes: {} is rate-limited ({reason}); run {run_id} is parked until {} and continues then",
-                        a.backend.name(),
-                        until.to_local("%H:%M:%S")
-                    );
-                    tokio::select! {
-                        _ = a.cancel.cancelled() => return Ok(RunOutcome::Cancelled),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    let state = a.store.replay_run(&run_id).await?;
-                    outcome = a.resume(state, "parked").await?;
-                    continue;
-                }
-            });
-        }
+/// The request of `run`/`resume`'s model flags.
+fn request(args: &ModelArgs) -> RunRequest {
+    RunRequest {
+        provider: args.provider.clone(),
+        model: args.model.clone(),
+        yes: args.yes,
+        max_turns: args.max_turns,
+        max_tokens: args.max_tokens,
+        max_cost_usd: args.max_cost_usd,
+        fallback: args.fallback.clone(),
     }
 }
 
-/// What a run (new or resumed) is driven with.
-pub(crate) struct RunSettings {
-    pub provider: Option<String>,
-    pub model: Option<String>,
-    pub auto_approve: bool,
-    pub max_turns: u32,
-    pub cwd: PathBuf,
-    pub system_prompt: Option<String>,
-    pub budget: Budget,
-}
-
+/// The agent of a run on the terminal: human or JSON output, the terminal's prompt (none
+/// without a terminal), stopped by SIGINT/SIGTERM.
 async fn prepare(
     rt: &Runtime,
     store: Arc<dyn EventStore>,
     args: &ModelArgs,
     settings: RunSettings,
-) -> Result<Prepared> {
-    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
-    for (flag, v) in [("--max-tokens", budget.max_tokens.map(|t| t as f64)), ("--max-cost-usd", budget.max_cost_usd)] {
-        if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
-            return Err(user_error(2, format!("{flag} must be a positive number")));
-        }
-    }
+) -> Result<(Prepared, Option<Arc<HumanSink>>)> {
     let cancel = CancellationToken::new();
     install_signals(cancel.clone());
     let human = (!args.json).then(|| Arc::new(HumanSink::new()));
@@ -317,116 +175,25 @@ async fn prepare(
     };
     let prompter: Arc<dyn Prompter> =
         if std::io::stderr().is_terminal() { Arc::new(TerminalPrompter) } else { Arc::new(NoPrompter) };
-    let io = DriverIo { sink, prompter, cancel, gate: None, human };
-    let settings = RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget };
-    prepare_driver(rt, store, &args.fallback, settings, io).await
-}
-
-/// Where a driver reports, who it asks, what stops it, and the policy gate of its tool calls.
-pub(crate) struct DriverIo {
-    pub sink: Arc<dyn OutputSink>,
-    pub prompter: Arc<dyn Prompter>,
-    pub cancel: CancellationToken,
-    pub gate: Option<Arc<dyn descartes_core::permission::ToolGate>>,
-    pub human: Option<Arc<HumanSink>>,
-}
-
-/// The agent (Descartes' loop on a model provider, or an agent CLI) for a run.
-pub(crate) async fn prepare_driver(
-    rt: &Runtime,
-    store: Arc<dyn EventStore>,
-    fallback: &[String],
-    settings: RunSettings,
-    io: DriverIo,
-) -> Result<Prepared> {
-    let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
-    let DriverIo { sink, prompter, cancel, gate, human } = io;
-    let sel = rt.select(provider.as_deref(), model.as_deref())?;
-    // The project's policy governs every run: a task's run brings its own gate (with the task's
-    // facts), `run` gets the global and project policies.
-    let gate = match gate {
-        Some(g) => Some(g),
-        None => crate::policy_cmd::run_gate(rt, &sel)?,
-    };
-    // An agent CLI has its own system prompt; ours is added only when configured.
-    let system_prompt = match system_prompt {
-        Some(p) => Some(p),
-        None if sel.is_agent_cli() => rt.config.system_prompt.clone(),
-        None => Some(system_prompt_with_rules(rt, &cwd, &[])?.0),
-    };
-    let label = if sel.model.is_empty() { sel.provider.clone() } else { format!("{}/{}", sel.provider, sel.model) };
-    let config = AgentConfig {
-        provider: sel.provider.clone(),
-        model: sel.model.clone(),
-        max_turns,
-        auto_approve,
-        system_prompt,
-        max_tokens: sel.max_tokens,
-        cwd,
-        spool_root: rt.places.spool_dir(),
-        budget,
-    };
-    if sel.is_agent_cli() {
-        if !fallback.is_empty() {
-            return Err(user_error(2, "--fallback applies to model providers, not to agent CLIs"));
-        }
-        let backend = rt.build_agent_cli(&sel)?;
-        let policy = rt.permission_policy().map_err(|e| user_error(3, e.to_string()))?;
-        let driver = Driver::Cli(ExternalAgent { store, backend, prompter, policy, gate, sink, cancel, config });
-        return Ok(Prepared { driver, label, human });
-    }
-    if sel.kind == "local" && sel.model == descartes_local::DEFAULT_MODEL && !rt.local_model_present(&sel.model) {
-        // The default local model is fetched on first use, so `descartes run` works on a fresh
-        // machine without an API key.
-        eprintln!("descartes: the local model {} is not installed yet; fetching it once (about 100 MB)", sel.model);
-        crate::model_cmd::pull(rt, &sel.model).await?;
-    }
-    let provider = rt.build_provider(&sel)?;
-    let (resilience, warnings) = rt.resilience(&*store, &sel, fallback).await?;
-    for w in warnings {
-        eprintln!("descartes: warning: {w}");
-    }
-    let policy = rt.permission_policy().map_err(|e| user_error(3, e.to_string()))?;
-    let agent = Agent {
-        store,
-        provider,
-        policy,
-        gate,
-        tools: rt.tools_with_mcp().await,
-        prompter,
-        sink,
-        cancel,
-        tool_specs: Default::default(),
-        resilience,
-        config,
-    };
-    Ok(Prepared { driver: Driver::Model(agent), label, human })
+    let io = RunIo { sink, prompter, cancel, gate: None };
+    Ok((descartes_app::run::prepare(rt, store, &args.fallback, settings, io).await?, human))
 }
 
 async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
     let prompt = args.prompt.join(" ");
     if prompt.trim().is_empty() {
-        return Err(user_error(2, "the prompt is empty; say what the agent should do"));
+        return Err(descartes_app::fail(
+            descartes_app::Problem::Usage,
+            "the prompt is empty; say what the agent should do",
+        ));
     }
     rt.check_guardrails()?;
     let stores = rt.open_stores().await?;
     let store = stores.events.clone();
     rt.sweep_completed(&*store).await;
-    let max_turns = args.model.max_turns.unwrap_or(rt.config.max_turns);
-    let settings = RunSettings {
-        provider: args.model.provider.clone(),
-        model: args.model.model.clone(),
-        auto_approve: args.model.yes,
-        max_turns,
-        cwd: rt.cwd.clone(),
-        system_prompt: None,
-        budget: Budget {
-            max_tokens: args.model.max_tokens.or(rt.config.budget.max_tokens),
-            max_cost_usd: args.model.max_cost_usd.or(rt.config.budget.max_cost_usd),
-        },
-    };
+    let settings = request(&args.model).new_run(&rt);
     let guardrails = rt.snapshot_guardrails();
-    let p = prepare(&rt, store.clone(), &args.model, settings).await?;
+    let (p, human) = prepare(&rt, store.clone(), &args.model, settings).await?;
     let piped = read_piped_stdin()?;
     let run_id = RunId::generate();
     let lock = rt.lock_run(&run_id)?;
@@ -434,7 +201,7 @@ async fn run(rt: Runtime, args: RunArgs) -> Result<u8> {
         eprintln!("descartes: run {run_id} · {}", p.label);
     }
     let outcome = p.start(run_id.clone(), prompt.clone(), goal_message(&prompt, piped.as_deref())).await;
-    finish(&rt, &stores, &guardrails, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &guardrails, &run_id, outcome, human.as_deref(), lock).await
 }
 
 async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
@@ -444,56 +211,21 @@ async fn resume(rt: Runtime, args: ResumeArgs) -> Result<u8> {
     let run_id = rt.resolve_run(&*store, &args.id).await?;
     let lock = rt.lock_run(&run_id)?;
     let state = store.replay_run(&run_id).await?;
-    let previous = match state.status {
-        RunStatus::Completed => {
-            return Err(user_error(
-                5,
-                format!("run {run_id} already completed; `descartes logs {run_id}` shows what it did"),
-            ));
-        }
-        RunStatus::Running => "interrupted",
-        other => other.as_str(),
-    };
-    let started = state.started.clone().ok_or_else(|| CoreError::RunNotFound(run_id.to_string()))?;
-    let (provider, model) = match (&args.model.provider, &args.model.model) {
-        (Some(p), m) => (Some(p.clone()), m.clone()),
-        (None, Some(m)) => (Some(state.provider.clone()), Some(m.clone())),
-        (None, None) => (Some(state.provider.clone()), Some(state.model.clone())),
-    };
-    let max_turns = args.model.max_turns.unwrap_or(state.max_turns);
-    let settings = RunSettings {
-        provider,
-        model,
-        auto_approve: args.model.yes || state.auto_approve,
-        max_turns,
-        cwd: PathBuf::from(&started.cwd),
-        system_prompt: started.system_prompt.clone(),
-        // A resume keeps the run's caps unless new ones are given.
-        budget: Budget {
-            max_tokens: args.model.max_tokens.or(state.budget.max_tokens),
-            max_cost_usd: args.model.max_cost_usd.or(state.budget.max_cost_usd),
-        },
-    };
+    let (settings, previous) = request(&args.model).resume(&state)?;
     let guardrails = rt.snapshot_guardrails();
-    let p = prepare(&rt, store.clone(), &args.model, settings).await?;
+    let (p, human) = prepare(&rt, store.clone(), &args.model, settings).await?;
     if !args.model.json {
         eprintln!("descartes: resuming run {run_id} ({previous}, {} events) · {}", state.events, p.label);
     }
     let outcome = p.resume(state, previous).await;
-    finish(&rt, &stores, &guardrails, &run_id, outcome, p.human.as_deref(), lock).await
+    finish(&rt, &stores, &guardrails, &run_id, outcome, human.as_deref(), lock).await
 }
 
 /// Flags the guardrail files that changed since `before` (see `descartes_runtime::guardrails`)
 /// and says so.
 pub(crate) fn warn_guardrail_changes(rt: &Runtime, before: &descartes_runtime::guardrails::Snapshot, run: &str) {
-    match rt.flag_guardrail_changes(before, run) {
-        Ok(changed) if changed.is_empty() => {}
-        Ok(changed) => eprintln!(
-            "descartes: warning: guardrail files changed during run {run}: {}; no agent runs again until you have \
-             reviewed them and run `descartes config trust`",
-            changed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        ),
-        Err(e) => eprintln!("descartes: warning: cannot check the guardrail files after run {run}: {e}"),
+    if let Some(n) = descartes_app::run::guardrail_notice(rt, before, run) {
+        eprintln!("descartes: {n}");
     }
 }
 
@@ -509,31 +241,18 @@ async fn finish(
     if let Some(h) = human {
         h.end_line();
     }
-    stores.events.flush().await?;
-    warn_guardrail_changes(rt, guardrails, run_id.as_str());
-    // The run's events get their hash-chained audit records now, so a later edit of the log
-    // is found by `audit verify`.
-    if let Err(e) = descartes_runtime::audit::sync_stream(stores, run_id.as_str()).await {
-        eprintln!("descartes: warning: cannot record the run's audit trail: {e}");
+    for n in descartes_app::run::wrap_up(rt, stores, guardrails, run_id).await? {
+        eprintln!("descartes: {n}");
     }
-    let code = match outcome? {
-        RunOutcome::Completed { .. } => 0,
-        RunOutcome::Failed { error, .. } => {
-            eprintln!("descartes: run {run_id} failed: {}", descartes_core::redact::redact(&error.to_string()));
-            1
-        }
-        RunOutcome::Cancelled => {
-            eprintln!("descartes: run {run_id} cancelled; continue it with `descartes resume {run_id}`");
-            130
-        }
-        RunOutcome::BudgetExceeded { error } => {
-            eprintln!("descartes: run {run_id} stopped: {error} (`descartes resume {run_id} ...`)");
-            8
-        }
-    };
-    rt.clean_spool(run_id);
+    let outcome = outcome?;
     lock.release();
-    Ok(code)
+    Ok(match descartes_app::run::outcome_problem(run_id, &outcome) {
+        None => 0,
+        Some((problem, message)) => {
+            eprintln!("descartes: {message}");
+            problem.exit_code()
+        }
+    })
 }
 
 async fn list(rt: Runtime, json: bool) -> Result<u8> {

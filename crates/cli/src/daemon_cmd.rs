@@ -287,7 +287,7 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
         None => None,
     };
     // Tasks routed to registered agents run on them; the others run the daemon's command.
-    let runner = crate::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
+    let runner = descartes_app::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);
     config.grace = args.grace;
     let daemon = Daemon::new(tasks, Arc::new(runner), Arc::new(SystemClock), config).with_events(events);

@@ -6,7 +6,6 @@ mod audit_cmd;
 mod chat;
 mod commands;
 mod daemon_cmd;
-mod executor;
 mod mcp_cmd;
 mod model_cmd;
 mod output;

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use descartes_runtime::Runtime;
 
@@ -56,7 +56,5 @@ pub async fn run(rt: Runtime, command: ModelCommand) -> Result<u8> {
 
 /// Pulls a model, saying so on stderr (it can take a while).
 pub async fn pull(rt: &Runtime, name: &str) -> Result<std::path::PathBuf> {
-    let dir = &rt.places.models_dir;
-    eprintln!("descartes: pulling model {name} into {}", dir.display());
-    descartes_local::pull(name, dir).await.with_context(|| format!("cannot pull model {name}"))
+    descartes_app::run::pull_model(rt, name, &crate::output::JsonSink).await
 }

@@ -2,7 +2,6 @@
 //! tool-call gate) is `descartes_runtime::policy_gate`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -29,18 +28,7 @@ pub enum PolicyCommand {
     },
 }
 
-pub use descartes_runtime::policy_gate::{
-    PolicyGate, agent_facts, enforced, global_policy, load, project_root, record, task_facts,
-};
-
-/// The policy gate of a run started by `run` or `chat` (see
-/// [`descartes_runtime::policy_gate::run_gate`]); a broken policy file is exit 3.
-pub fn run_gate(
-    rt: &Runtime,
-    sel: &descartes_runtime::Selection,
-) -> Result<Option<Arc<dyn descartes_core::permission::ToolGate>>> {
-    descartes_runtime::policy_gate::run_gate(rt, sel).map_err(|e| crate::commands::user_error(3, e.to_string()))
-}
+pub use descartes_runtime::policy_gate::{global_policy, project_root};
 
 pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
     match command {
@@ -74,8 +62,8 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
                 Ok(id) => ("task", id.clone(), descartes_runtime::audit::task_events(&stores, &id).await?),
                 Err(descartes_core::TaskError::NotFound(_)) => {
                     let run = rt.resolve_run(&*stores.events, &task).await.map_err(|e| match e {
-                        descartes_runtime::RuntimeError::RunNotFound(_) => crate::commands::user_error(
-                            5,
+                        descartes_runtime::RuntimeError::RunNotFound(_) => descartes_app::fail(
+                            descartes_app::Problem::NotFound,
                             format!(
                                 "no task or run matches `{task}`; `descartes task list` and `descartes list` show them"
                             ),

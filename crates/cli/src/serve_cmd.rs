@@ -10,8 +10,6 @@ use descartes_runtime::Runtime;
 use descartes_runtime::serve::{SERVER_TOKEN_FILE, run_status, server_token};
 use descartes_server::{ApiState, serve};
 
-use crate::commands::user_error;
-
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Where to listen (HOST:PORT; port 0 picks a free one). Anything but loopback needs
@@ -43,7 +41,8 @@ pub async fn run(rt: Runtime, args: ServeArgs) -> Result<u8> {
 /// The token and its file (`--token-file`, or `server.token` in the state directory).
 fn token(rt: &Runtime, file: Option<&std::path::Path>) -> Result<(String, PathBuf)> {
     let path = file.map_or_else(|| rt.places.state_dir.join(SERVER_TOKEN_FILE), std::path::Path::to_owned);
-    let token = server_token(&path).map_err(|e| user_error(3, format!("the server token: {e}")))?;
+    let token = server_token(&path)
+        .map_err(|e| descartes_app::fail(descartes_app::Problem::Config, format!("the server token: {e}")))?;
     Ok((token, path))
 }
 
@@ -59,21 +58,24 @@ impl Api {
     /// Binds `listen` (loopback, or anywhere with an explicit token file) over the place's log.
     pub async fn open(rt: &Runtime, listen: &str, token_file: Option<&std::path::Path>) -> Result<Self> {
         let (token, token_path) = token(rt, token_file)?;
-        let addr: SocketAddr = listen
-            .parse()
-            .map_err(|e| user_error(2, format!("--listen {listen}: {e} (write HOST:PORT, e.g. 127.0.0.1:7878)")))?;
+        let addr: SocketAddr = listen.parse().map_err(|e| {
+            descartes_app::fail(
+                descartes_app::Problem::Usage,
+                format!("--listen {listen}: {e} (write HOST:PORT, e.g. 127.0.0.1:7878)"),
+            )
+        })?;
         if !addr.ip().is_loopback() && token_file.is_none() {
-            return Err(user_error(
-                2,
+            return Err(descartes_app::fail(
+                descartes_app::Problem::Usage,
                 format!(
                     "listening on {addr} exposes the API beyond this machine: pass --token-file PATH (a token \
                      you manage) to do so, or listen on 127.0.0.1"
                 ),
             ));
         }
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| user_error(3, format!("cannot listen on {addr}: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            descartes_app::fail(descartes_app::Problem::Config, format!("cannot listen on {addr}: {e}"))
+        })?;
         let bound = listener.local_addr()?;
         let store = rt.open_store().await?;
         let locks = rt.places.locks_dir();

@@ -125,20 +125,20 @@ async fn session(rt: &Runtime, store: &dyn EventStore, id: &str) -> Result<(RunS
     let run_id = rt.resolve_run(store, id).await?;
     let state = store.replay_run(&run_id).await?;
     if state.session.is_none() {
-        return Err(crate::commands::user_error(
-            5,
+        return Err(descartes_app::fail(
+            descartes_app::Problem::NotFound,
             format!("run {run_id} is not a chat session; `descartes logs {run_id}` shows it"),
         ));
     }
     if state.deleted {
-        return Err(crate::commands::user_error(5, format!("session {run_id} was deleted")));
+        return Err(descartes_app::fail(descartes_app::Problem::NotFound, format!("session {run_id} was deleted")));
     }
     let summary = store
         .list_runs()
         .await?
         .into_iter()
         .find(|r| r.run_id == run_id)
-        .ok_or_else(|| crate::commands::user_error(5, format!("no session {run_id}")))?;
+        .ok_or_else(|| descartes_app::fail(descartes_app::Problem::NotFound, format!("no session {run_id}")))?;
     Ok((summary, state))
 }
 

@@ -7,6 +7,8 @@ use serde_json::Value;
 /// What the user is asked about.
 #[derive(Debug, Clone)]
 pub struct PermissionRequest {
+    /// The tool call's id, when it has one.
+    pub call_id: Option<String>,
     pub tool: String,
     pub input: Value,
     /// A one-line human description, e.g. `shell: rm -rf build`.
@@ -134,6 +136,7 @@ pub fn decide_gated(
     let ask = |rule: String, reason: String, at: At| {
         Step::Ask(PendingAsk {
             request: PermissionRequest {
+                call_id: q.call_id.clone(),
                 tool: q.tool.to_owned(),
                 input: q.input.clone(),
                 summary: crate::agent::summarize(q.tool, q.input),

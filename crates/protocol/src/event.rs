@@ -126,6 +126,9 @@ event_types! {
     ToolCallCompleted = "tool_call_completed",
     /// An allow/deny decision for a sensitive action, with the rule that decided it.
     PermissionDecided = "permission_decided",
+    /// A tool call waits for a human's answer given through the API (`allow`,
+    /// `allow_for_run`, `deny`) until `expires_at`; its `permission_decided` follows.
+    PermissionAsked = "permission_asked",
     /// The run finished with an answer.
     RunCompleted = "run_completed",
     /// The run stopped on an error; it can be resumed.
@@ -406,6 +409,17 @@ pub struct PermissionDecided {
     /// The rule's line in `file`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PermissionAsked {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call_id: Option<String>,
+    pub tool: String,
+    /// A one-line description (`shell: rm -rf build`).
+    pub summary: String,
+    /// When an unanswered ask is denied.
+    pub expires_at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

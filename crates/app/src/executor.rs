@@ -36,7 +36,7 @@ use descartes_worktree::{EvidenceOptions, EvidenceRef, EvidenceStore, Repo, Work
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{DriverIo, RunSettings, prepare_driver};
+use crate::run::{RunIo, RunSettings, prepare};
 
 /// How far down the queue a routed claim looks for a task some agent can take.
 const MAX_SCAN: usize = 4096;
@@ -143,18 +143,20 @@ impl Executor {
                 Err(why) if denied.is_empty() => return Choice::Wait(why),
                 Err(_) => return Choice::Wait(format!("the policy denies it to {}", denied.join("; "))),
             };
-            let policy = match crate::policy_cmd::load(&self.rt, Some(&agent.name)) {
+            let policy = match descartes_runtime::policy_gate::load(&self.rt, Some(&agent.name)) {
                 Ok(p) => p,
                 Err(e) => return Choice::Wait(format!("the policy cannot be read: {e}")),
             };
             let input = DecisionInput::new(Stage::Claim)
-                .with_task(crate::policy_cmd::task_facts(task))
-                .with_agent(crate::policy_cmd::agent_facts(&agent))
+                .with_task(descartes_runtime::policy_gate::task_facts(task))
+                .with_agent(descartes_runtime::policy_gate::agent_facts(&agent))
                 .with_usage(UsageFacts { attempts: task.attempts + 1, ..Default::default() });
             let d = policy.evaluate(&input);
-            let r = crate::policy_cmd::record(&d, &format!("agent:{}", agent.name));
+            let r = descartes_runtime::policy_gate::record(&d, &format!("agent:{}", agent.name));
             match d.effect {
-                Effect::Allow => return Choice::Agent(agent, crate::policy_cmd::enforced(&d).then_some(r)),
+                Effect::Allow => {
+                    return Choice::Agent(agent, descartes_runtime::policy_gate::enforced(&d).then_some(r));
+                }
                 Effect::Deny => {
                     denied.push(format!("{} ({})", agent.name, d.reason));
                     self.record_waiting(&task.id, r).await;
@@ -273,7 +275,7 @@ impl Executor {
         cancel: CancellationToken,
     ) -> Outcome {
         let prompt = if task.prompt.trim().is_empty() { task.title.clone() } else { task.prompt.clone() };
-        let policy = match crate::policy_cmd::load(&self.rt, Some(&agent.name)) {
+        let policy = match descartes_runtime::policy_gate::load(&self.rt, Some(&agent.name)) {
             Ok(p) => Arc::new(p),
             Err(e) => return Outcome::Failed { reason: format!("the policy cannot be read: {e}") },
         };
@@ -294,10 +296,10 @@ impl Executor {
         let gate: Option<Arc<dyn descartes_core::permission::ToolGate>> = if policy.is_empty() {
             None
         } else {
-            Some(Arc::new(crate::policy_cmd::PolicyGate {
+            Some(Arc::new(descartes_runtime::policy_gate::PolicyGate {
                 policy: policy.clone(),
-                task: Some(crate::policy_cmd::task_facts(task)),
-                agent: crate::policy_cmd::agent_facts(agent),
+                task: Some(descartes_runtime::policy_gate::task_facts(task)),
+                agent: descartes_runtime::policy_gate::agent_facts(agent),
                 root: cwd.clone(),
             }))
         };
@@ -319,8 +321,8 @@ impl Executor {
             });
         }
         let started = std::time::Instant::now();
-        let io = DriverIo { sink: Arc::new(NullSink), prompter: Arc::new(NoPrompter), cancel, gate, human: None };
-        let prepared = match prepare_driver(&self.rt, self.stores.events.clone(), &[], settings, io).await {
+        let io = RunIo { sink: Arc::new(NullSink), prompter: Arc::new(NoPrompter), cancel, gate };
+        let prepared = match prepare(&self.rt, self.stores.events.clone(), &[], settings, io).await {
             Ok(p) => p,
             Err(e) => return Outcome::Failed { reason: format!("agent {} cannot start: {e:#}", agent.name) },
         };

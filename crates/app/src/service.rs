@@ -1,0 +1,326 @@
+//! Runs driven by a long-lived process for its clients (the API server): started, resumed,
+//! cancelled and answered by id, each driven in a task of its own while clients come and go.
+//!
+//! - A run keeps going when its client disconnects; its events are in the log for any client.
+//! - Its model output streams to [`Publish`] as `{"type": "delta", "run_id", "kind", "text"}`
+//!   values (best effort: deltas are not in the log).
+//! - A tool call that needs a human's answer is recorded as `permission_asked` (with when it
+//!   expires) before the run waits; [`Service::answer`] gives `allow`, `allow_for_run` or
+//!   `deny`; an ask left unanswered past the run's ask timeout is denied. If the process dies
+//!   meanwhile, the run is left `interrupted` and a resume asks again.
+//! - [`Service::shutdown`] cancels every run it drives and waits for them to record it, so
+//!   each is left resumable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use descartes_core::permission::{PermissionRequest, PromptAnswer, Prompter};
+use descartes_core::{EventStore, OutputSink, RunOutcome};
+use descartes_protocol::{Message, NewEvent, PermissionAsked, RunId, Timestamp};
+use descartes_runtime::{Runtime, Stores};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Problem, fail};
+use crate::run::{Prepared, RunIo, RunRequest, prepare, wrap_up};
+
+/// Where live output goes (the server's broadcast of deltas).
+pub type Publish = Arc<dyn Fn(serde_json::Value) + Send + Sync>;
+
+/// How long an ask waits for an answer by default.
+pub const DEFAULT_ASK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A human's answer to an ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Allow,
+    AllowForRun,
+    Deny,
+}
+
+impl std::str::FromStr for Answer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allow" => Ok(Answer::Allow),
+            "allow_for_run" => Ok(Answer::AllowForRun),
+            "deny" => Ok(Answer::Deny),
+            other => Err(format!("unknown answer `{other}` (allow, allow_for_run, deny)")),
+        }
+    }
+}
+
+/// An ask that waits for its answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ask {
+    pub call_id: String,
+    pub tool: String,
+    pub summary: String,
+    pub expires_at: Timestamp,
+}
+
+/// A new run: the goal and what it runs with.
+#[derive(Debug, Clone, Default)]
+pub struct NewRun {
+    pub prompt: String,
+    pub request: RunRequest,
+    /// How long a tool call waits for an answer before it is denied.
+    pub ask_timeout: Option<Duration>,
+    /// A retried request with the same key gets the first one's run.
+    pub idempotency_key: Option<String>,
+}
+
+/// A run this process drives.
+struct Active {
+    cancel: CancellationToken,
+    asks: Mutex<HashMap<String, (Ask, oneshot::Sender<PromptAnswer>)>>,
+}
+
+/// The runs a process drives for its clients.
+pub struct Service {
+    rt: Arc<Runtime>,
+    stores: Stores,
+    publish: Publish,
+    active: Mutex<HashMap<RunId, Arc<Active>>>,
+    keys: tokio::sync::Mutex<HashMap<String, RunId>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Service {
+    pub fn new(rt: Arc<Runtime>, stores: Stores, publish: Publish) -> Arc<Self> {
+        Arc::new(Self {
+            rt,
+            stores,
+            publish,
+            active: Mutex::new(HashMap::new()),
+            keys: tokio::sync::Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts a run; returns its id (and `false` when an earlier request with the same
+    /// idempotency key already started it) once its agent is built. Bad settings are refused
+    /// here, before anything is recorded.
+    pub async fn start(self: &Arc<Self>, new: NewRun) -> Result<(RunId, bool)> {
+        if new.prompt.trim().is_empty() {
+            return Err(fail(Problem::Usage, "the prompt is empty; say what the agent should do"));
+        }
+        let mut keys = self.keys.lock().await;
+        if let Some(id) = new.idempotency_key.as_ref().and_then(|k| keys.get(k)) {
+            return Ok((id.clone(), false));
+        }
+        self.rt.check_guardrails()?;
+        let run_id = RunId::generate();
+        let settings = new.request.new_run(&self.rt);
+        let (prepared, active) = self.prepare(&run_id, &new.request, settings, new.ask_timeout).await?;
+        let lock = self.rt.lock_run(&run_id)?;
+        if let Some(k) = new.idempotency_key {
+            keys.insert(k, run_id.clone());
+        }
+        drop(keys);
+        let goal = Message::user_text(&new.prompt);
+        let (this, id) = (self.clone(), run_id.clone());
+        self.spawn(&run_id, active, async move {
+            let outcome = prepared.start(id.clone(), new.prompt, goal).await;
+            this.finish(&id, outcome, lock).await;
+        });
+        Ok((run_id, true))
+    }
+
+    /// Resumes run `id` (a full id or a unique prefix) with `request`'s overrides.
+    pub async fn resume(self: &Arc<Self>, id: &str, request: RunRequest) -> Result<RunId> {
+        self.rt.check_guardrails()?;
+        let run_id = self.rt.resolve_run(&*self.stores.events, id).await?;
+        if lock(&self.active).contains_key(&run_id) {
+            return Err(fail(Problem::Conflict, format!("run {run_id} is running")));
+        }
+        let lock_ = self.rt.lock_run(&run_id)?;
+        let state = self.stores.events.replay_run(&run_id).await?;
+        let (settings, previous) = request.resume(&state)?;
+        let (prepared, active) = self.prepare(&run_id, &request, settings, None).await?;
+        let (this, id) = (self.clone(), run_id.clone());
+        self.spawn(&run_id, active, async move {
+            let outcome = prepared.resume(state, previous).await;
+            this.finish(&id, outcome, lock_).await;
+        });
+        Ok(run_id)
+    }
+
+    async fn prepare(
+        self: &Arc<Self>,
+        run_id: &RunId,
+        request: &RunRequest,
+        settings: crate::run::RunSettings,
+        ask_timeout: Option<Duration>,
+    ) -> Result<(Prepared, Arc<Active>)> {
+        let active = Arc::new(Active { cancel: CancellationToken::new(), asks: Mutex::new(HashMap::new()) });
+        let prompter = Arc::new(ApiPrompter {
+            run_id: run_id.clone(),
+            store: self.stores.events.clone(),
+            active: active.clone(),
+            timeout: ask_timeout.unwrap_or(DEFAULT_ASK_TIMEOUT),
+            publish: self.publish.clone(),
+        });
+        let sink = Arc::new(LiveSink { run_id: run_id.clone(), publish: self.publish.clone() });
+        let io = RunIo { sink, prompter, cancel: active.cancel.clone(), gate: None };
+        let prepared = prepare(&self.rt, self.stores.events.clone(), &request.fallback, settings, io).await?;
+        Ok((prepared, active))
+    }
+
+    fn spawn(&self, run_id: &RunId, active: Arc<Active>, drive: impl Future<Output = ()> + Send + 'static) {
+        lock(&self.active).insert(run_id.clone(), active);
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(drive));
+    }
+
+    async fn finish(
+        &self,
+        run_id: &RunId,
+        outcome: Result<RunOutcome, descartes_core::CoreError>,
+        lock_: descartes_runtime::RunLock,
+    ) {
+        let guardrails = self.rt.snapshot_guardrails();
+        match wrap_up(&self.rt, &self.stores, &guardrails, run_id).await {
+            Ok(notices) => notices.iter().for_each(|n| tracing::warn!(run = %run_id, "{n}")),
+            Err(e) => tracing::warn!(run = %run_id, error = %e, "cannot wrap up the run"),
+        }
+        match outcome {
+            Ok(o) => tracing::info!(run = %run_id, outcome = ?crate::run::outcome_problem(run_id, &o), "run ended"),
+            Err(e) => tracing::warn!(run = %run_id, error = %e, "run stopped"),
+        }
+        lock_.release();
+        lock(&self.active).remove(run_id);
+        (self.publish)(serde_json::json!({"type": "run_ended", "run_id": run_id}));
+    }
+
+    /// Whether this process drives run `id` now.
+    pub fn is_active(&self, id: &RunId) -> bool {
+        lock(&self.active).contains_key(id)
+    }
+
+    /// Stops run `id`, which this process drives; it records `run_cancelled` and stays
+    /// resumable.
+    pub async fn cancel(&self, id: &str) -> Result<RunId> {
+        let run_id = self.rt.resolve_run(&*self.stores.events, id).await?;
+        let Some(active) = lock(&self.active).get(&run_id).cloned() else {
+            return Err(fail(Problem::Conflict, format!("run {run_id} is not running in this server")));
+        };
+        active.cancel.cancel();
+        Ok(run_id)
+    }
+
+    /// The asks of run `id` that wait for an answer.
+    pub fn asks(&self, id: &RunId) -> Vec<Ask> {
+        let Some(active) = lock(&self.active).get(id).cloned() else { return Vec::new() };
+        let asks = lock(&active.asks);
+        asks.values().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// Answers the ask of tool call `call_id` in run `id`.
+    pub async fn answer(&self, id: &str, call_id: &str, answer: Answer) -> Result<()> {
+        let run_id = self.rt.resolve_run(&*self.stores.events, id).await?;
+        let active = lock(&self.active).get(&run_id).cloned();
+        let waiting = active.and_then(|a| lock(&a.asks).remove(call_id));
+        let Some((_, tx)) = waiting else {
+            return Err(fail(Problem::NotFound, format!("run {run_id} has no ask waiting for tool call {call_id}")));
+        };
+        let answer = match answer {
+            Answer::Allow => PromptAnswer::AllowOnce,
+            Answer::AllowForRun => PromptAnswer::AllowForRun,
+            Answer::Deny => PromptAnswer::Deny,
+        };
+        tx.send(answer).map_err(|_| fail(Problem::Conflict, format!("the ask of tool call {call_id} has ended")))
+    }
+
+    /// Cancels every run this process drives and waits (at most `grace`) until each has
+    /// recorded it.
+    pub async fn shutdown(&self, grace: Duration) {
+        let actives: Vec<Arc<Active>> = lock(&self.active).values().cloned().collect();
+        actives.iter().for_each(|a| a.cancel.cancel());
+        let tasks: Vec<_> = std::mem::take(&mut *lock(&self.tasks));
+        let _ = tokio::time::timeout(grace, futures_join(tasks)).await;
+    }
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Asks through the API: the ask is an event, then the run waits for [`Service::answer`] or
+/// the timeout (a deny).
+struct ApiPrompter {
+    run_id: RunId,
+    store: Arc<dyn EventStore>,
+    active: Arc<Active>,
+    timeout: Duration,
+    publish: Publish,
+}
+
+#[async_trait]
+impl Prompter for ApiPrompter {
+    async fn ask(&self, request: &PermissionRequest) -> PromptAnswer {
+        let call_id = request.call_id.clone().unwrap_or_else(|| format!("ask-{}", Timestamp::now().as_micros()));
+        let expires_at = Timestamp(Timestamp::now().as_micros() + self.timeout.as_micros() as i64);
+        let ask =
+            Ask { call_id: call_id.clone(), tool: request.tool.clone(), summary: request.summary.clone(), expires_at };
+        let event = PermissionAsked {
+            call_id: Some(call_id.clone()),
+            tool: ask.tool.clone(),
+            summary: ask.summary.clone(),
+            expires_at,
+        };
+        // Durable before anyone can answer: a client sees the ask in the log.
+        let (tx, rx) = oneshot::channel();
+        lock(&self.active.asks).insert(call_id.clone(), (ask, tx));
+        if let Err(e) = self.store.append(vec![NewEvent::new(&self.run_id, event)]).await {
+            tracing::warn!(run = %self.run_id, error = %e, "cannot record the ask; denied");
+            lock(&self.active.asks).remove(&call_id);
+            return PromptAnswer::Deny;
+        }
+        (self.publish)(serde_json::json!({"type": "ask", "run_id": self.run_id, "call_id": call_id}));
+        let answer = tokio::select! {
+            a = rx => a.unwrap_or(PromptAnswer::Deny),
+            () = tokio::time::sleep(self.timeout) => PromptAnswer::Deny,
+            () = self.active.cancel.cancelled() => PromptAnswer::Deny,
+        };
+        lock(&self.active.asks).remove(&call_id);
+        answer
+    }
+}
+
+/// A run's live output, published as deltas.
+struct LiveSink {
+    run_id: RunId,
+    publish: Publish,
+}
+
+impl OutputSink for LiveSink {
+    fn text_delta(&self, text: &str) {
+        (self.publish)(serde_json::json!({"type": "delta", "run_id": self.run_id, "kind": "text", "text": text}));
+    }
+    fn attempt_ended(&self, kept: bool) {
+        (self.publish)(
+            serde_json::json!({"type": "delta", "run_id": self.run_id, "kind": "attempt_ended", "kept": kept}),
+        );
+    }
+    fn notice(&self, message: &str) {
+        tracing::info!(run = %self.run_id, "{}", descartes_core::redact::redact(message));
+    }
+}

@@ -1,0 +1,225 @@
+//! What is done to a task beyond the task store's own rules: execute it on its agent (as a
+//! daemon worker would), show its diff and evidence, merge, discard and approve it. Each
+//! records its event (and the policy's decision) and brings the task's audit trail up to date.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use descartes_core::TaskError;
+use descartes_policy::{DecisionInput, Effect, Stage};
+use descartes_protocol::{EventData, NewEvent, RunId, Task, TaskDiscarded, TaskMerged, TaskStatus};
+use descartes_runtime::daemon::{Outcome, TaskRunner};
+use descartes_runtime::{Runtime, Stores};
+use descartes_worktree::{MergeKind, Worktree};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Problem, fail};
+use crate::executor::Executor;
+
+async fn record(stores: &Stores, id: &str, data: impl Into<EventData>) -> Result<()> {
+    stores.events.append(vec![NewEvent::new(&RunId::from(id), data)]).await?;
+    Ok(())
+}
+
+/// How `execute` ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Executed {
+    /// Done, with its result.
+    Done(Option<String>),
+    /// The attempt failed; the task is now `status` (queued again or failed for good).
+    Failed { status: TaskStatus, reason: String },
+    /// Stopped by `cancel`; the task was given back.
+    Released,
+}
+
+/// Claims task `id` for the agent the router picks, runs it with heartbeats and records the
+/// outcome, as a daemon worker would. `started` hears the agent's name once it runs. A task
+/// that cannot be claimed now is [`Problem::NothingToDo`].
+pub async fn execute(
+    exec: &Executor,
+    stores: &Stores,
+    id: &str,
+    ttl: Duration,
+    cancel: CancellationToken,
+    started: impl FnOnce(&Task),
+) -> Result<Executed> {
+    let worker = format!("execute@{}", descartes_runtime::daemon::default_name());
+    let claim = exec.claim_task(id, &worker, ttl).await.map_err(|e| fail(Problem::NothingToDo, format!("{e:#}")))?;
+    let token = claim.token;
+    let tasks = stores.tasks.clone();
+    tasks.start(id, token).await?;
+    started(&claim.task);
+    let beat = {
+        let (tasks, id, cancel) = (tasks.clone(), id.to_owned(), cancel.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep((ttl / 3).max(Duration::from_millis(100))).await;
+                match tasks.heartbeat(&id, token, ttl).await {
+                    Ok(_) | Err(TaskError::Store(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "lost the task; stopping it");
+                        cancel.cancel();
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let outcome = exec.run(&claim.task, token, cancel).await;
+    beat.abort();
+    let executed = match outcome {
+        Outcome::Succeeded { result } => {
+            tasks
+                .complete(id, token, result.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot complete the task: {e}"))?;
+            Executed::Done(result)
+        }
+        Outcome::Failed { reason } => {
+            let t =
+                tasks.fail(id, token, &reason).await.map_err(|e| anyhow::anyhow!("cannot record the failure: {e}"))?;
+            Executed::Failed { status: t.status, reason }
+        }
+        Outcome::Cancelled => {
+            let _ = tasks.release(id, token).await;
+            Executed::Released
+        }
+    };
+    descartes_runtime::audit::sync(stores, id).await?;
+    Ok(executed)
+}
+
+/// The diff of the task's last attempt against its base commit.
+pub async fn diff(exec: &Executor, id: &str) -> Result<Vec<u8>> {
+    let a = exec.artifacts(id).await?;
+    let Some((_, _, r, _)) = a.evidence else {
+        return Err(fail(
+            Problem::NotFound,
+            format!("task {id} has no evidence yet (it has not run on an agent in a git repository)"),
+        ));
+    };
+    Ok(exec.evidence_store().get(&r.diff)?)
+}
+
+/// A merge made: the branch, the base branch, the commit and how.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub branch: String,
+    pub into: String,
+    pub commit: String,
+    pub kind: MergeKind,
+}
+
+/// Merges a done task's branch into its base branch, if the policy allows it at `merge`
+/// (a deny refuses; "require approval" needs an approval of stage `merge`).
+pub async fn merge(rt: &Runtime, exec: &Executor, stores: &Stores, id: &str) -> Result<Merged> {
+    let task = stores.tasks.get_task(id).await?;
+    if task.status != TaskStatus::Done {
+        return Err(fail(Problem::Conflict, format!("task {id} is {}; only a done task is merged", task.status)));
+    }
+    let a = exec.artifacts(id).await?;
+    let (Some(wt), Some(worktrees)) = (a.worktree, exec.worktrees()) else {
+        return Err(fail(
+            Problem::NotFound,
+            format!("task {id} has no worktree (it has not run on an agent in this git repository)"),
+        ));
+    };
+    if a.discarded {
+        return Err(fail(Problem::Conflict, format!("task {id} was discarded; its branch is gone")));
+    }
+    check_merge_policy(rt, stores, &task).await?;
+    match worktrees.merge(&wt).await {
+        Ok(m) => {
+            let fast_forward = matches!(m.kind, MergeKind::FastForward);
+            let event = TaskMerged {
+                branch: wt.branch.clone(),
+                into: m.base_branch.clone(),
+                commit: m.commit.clone(),
+                fast_forward,
+            };
+            record(stores, id, event).await?;
+            descartes_runtime::audit::sync(stores, id).await?;
+            Ok(Merged { branch: wt.branch, into: m.base_branch, commit: m.commit, kind: m.kind })
+        }
+        Err(e) => Err(fail(Problem::MergeFailed, e.to_string())),
+    }
+}
+
+/// The policy at merge: a deny refuses, "require approval" needs `task approve --stage merge`.
+/// An enforced decision is recorded either way.
+async fn check_merge_policy(rt: &Runtime, stores: &Stores, task: &Task) -> Result<()> {
+    let id = task.id.as_str();
+    let agent = match &task.agent {
+        Some(n) => stores.agents.get_agent(n).await?,
+        None => None,
+    };
+    let policy = descartes_runtime::policy_gate::load(rt, agent.as_ref().map(|a| a.name.as_str()))
+        .map_err(|e| fail(Problem::Config, e.to_string()))?;
+    let mut input = DecisionInput::new(Stage::Merge).with_task(descartes_runtime::policy_gate::task_facts(task));
+    if let Some(a) = &agent {
+        input = input.with_agent(descartes_runtime::policy_gate::agent_facts(a));
+    }
+    let d = policy.evaluate(&input);
+    let approved = approved(stores, id, "merge").await?;
+    if descartes_runtime::policy_gate::enforced(&d) {
+        record(stores, id, descartes_runtime::policy_gate::record(&d, "user")).await?;
+    }
+    let refusal = match d.effect {
+        Effect::Deny => format!("the policy refuses to merge task {id}: {}", d.reason),
+        Effect::RequireApproval if !approved => {
+            format!("merging task {id} needs approval ({}); `descartes task approve {id} --stage merge`", d.reason)
+        }
+        _ => return Ok(()),
+    };
+    descartes_runtime::audit::sync(stores, id).await?;
+    Err(fail(Problem::PolicyRefused, refusal))
+}
+
+/// Whether a human approved task `id` for `stage`.
+pub async fn approved(stores: &Stores, id: &str, stage: &str) -> Result<bool> {
+    let events = stores.events.read_run(&RunId::from(id), 0).await?;
+    Ok(events.iter().any(|e| matches!(&e.data, EventData::TaskApproved(a) if a.stage == stage)))
+}
+
+/// Removes the task's worktree and branch; returns them as they were.
+pub async fn discard(exec: &Executor, stores: &Stores, id: &str) -> Result<Worktree> {
+    let a = exec.artifacts(id).await?;
+    let (Some(wt), Some(worktrees)) = (a.worktree, exec.worktrees()) else {
+        return Err(fail(Problem::NotFound, format!("task {id} has no worktree")));
+    };
+    worktrees.discard(&wt).await?;
+    record(stores, id, TaskDiscarded { branch: wt.branch.clone() }).await?;
+    descartes_runtime::audit::sync(stores, id).await?;
+    Ok(wt)
+}
+
+/// Records `by`'s approval of `stage` of task `id` and wakes the daemon.
+pub async fn approve(rt: &Runtime, stores: &Stores, id: &str, stage: &str, by: &str) -> Result<()> {
+    let event = descartes_protocol::TaskApproved { stage: stage.to_owned(), by: by.to_owned(), rule: None };
+    record(stores, id, event).await?;
+    descartes_runtime::audit::sync(stores, id).await?;
+    descartes_runtime::daemon::poke(&rt.places.state_dir);
+    Ok(())
+}
+
+/// The evidence of a task's last attempt as JSON (`task show --evidence --json`): the worktree,
+/// the attempt and whether it succeeded, the evidence manifest (changed files with the ones
+/// outside the task's locks, the test's result, the run, usage, the failure, and the
+/// content-addressed blob of each), and the merge commit; `null` fields when none yet.
+pub async fn evidence_json(exec: &Executor, id: &str) -> Result<serde_json::Value> {
+    let a = exec.artifacts(id).await?;
+    let mut v = serde_json::json!({
+        "worktree": a.worktree,
+        "attempt": null,
+        "succeeded": null,
+        "merged": a.merged,
+    });
+    if let (Some(obj), Some((attempt, succeeded, _, manifest))) = (v.as_object_mut(), a.evidence) {
+        obj.insert("attempt".into(), attempt.into());
+        obj.insert("succeeded".into(), succeeded.into());
+        if let serde_json::Value::Object(fields) = manifest {
+            obj.extend(fields);
+        }
+    }
+    Ok(v)
+}
