@@ -282,12 +282,13 @@ async fn serve(rt: Runtime, args: StartArgs, paths: &DaemonPaths) -> Result<u8> 
         }
     }
     // The API first: a bad address stops the start before any task is claimed.
+    let rt = Arc::new(rt);
     let api = match &args.listen {
         Some(listen) => Some(crate::serve_cmd::Api::open(&rt, listen, args.token_file.as_deref()).await?),
         None => None,
     };
     // Tasks routed to registered agents run on them; the others run the daemon's command.
-    let runner = descartes_app::executor::Executor::new(Arc::new(rt), stores.clone(), Some(command)).await?;
+    let runner = descartes_app::executor::Executor::new(rt.clone(), stores.clone(), Some(command)).await?;
     let mut config = DaemonConfig::new(args.workers, args.lease_ttl);
     config.grace = args.grace;
     let daemon = Daemon::new(tasks, Arc::new(runner), Arc::new(SystemClock), config).with_events(events);

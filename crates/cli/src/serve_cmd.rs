@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
+use descartes_app::service::Service;
 use descartes_runtime::Runtime;
 use descartes_runtime::serve::{SERVER_TOKEN_FILE, run_status, server_token};
 use descartes_server::{ApiState, serve};
@@ -31,7 +32,7 @@ pub async fn run(rt: Runtime, args: ServeArgs) -> Result<u8> {
         println!("{token}");
         return Ok(0);
     }
-    let api = Api::open(&rt, &args.listen, args.token_file.as_deref()).await?;
+    let api = Api::open(&Arc::new(rt), &args.listen, args.token_file.as_deref()).await?;
     println!("listening on http://{}", api.bound);
     api.serve(stop_signal()).await?;
     eprintln!("descartes: the server stopped");
@@ -51,12 +52,13 @@ pub struct Api {
     listener: tokio::net::TcpListener,
     state: ApiState,
     shutdown: tokio::sync::watch::Sender<bool>,
+    service: Arc<Service>,
     pub bound: SocketAddr,
 }
 
 impl Api {
     /// Binds `listen` (loopback, or anywhere with an explicit token file) over the place's log.
-    pub async fn open(rt: &Runtime, listen: &str, token_file: Option<&std::path::Path>) -> Result<Self> {
+    pub async fn open(rt: &Arc<Runtime>, listen: &str, token_file: Option<&std::path::Path>) -> Result<Self> {
         let (token, token_path) = token(rt, token_file)?;
         let addr: SocketAddr = listen.parse().map_err(|e| {
             descartes_app::fail(
@@ -77,18 +79,29 @@ impl Api {
             descartes_app::fail(descartes_app::Problem::Config, format!("cannot listen on {addr}: {e}"))
         })?;
         let bound = listener.local_addr()?;
-        let store = rt.open_store().await?;
+        let stores = rt.open_stores().await?;
         let locks = rt.places.locks_dir();
         let status = Arc::new(move |s: &descartes_core::RunSummary| run_status(&locks, s));
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        let state = ApiState::new(store, token, bound, status, rx);
+        let mut state = ApiState::new(stores.events.clone(), token, bound, status, rx);
+        // The runs this server drives stream their output to the WebSocket subscribers.
+        let live = state.clone();
+        let publish: descartes_app::service::Publish = Arc::new(move |v: serde_json::Value| {
+            let run = v["run_id"].as_str().unwrap_or_default().to_owned();
+            live.publish_delta(&run, v);
+        });
+        let service = Service::new(rt.clone(), stores, publish);
+        state.service = Some(service.clone());
         eprintln!("descartes: serving the API on http://{bound} (token in {})", token_path.display());
-        Ok(Self { listener, state, shutdown, bound })
+        Ok(Self { listener, state, shutdown, service, bound })
     }
 
-    /// Serves until `stop` resolves; then in-flight requests finish and streams end.
+    /// Serves until `stop` resolves; then in-flight requests finish, streams end, and the runs
+    /// this server drives are stopped (each records it and stays resumable).
     pub async fn serve(self, stop: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        serve(self.listener, self.state, self.shutdown, stop).await
+        let served = serve(self.listener, self.state, self.shutdown, stop).await;
+        self.service.shutdown(std::time::Duration::from_secs(10)).await;
+        served
     }
 }
 

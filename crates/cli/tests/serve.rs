@@ -248,3 +248,192 @@ fn the_daemon_serves_the_api_too() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--listen nowhere"), "{}", stderr(&out));
 }
+
+fn post(s: &Server, path: &str, body: &str) -> (u16, Value) {
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let url = format!("{}{path}", s.url);
+    let (code, body) = curl(&["-X", "POST", "-H", &auth, "-H", "Content-Type: application/json", "-d", body, &url]);
+    (code, serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON ({code}): {body}")))
+}
+
+/// Polls `GET path` until `done` holds for its body (at most 30 s).
+fn wait_for(s: &Server, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (code, body) = get(s, path);
+        if code == 200 && done(&body) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {code} {body}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn run_events(s: &Server, id: &str) -> Vec<Value> {
+    get(s, &format!("/v1/runs/{id}/events?limit=1000")).1["events"].as_array().unwrap().clone()
+}
+
+fn of_type<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == kind).collect()
+}
+
+/// A run started through the API asks before its shell call; the ask is an event, and the
+/// run waits until a client answers it. `allow` runs the call; `deny` refuses it; an ask
+/// nobody answers is denied at its timeout.
+#[test]
+fn a_run_started_through_the_api_waits_for_its_asks_to_be_answered() {
+    let env = Env::new(shell_model("echo api-$((6*7))"));
+    env.init();
+    let s = start(&env);
+    let (code, body) = post(&s, "/v1/runs", r#"{"prompt": "compute", "provider": "openai"}"#);
+    assert_eq!(code, 201, "{body}");
+    let id = body["run_id"].as_str().unwrap().to_owned();
+    let asks = wait_for(&s, &format!("/v1/runs/{id}/asks"), "the ask", |b| b.as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!((asks[0]["tool"].as_str(), asks[0]["call_id"].as_str()), (Some("shell"), Some("call_1")), "{asks}");
+    let asked = run_events(&s, &id);
+    assert_eq!(of_type(&asked, "permission_asked").len(), 1, "the ask is in the log before the answer");
+    assert!(of_type(&asked, "tool_call_started").is_empty());
+    // Bad answers are refused; the ask still waits.
+    let (code, body) = post(&s, &format!("/v1/runs/{id}/asks/call_1"), r#"{"decision": "maybe"}"#);
+    assert_eq!((code, body["error"]["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (code, _) = post(&s, &format!("/v1/runs/{id}/asks/call_9"), r#"{"decision": "allow"}"#);
+    assert_eq!(code, 404);
+    let (code, body) = post(&s, &format!("/v1/runs/{id}/asks/call_1"), r#"{"decision": "allow"}"#);
+    assert_eq!(code, 200, "{body}");
+    let run = wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    assert_eq!(run["status"], "completed");
+    let events = run_events(&s, &id);
+    let done = of_type(&events, "tool_call_completed");
+    assert!(done[0]["data"]["output"].as_str().unwrap().contains("api-42"), "{done:?}");
+    let decided = of_type(&events, "permission_decided");
+    assert_eq!(
+        (decided[0]["data"]["decision"].as_str(), decided[0]["data"]["actor"].as_str()),
+        (Some("allow"), Some("user"))
+    );
+    assert_log_invariants(&events);
+
+    // Denied: the call does not run.
+    let (_, body) = post(&s, "/v1/runs", r#"{"prompt": "compute", "provider": "openai"}"#);
+    let id = body["run_id"].as_str().unwrap().to_owned();
+    wait_for(&s, &format!("/v1/runs/{id}/asks"), "the ask", |b| b.as_array().is_some_and(|a| !a.is_empty()));
+    assert_eq!(post(&s, &format!("/v1/runs/{id}/asks/call_1"), r#"{"decision": "deny"}"#).0, 200);
+    wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    let events = run_events(&s, &id);
+    assert!(of_type(&events, "tool_call_started").is_empty(), "the denied call did not run");
+    assert_eq!(of_type(&events, "permission_decided")[0]["data"]["decision"], "deny");
+
+    // Nobody answers: denied at the ask's timeout.
+    let (_, body) = post(&s, "/v1/runs", r#"{"prompt": "compute", "provider": "openai", "ask_timeout_secs": 1}"#);
+    let id = body["run_id"].as_str().unwrap().to_owned();
+    wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    let events = run_events(&s, &id);
+    assert_eq!(of_type(&events, "permission_asked").len(), 1);
+    assert!(of_type(&events, "tool_call_started").is_empty(), "the unanswered call did not run");
+}
+
+/// Bad requests to the run routes get JSON errors with the right status; a retried POST with
+/// the same `Idempotency-Key` gets the first run.
+#[test]
+fn run_creation_refuses_bad_input_and_honours_idempotency_keys() {
+    let env = Env::new(text_model);
+    env.init();
+    let s = start(&env);
+    for (body, status, code) in [
+        ("{not json", 400, "bad_json"),
+        (r#"{"prompt": "x", "bogus": 1}"#, 422, "bad_json"),
+        (r#"{"prompt": 5}"#, 422, "bad_json"),
+        (r#"{"prompt": "  "}"#, 400, "bad_request"),
+        (r#"{"prompt": "x", "provider": "nope"}"#, 422, "config"),
+        (r#"{"prompt": "x", "max_tokens": 0}"#, 400, "bad_request"),
+    ] {
+        let (got, answer) = post(&s, "/v1/runs", body);
+        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{body}: {answer}");
+    }
+    let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(2 * 1024 * 1024));
+    let file = env.project().join("big.json");
+    std::fs::write(&file, big).unwrap();
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-H",
+        "Content-Type: application/json",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("{}/v1/runs", s.url),
+    ]);
+    assert_eq!(code, 413, "{body}");
+    assert_eq!(post(&s, "/v1/runs/nope/cancel", "{}").0, 404);
+    assert_eq!(post(&s, "/v1/runs/nope/resume", "{}").0, 404);
+    assert!(env.runs().is_empty(), "no bad request started a run");
+
+    let keyed = |key: &str| {
+        let url = format!("{}/v1/runs", s.url);
+        let idem = format!("Idempotency-Key: {key}");
+        let (code, body) = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            &idem,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"prompt": "say it", "provider": "openai"}"#,
+            &url,
+        ]);
+        (code, serde_json::from_str::<Value>(&body).unwrap()["run_id"].as_str().unwrap().to_owned())
+    };
+    let (first_code, first) = keyed("k-1");
+    let (again_code, again) = keyed("k-1");
+    let (_, other) = keyed("k-2");
+    assert_eq!((first_code, again_code), (201, 200));
+    assert_eq!(first, again, "a retried POST does not start a second run");
+    assert_ne!(first, other);
+    wait_for(&s, &format!("/v1/runs/{other}"), "completion", |b| b["status"] == "completed");
+    wait_for(&s, &format!("/v1/runs/{first}"), "completion", |b| b["status"] == "completed");
+    assert_eq!(env.runs().len(), 2);
+}
+
+/// The server is killed (SIGKILL) while it drives a run whose shell call has run; a new server
+/// resumes the run through the API, and the call's effect happened once.
+#[test]
+fn a_run_survives_a_killed_server_and_resumes_through_the_api_with_its_effect_once() {
+    let env = Env::new(|req: &RecordedRequest| {
+        if req.tool_results().is_empty() {
+            let args = serde_json::json!({"command": "echo once >> effect.txt"}).to_string();
+            return Reply::Stream(openai::tool_call("call_1", "shell", &[&args]));
+        }
+        // The model takes its time after the tool result: the server is killed meanwhile.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        Reply::Stream(openai::text(&["all done"]))
+    });
+    env.init();
+    let mut s = start(&env);
+    let (code, body) = post(&s, "/v1/runs", r#"{"prompt": "append", "provider": "openai", "auto_approve": true}"#);
+    assert_eq!(code, 201, "{body}");
+    let id = body["run_id"].as_str().unwrap().to_owned();
+    wait_for(&s, &format!("/v1/runs/{id}/events?limit=1000"), "the tool result", |b| {
+        b["events"].as_array().unwrap().iter().any(|e| e["type"] == "tool_call_completed")
+    });
+    s.child.kill().unwrap();
+    s.child.wait().unwrap();
+
+    let s = start(&env);
+    let run = wait_for(&s, &format!("/v1/runs/{id}"), "the run", |_| true);
+    assert_eq!(run["status"], "interrupted", "{run}");
+    let (code, body) = post(&s, &format!("/v1/runs/{id}/resume"), "{}");
+    assert_eq!(code, 202, "{body}");
+    let (code, _) = post(&s, &format!("/v1/runs/{id}/resume"), "{}");
+    assert_eq!(code, 409, "a run that is running is not resumed twice");
+    wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    let effect = std::fs::read_to_string(env.project().join("effect.txt")).unwrap();
+    assert_eq!(effect, "once\n", "the tool's effect happened once");
+    let events = run_events(&s, &id);
+    assert_eq!(of_type(&events, "tool_call_started").len(), 1);
+    assert_eq!(of_type(&events, "run_resumed").len(), 1);
+    assert_log_invariants(&events);
+}
