@@ -437,3 +437,36 @@ fn a_run_survives_a_killed_server_and_resumes_through_the_api_with_its_effect_on
     assert_eq!(of_type(&events, "run_resumed").len(), 1);
     assert_log_invariants(&events);
 }
+
+/// A front end over the WebSocket, with a real client (Python's `websockets`): it starts a run,
+/// gets its events and deltas, drops the connection at the run's ask, reconnects with its last
+/// seq, answers the ask and sees the run complete; across both connections it received every
+/// event of the run once, in order.
+#[test]
+fn a_websocket_client_starts_a_run_answers_its_ask_and_reconnects_without_a_gap() {
+    if !descartes_test_support::python::websockets() {
+        return;
+    }
+    let env = Env::new(shell_model("echo ws-$((3*4))"));
+    env.init();
+    let s = start(&env);
+    let client = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ws_run.py");
+    let url = s.url.replacen("http://", "ws://", 1) + "/v1/ws";
+    let out = Command::new("python3").arg(&client).args([&url, &s.token, "compute"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = seen["run_id"].as_str().unwrap();
+    let run = wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    assert_eq!(run["status"], "completed");
+    let events = run_events(&s, id);
+    let all: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    let got: Vec<i64> = seen["seqs"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(got, all, "every event of the run, once, in order, across the reconnect");
+    assert!(seen["deltas"].as_str().unwrap().contains("ws-12"), "the answer streamed as deltas: {seen}");
+    let kinds: Vec<&str> = seen["kinds"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert!(kinds.contains(&"answered") && kinds.contains(&"run_started"), "{kinds:?}");
+    let done = of_type(&events, "tool_call_completed");
+    assert!(done[0]["data"]["output"].as_str().unwrap().contains("ws-12"));
+    assert_eq!(of_type(&events, "permission_decided")[0]["data"]["actor"], "user");
+    assert_log_invariants(&events);
+}

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use descartes_core::EventStore;
@@ -23,31 +23,9 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/ws_client.py")
 }
 
-/// Whether the Python client can run; a loud skip notice when not (a failure with
-/// `DESCARTES_TEST_REQUIRE_WS=1`).
+/// Whether the Python client can run (see `descartes_test_support::python`).
 fn python_ready() -> bool {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready =
-        READY.get_or_init(|| match std::process::Command::new("python3").arg(script()).arg("--check").output() {
-            Ok(o) if o.status.success() => Ok(()),
-            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_owned()),
-            Err(e) => Err(format!("cannot run python3: {e}")),
-        });
-    match ready {
-        Ok(()) => true,
-        Err(why) => {
-            let message = format!(
-                "the Python WebSocket client cannot run ({why}); install it with `python3 -m pip install websockets`"
-            );
-            if std::env::var("DESCARTES_TEST_REQUIRE_WS").as_deref() == Ok("1") {
-                panic!("{message} and DESCARTES_TEST_REQUIRE_WS=1");
-            }
-            eprintln!(
-                "\n!!!!!!!! SKIPPED: {message}; set DESCARTES_TEST_REQUIRE_WS=1 to make this a failure !!!!!!!!\n"
-            );
-            false
-        }
-    }
+    descartes_test_support::python::websockets()
 }
 
 /// The API served on 127.0.0.1 over `store`, stopped by `stop`.

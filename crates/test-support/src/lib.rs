@@ -45,6 +45,7 @@ pub mod event_suite;
 pub mod gemini;
 pub mod ollama;
 pub mod openai;
+pub mod python;
 pub mod responses;
 pub mod task_suite;
 
