@@ -208,6 +208,16 @@ impl Service {
         (self.publish)(serde_json::json!({"type": "run_ended", "run_id": run_id}));
     }
 
+    /// The place's runtime (configuration, providers, policy).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// The place's stores (events, tasks, agents, audit).
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
     /// Whether this process drives run `id` now.
     pub fn is_active(&self, id: &RunId) -> bool {
         lock(&self.active).contains_key(id)
