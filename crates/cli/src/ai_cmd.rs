@@ -90,14 +90,8 @@ pub fn detect_capabilities(rt: &Runtime, backend: &str) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let sel = rt.select(Some(backend), None)?;
-    let caps: &[&str] = match sel.kind.as_str() {
-        "claude-code" => &["tools", "streaming", "cost", "resume"],
-        "codex" => &["tools", "streaming", "sandbox", "resume"],
-        "gemini-cli" => &["tools", "streaming"],
-        "command" => &[],
-        "local" | "ollama" => &["tools", "streaming", "sandbox"],
-        _ => &["tools", "streaming", "sandbox", "cost"],
-    };
+    // `select` refuses a kind the catalog does not know.
+    let caps = sel.kind_info().map_or(&[][..], |k| k.capabilities);
     Ok(caps.iter().map(|c| (*c).to_owned()).collect())
 }
 

@@ -14,6 +14,10 @@
 //! [`SseStreamDecoder`] / [`NdjsonStreamDecoder`]) that are tested and benchmarked without HTTP.
 //! Tool calls that local models write as text are recognised by [`parse_text_tool_calls`].
 //!
+//! What is known about each provider kind and the built-in providers (default base URLs, key
+//! variables, models, agent CLIs' programs, ...) is one table, [`catalog`]; the settings
+//! constructors and [`AnyProvider`] take their facts from it.
+//!
 //! TLS: reqwest is compiled without a default crypto provider. The constructors install
 //! rustls' `ring` provider as the process default if none is installed yet, so a binary that
 //! installs its own provider at startup must ignore the "already installed" result.
@@ -21,6 +25,7 @@
 //! The API key is never written to an error, a log line or a `Debug` output.
 
 mod anthropic;
+pub mod catalog;
 mod gemini;
 mod http;
 mod ollama;
@@ -34,6 +39,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use catalog::{Builtin, WireFormat, builtin_row};
 use descartes_core::{ModelRequest, ModelStream, Provider, ProviderError};
 
 pub use anthropic::{AnthropicProvider, AnthropicStreamParser, build_anthropic_body};
@@ -49,16 +55,24 @@ pub use sse::{SseDecoder, SseEvent};
 pub use text_tools::{TextToolCall, TextToolCallFilter, parse_text_tool_calls};
 pub use tokens::{Tiktoken, token_counter};
 
+// The built-in providers the settings constructors are for (rows of the catalog).
+const OPENAI: Builtin = builtin_row("openai");
+const OPENAI_RESPONSES: Builtin = builtin_row("openai-responses");
+const ANTHROPIC: Builtin = builtin_row("anthropic");
+const XAI: Builtin = builtin_row("xai");
+const GEMINI: Builtin = builtin_row("gemini");
+const OLLAMA: Builtin = builtin_row("ollama");
+
 /// Default base URL of OpenAI (overridden by `OPENAI_BASE_URL`).
-pub const OPENAI_DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+pub const OPENAI_DEFAULT_BASE_URL: &str = OPENAI.base_url;
 /// Default base URL of Anthropic (overridden by `ANTHROPIC_BASE_URL`).
-pub const ANTHROPIC_DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+pub const ANTHROPIC_DEFAULT_BASE_URL: &str = ANTHROPIC.base_url;
 /// Default base URL of xAI (overridden by `XAI_BASE_URL`).
-pub const XAI_DEFAULT_BASE_URL: &str = "https://api.x.ai/v1";
+pub const XAI_DEFAULT_BASE_URL: &str = XAI.base_url;
 /// Default base URL of Gemini (overridden by `GOOGLE_GEMINI_BASE_URL`).
-pub const GEMINI_DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+pub const GEMINI_DEFAULT_BASE_URL: &str = GEMINI.base_url;
 /// Default Ollama server (overridden by `OLLAMA_HOST`, which may omit the scheme).
-pub const OLLAMA_DEFAULT_HOST: &str = "http://localhost:11434";
+pub const OLLAMA_DEFAULT_HOST: &str = OLLAMA.base_url;
 /// The `anthropic-version` header sent with every Anthropic request.
 pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `max_tokens` sent to Anthropic when the request has none (the field is required there).
@@ -108,129 +122,106 @@ impl Default for ProviderSettings {
 }
 
 impl ProviderSettings {
-    /// OpenAI with the default base URL and `OPENAI_API_KEY` as key variable.
-    pub fn openai(api_key: Option<String>) -> Self {
+    /// A built-in provider (a row of [`catalog::BUILTIN_PROVIDERS`]): its name, default base
+    /// URL and key variable, with `api_key`.
+    pub fn for_builtin(builtin: &Builtin, api_key: Option<String>) -> Self {
         Self {
-            name: "openai".into(),
-            base_url: OPENAI_DEFAULT_BASE_URL.into(),
+            name: builtin.name.into(),
+            base_url: builtin.base_url.into(),
             api_key,
-            api_key_env: "OPENAI_API_KEY".into(),
+            api_key_env: builtin.key_env.into(),
             timeout: None,
             read_timeout: None,
             text_tool_calls: false,
         }
     }
 
+    /// [`ProviderSettings::for_builtin`] with the key from its key variable and the base URL
+    /// from its base-URL variable when set (a bare host, for a kind whose base URL may be one,
+    /// made a URL by [`ollama_base_url`]).
+    pub fn for_builtin_from_env(builtin: &Builtin) -> Self {
+        let api_key = Some(builtin.key_env).filter(|v| !v.is_empty()).and_then(env_nonempty);
+        let mut s = Self::for_builtin(builtin, api_key);
+        if let Some(base) = Some(builtin.base_env).filter(|v| !v.is_empty()).and_then(env_nonempty) {
+            let host = catalog::kind_info(builtin.kind).is_some_and(|k| k.host_base_url);
+            s.base_url = if host { ollama_base_url(&base) } else { base };
+        }
+        s
+    }
+
+    /// OpenAI with the default base URL and `OPENAI_API_KEY` as key variable.
+    pub fn openai(api_key: Option<String>) -> Self {
+        Self::for_builtin(&OPENAI, api_key)
+    }
+
     /// Anthropic with the default base URL and `ANTHROPIC_API_KEY` as key variable.
     pub fn anthropic(api_key: Option<String>) -> Self {
-        Self {
-            name: "anthropic".into(),
-            base_url: ANTHROPIC_DEFAULT_BASE_URL.into(),
-            api_key,
-            api_key_env: "ANTHROPIC_API_KEY".into(),
-            timeout: None,
-            read_timeout: None,
-            text_tool_calls: false,
-        }
+        Self::for_builtin(&ANTHROPIC, api_key)
     }
 
     /// [`ProviderSettings::openai`] with the key from `OPENAI_API_KEY` and the base URL from
     /// `OPENAI_BASE_URL` when set.
     pub fn openai_from_env() -> Self {
-        let mut s = Self::openai(env_nonempty("OPENAI_API_KEY"));
-        if let Some(base) = env_nonempty("OPENAI_BASE_URL") {
-            s.base_url = base;
-        }
-        s
+        Self::for_builtin_from_env(&OPENAI)
     }
 
     /// [`ProviderSettings::anthropic`] with the key from `ANTHROPIC_API_KEY` and the base URL
     /// from `ANTHROPIC_BASE_URL` when set.
     pub fn anthropic_from_env() -> Self {
-        let mut s = Self::anthropic(env_nonempty("ANTHROPIC_API_KEY"));
-        if let Some(base) = env_nonempty("ANTHROPIC_BASE_URL") {
-            s.base_url = base;
-        }
-        s
+        Self::for_builtin_from_env(&ANTHROPIC)
     }
 
     /// OpenAI Responses API (same host and key as [`ProviderSettings::openai`]; the provider
     /// type, [`OpenAiResponsesProvider`], decides the wire format).
     pub fn openai_responses(api_key: Option<String>) -> Self {
-        Self { name: "openai-responses".into(), ..Self::openai(api_key) }
+        Self::for_builtin(&OPENAI_RESPONSES, api_key)
     }
 
     /// [`ProviderSettings::openai_responses`] from `OPENAI_API_KEY` / `OPENAI_BASE_URL`.
     pub fn openai_responses_from_env() -> Self {
-        Self { name: "openai-responses".into(), ..Self::openai_from_env() }
+        Self::for_builtin_from_env(&OPENAI_RESPONSES)
     }
 
     /// xAI (OpenAI Chat Completions format) with `XAI_API_KEY` as key variable.
     pub fn xai(api_key: Option<String>) -> Self {
-        Self {
-            name: "xai".into(),
-            base_url: XAI_DEFAULT_BASE_URL.into(),
-            api_key_env: "XAI_API_KEY".into(),
-            ..Self::openai(api_key)
-        }
+        Self::for_builtin(&XAI, api_key)
     }
 
     /// [`ProviderSettings::xai`] with the key from `XAI_API_KEY` and the base URL from
     /// `XAI_BASE_URL` when set.
     pub fn xai_from_env() -> Self {
-        let mut s = Self::xai(env_nonempty("XAI_API_KEY"));
-        if let Some(base) = env_nonempty("XAI_BASE_URL") {
-            s.base_url = base;
-        }
-        s
+        Self::for_builtin_from_env(&XAI)
     }
 
     /// Gemini with `GEMINI_API_KEY` as key variable.
     pub fn gemini(api_key: Option<String>) -> Self {
-        Self {
-            name: "gemini".into(),
-            base_url: GEMINI_DEFAULT_BASE_URL.into(),
-            api_key_env: "GEMINI_API_KEY".into(),
-            ..Self::openai(api_key)
-        }
+        Self::for_builtin(&GEMINI, api_key)
     }
 
     /// [`ProviderSettings::gemini`] with the key from `GEMINI_API_KEY` and the base URL from
     /// `GOOGLE_GEMINI_BASE_URL` when set.
     pub fn gemini_from_env() -> Self {
-        let mut s = Self::gemini(env_nonempty("GEMINI_API_KEY"));
-        if let Some(base) = env_nonempty("GOOGLE_GEMINI_BASE_URL") {
-            s.base_url = base;
-        }
-        s
+        Self::for_builtin_from_env(&GEMINI)
     }
 
     /// A local Ollama (no key).
     pub fn ollama() -> Self {
-        Self {
-            name: "ollama".into(),
-            base_url: OLLAMA_DEFAULT_HOST.into(),
-            api_key: None,
-            api_key_env: String::new(),
-            ..Self::openai(None)
-        }
+        Self::for_builtin(&OLLAMA, None)
     }
 
     /// [`ProviderSettings::ollama`] at `OLLAMA_HOST` when set (`host:port`, `host`, or a URL;
     /// `0.0.0.0` means this machine).
     pub fn ollama_from_env() -> Self {
-        let mut s = Self::ollama();
-        if let Some(host) = env_nonempty("OLLAMA_HOST") {
-            s.base_url = ollama_base_url(&host);
-        }
-        s
+        Self::for_builtin_from_env(&OLLAMA)
     }
 
+    /// The same settings with another base URL.
     pub fn with_base_url(mut self, base_url: impl Into<String>) -> Self {
         self.base_url = base_url.into();
         self
     }
 
+    /// The same settings with an API key.
     pub fn with_api_key(mut self, api_key: impl Into<String>) -> Self {
         self.api_key = Some(api_key.into());
         self
@@ -255,34 +246,40 @@ impl fmt::Debug for ProviderSettings {
 /// (`[providers.NAME] kind = "..."`) and `descartes providers --check`.
 #[derive(Debug, Clone)]
 pub enum AnyProvider {
+    /// [`WireFormat::OpenAiChat`].
     OpenAi(OpenAiProvider),
+    /// [`WireFormat::OpenAiResponses`].
     OpenAiResponses(OpenAiResponsesProvider),
+    /// [`WireFormat::Anthropic`].
     Anthropic(AnthropicProvider),
+    /// [`WireFormat::Gemini`].
     Gemini(GeminiProvider),
+    /// [`WireFormat::Ollama`].
     Ollama(OllamaProvider),
 }
 
 impl AnyProvider {
-    /// The wire-format kinds [`AnyProvider::new`] accepts.
-    pub const KINDS: &[&str] = &["openai", "openai-responses", "anthropic", "gemini", "ollama"];
+    /// The wire-format kinds [`AnyProvider::new`] accepts (the model API kinds of
+    /// [`catalog::KINDS`]).
+    pub const KINDS: &[&str] = catalog::API_KIND_NAMES;
 
-    /// Builds the provider of `kind`: `openai` (Chat Completions: OpenAI, xAI and any
-    /// OpenAI-compatible server; `xai` and `openai-compatible` are accepted as aliases),
-    /// `openai-responses` (alias `responses`), `anthropic`, `gemini`, `ollama`. Another kind is
-    /// a [`ProviderError::Config`].
+    /// Builds the provider of `kind`, a model API kind of [`catalog::KINDS`] or one of its
+    /// aliases: `openai` (Chat Completions: OpenAI, xAI and any OpenAI-compatible server; `xai`
+    /// and `openai-compatible` are accepted as aliases), `openai-responses` (alias `responses`),
+    /// `anthropic`, `gemini`, `ollama`. Another kind is a [`ProviderError::Config`].
     pub fn new(kind: &str, settings: ProviderSettings) -> Result<Self, ProviderError> {
-        Ok(match kind {
-            "openai" | "openai-compatible" | "xai" => Self::OpenAi(OpenAiProvider::new(settings)?),
-            "openai-responses" | "responses" => Self::OpenAiResponses(OpenAiResponsesProvider::new(settings)?),
-            "anthropic" => Self::Anthropic(AnthropicProvider::new(settings)?),
-            "gemini" => Self::Gemini(GeminiProvider::new(settings)?),
-            "ollama" => Self::Ollama(OllamaProvider::new(settings)?),
-            other => {
-                return Err(ProviderError::Config {
-                    provider: settings.name,
-                    message: format!("unknown provider kind {other:?} (known: {})", Self::KINDS.join(", ")),
-                });
-            }
+        let Some(wire) = catalog::wire_format(kind) else {
+            return Err(ProviderError::Config {
+                provider: settings.name,
+                message: format!("unknown provider kind {kind:?} (known: {})", Self::KINDS.join(", ")),
+            });
+        };
+        Ok(match wire {
+            WireFormat::OpenAiChat => Self::OpenAi(OpenAiProvider::new(settings)?),
+            WireFormat::OpenAiResponses => Self::OpenAiResponses(OpenAiResponsesProvider::new(settings)?),
+            WireFormat::Anthropic => Self::Anthropic(AnthropicProvider::new(settings)?),
+            WireFormat::Gemini => Self::Gemini(GeminiProvider::new(settings)?),
+            WireFormat::Ollama => Self::Ollama(OllamaProvider::new(settings)?),
         })
     }
 

@@ -56,12 +56,15 @@ impl TokenCounter for Tiktoken {
 }
 
 /// The counter for a provider kind and model: the model's tiktoken table for OpenAI models
-/// (`o200k_base` for unknown models of OpenAI-format providers), `cl100k_base` otherwise.
+/// (`o200k_base` for unknown `gpt*` models of the kinds that serve OpenAI's models, see
+/// [`crate::catalog::KindInfo::openai_models`]), `cl100k_base` otherwise.
 pub fn token_counter(kind: &str, model: &str) -> Arc<dyn TokenCounter> {
     let bare = model.rsplit('/').next().unwrap_or(model);
     match Tiktoken::for_openai_model(bare) {
         Some(t) => Arc::new(t),
-        None if matches!(kind, "openai" | "openai-responses") && bare.starts_with("gpt") => Arc::new(Tiktoken::o200k()),
+        None if crate::catalog::kind_info(kind).is_some_and(|k| k.openai_models) && bare.starts_with("gpt") => {
+            Arc::new(Tiktoken::o200k())
+        }
         None => Arc::new(Tiktoken::cl100k()),
     }
 }

@@ -288,84 +288,9 @@ pub enum ConfigError {
     Env { var: String, message: String },
 }
 
-/// A built-in provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Builtin {
-    pub name: &'static str,
-    pub kind: &'static str,
-    /// Default base URL (empty for providers that are not HTTP APIs).
-    pub base_url: &'static str,
-    /// The variable holding the API key (empty: no key).
-    pub key_env: &'static str,
-    /// The variable overriding the base URL (empty: none).
-    pub base_env: &'static str,
-    pub model: &'static str,
-}
-
-const fn builtin(
-    name: &'static str,
-    kind: &'static str,
-    base_url: &'static str,
-    key_env: &'static str,
-    base_env: &'static str,
-    model: &'static str,
-) -> Builtin {
-    Builtin { name, kind, base_url, key_env, base_env, model }
-}
-
-/// The built-in providers. When no provider is chosen, the first API provider (in this order)
-/// whose key is set is used, else the in-process `local` model.
-pub const BUILTIN_PROVIDERS: &[Builtin] = &[
-    builtin("openai", "openai", "https://api.openai.com/v1", "OPENAI_API_KEY", "OPENAI_BASE_URL", "gpt-4o-mini"),
-    builtin(
-        "anthropic",
-        "anthropic",
-        "https://api.anthropic.com",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_BASE_URL",
-        "claude-sonnet-4-5",
-    ),
-    builtin(
-        "gemini",
-        "gemini",
-        "https://generativelanguage.googleapis.com",
-        "GEMINI_API_KEY",
-        "GOOGLE_GEMINI_BASE_URL",
-        "gemini-2.5-flash",
-    ),
-    builtin("xai", "openai", "https://api.x.ai/v1", "XAI_API_KEY", "XAI_BASE_URL", "grok-3-mini"),
-    builtin(
-        "openai-responses",
-        "openai-responses",
-        "https://api.openai.com/v1",
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "gpt-4o-mini",
-    ),
-    builtin("ollama", "ollama", "http://localhost:11434", "", "OLLAMA_HOST", "llama3.2"),
-    builtin("local", "local", "", "", "", "smollm2-135m"),
-    builtin("claude-code", "claude-code", "", "", "", ""),
-    builtin("codex", "codex", "", "", "", ""),
-    builtin("gemini-cli", "gemini-cli", "", "", "", ""),
-    builtin("command", "command", "", "", "", ""),
-];
-
-/// Other names of built-in providers.
-pub const PROVIDER_ALIASES: &[(&str, &str)] = &[("headless", "claude-code"), ("claude", "claude-code")];
-
-/// The kinds a provider can have.
-pub const PROVIDER_KINDS: &[&str] = &[
-    "openai",
-    "openai-responses",
-    "anthropic",
-    "gemini",
-    "ollama",
-    "local",
-    "claude-code",
-    "codex",
-    "gemini-cli",
-    "command",
-];
+// What is known about providers (the built-in ones, aliases, kinds) is one table, in the
+// providers crate; re-exported here, where the configuration's users have always found it.
+pub use descartes_providers::catalog::{BUILTIN_PROVIDERS, Builtin, KIND_NAMES as PROVIDER_KINDS, PROVIDER_ALIASES};
 
 /// Checks one config file and returns its table.
 pub fn read_file(path: &Path) -> Result<Option<toml::Table>, ConfigError> {
@@ -827,5 +752,26 @@ mod tests {
     #[test]
     fn template_is_valid() {
         parse_str(Path::new("t"), TEMPLATE).unwrap();
+    }
+
+    #[test]
+    fn the_template_and_the_local_model_agree_with_the_provider_table() {
+        let providers = TEMPLATE.lines().find(|l| l.starts_with("# provider =")).unwrap();
+        let more = TEMPLATE.lines().skip_while(|l| !l.starts_with("# provider =")).nth(1).unwrap();
+        let listed = format!("{providers} {more}");
+        for b in BUILTIN_PROVIDERS {
+            assert!(listed.split([' ', ',', ';', '"']).any(|w| w == b.name), "{} is not in the template", b.name);
+        }
+        // The default provider's order, as the template tells it.
+        let mut keys: Vec<&str> = Vec::new();
+        for b in BUILTIN_PROVIDERS.iter().filter(|b| !b.key_env.is_empty()) {
+            if !keys.contains(&b.key_env) {
+                keys.push(b.key_env);
+            }
+        }
+        let flat = TEMPLATE.replace('#', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains(&format!("the first of {} that is set", keys.join(", "))), "{keys:?}");
+        let local = BUILTIN_PROVIDERS.iter().find(|b| b.name == descartes_providers::catalog::LOCAL_PROVIDER);
+        assert_eq!(local.map(|b| b.model), Some(descartes_local::DEFAULT_MODEL));
     }
 }

@@ -15,10 +15,14 @@ pub mod locks;
 pub mod mcp;
 pub mod places;
 pub mod policy_gate;
+mod providers;
 pub mod serve;
 mod wiring;
 
 pub use config::{Config, ConfigError, ProviderConfig};
+/// What is known about provider kinds and the built-in providers (one table).
+pub use descartes_providers::catalog;
 pub use locks::RunLock;
 pub use places::{Mode, Places};
-pub use wiring::{Runtime, RuntimeError, Selection, Stores, provider_env};
+pub use providers::Selection;
+pub use wiring::{Runtime, RuntimeError, Stores, provider_env};

@@ -2,16 +2,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use descartes_core::{
-    BreakerFold, BreakerPolicy, Breakers, ChainEntry, EventStore, PriceTable, Provider, Resilience, RetryPolicy,
-    RunSummary, StoreError, SystemClock, ToolRegistry,
-};
+use descartes_core::{EventStore, RunSummary, StoreError, ToolRegistry};
 use descartes_protocol::RunId;
-use descartes_providers::{AnyProvider, ProviderSettings};
+use descartes_providers::catalog;
 use descartes_store::{SqliteEventStore, SqliteOptions, SyncMode};
 use descartes_tools::{Protected, Sandbox, SandboxHelper, ShellEnv, ToolLimits, builtin_registry_with_sandbox};
 
-use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError, PROVIDER_ALIASES, PROVIDER_KINDS};
+use crate::config::{self, BUILTIN_PROVIDERS, Config, ConfigError};
 use crate::locks::RunLock;
 use crate::places::Places;
 
@@ -32,14 +29,6 @@ const READ_TOOLS: &str = "{read_file,Read,NotebookRead}";
 
 const GUARDED_TOOLS: &str = "{write_file,edit_file,apply_patch,Write,Edit,MultiEdit,NotebookEdit}";
 
-/// The variables each agent CLI needs from Descartes' environment (prefixes end in `*`),
-/// given back after the environment policy left them out.
-pub const AGENT_CLI_VARS: &[(&str, &[&str])] = &[
-    ("claude-code", &["ANTHROPIC_*", "CLAUDE_*", "DISABLE_*"]),
-    ("codex", &["OPENAI_*", "CODEX_*"]),
-    ("gemini-cli", &["GEMINI_*", "GOOGLE_*"]),
-];
-
 /// Reads an environment variable.
 pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
@@ -52,10 +41,7 @@ pub enum RuntimeError {
     Store(#[from] StoreError),
     #[error("unknown provider `{name}`; known providers: {known}")]
     UnknownProvider { name: String, known: String },
-    #[error(
-        "provider `{name}` has an unknown kind `{kind}`; use openai, openai-responses, anthropic, gemini, ollama, \
-         local, claude-code, codex, gemini-cli or command"
-    )]
+    #[error("provider `{name}` has an unknown kind `{kind}`; use {}", catalog::kind_names_text())]
     UnknownKind { name: String, kind: String },
     #[error("{provider}: no API key; set {var}")]
     MissingApiKey { provider: String, var: String },
@@ -85,29 +71,6 @@ pub struct Stores {
     pub audit: Arc<dyn descartes_core::audit::AuditStore>,
     /// Where they are (a file path, or a PostgreSQL URL without password).
     pub location: String,
-}
-
-/// The provider and model a run uses, resolved from flags, environment and config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Selection {
-    pub provider: String,
-    pub kind: String,
-    pub model: String,
-    pub base_url: String,
-    pub api_key_env: String,
-    pub max_tokens: Option<u32>,
-    pub timeout: Option<Duration>,
-    /// Recognise tool calls written as text.
-    pub text_tool_calls: bool,
-    /// The program (and arguments) of a `command` provider, or an agent CLI's binary override.
-    pub command: Vec<String>,
-}
-
-impl Selection {
-    /// Whether the provider is a whole agent CLI (run by its own loop) rather than a model.
-    pub fn is_agent_cli(&self) -> bool {
-        matches!(self.kind.as_str(), "claude-code" | "codex" | "gemini-cli" | "command")
-    }
 }
 
 /// Everything a command needs: places, configuration, and factories for the rest.
@@ -213,335 +176,6 @@ impl Runtime {
         Ok(Arc::new(SqliteEventStore::open(&self.places.db_path, SqliteOptions { sync })?))
     }
 
-    /// Names of every known provider: the built-in ones, then those declared in config.
-    pub fn provider_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = BUILTIN_PROVIDERS.iter().map(|p| p.name.to_owned()).collect();
-        for k in self.config.providers.keys() {
-            if !names.contains(k) {
-                names.push(k.clone());
-            }
-        }
-        names
-    }
-
-    /// The provider used when none is chosen: config (or `DESCARTES_PROVIDER`), else the first
-    /// API provider whose key is set, else the in-process local model.
-    pub fn default_provider(&self) -> String {
-        if let Some(p) = &self.config.provider {
-            return p.clone();
-        }
-        BUILTIN_PROVIDERS
-            .iter()
-            .filter(|b| !b.key_env.is_empty())
-            .find(|b| self.env(b.key_env).is_some())
-            .map(|b| b.name.to_owned())
-            .unwrap_or_else(|| "local".to_owned())
-    }
-
-    /// Resolves the provider and model: flag > environment > config > default (see
-    /// [`Runtime::default_provider`]).
-    pub fn select(&self, provider: Option<&str>, model: Option<&str>) -> Result<Selection, RuntimeError> {
-        let name = provider.map(str::to_owned).unwrap_or_else(|| self.default_provider());
-        let name = PROVIDER_ALIASES.iter().find(|(a, _)| *a == name).map(|(_, n)| (*n).to_owned()).unwrap_or(name);
-        let builtin = BUILTIN_PROVIDERS.iter().find(|p| p.name == name);
-        let custom = self.config.providers.get(&name);
-        if builtin.is_none() && custom.is_none() {
-            return Err(RuntimeError::UnknownProvider { name, known: self.provider_names().join(", ") });
-        }
-        let custom = custom.cloned().unwrap_or_default();
-        let kind =
-            custom.kind.clone().or_else(|| builtin.map(|b| b.kind.to_owned())).unwrap_or_else(|| "openai".into());
-        if !PROVIDER_KINDS.contains(&kind.as_str()) {
-            return Err(RuntimeError::UnknownKind { name, kind });
-        }
-        // A declared provider of a built-in kind inherits that kind's defaults.
-        let kind_default = BUILTIN_PROVIDERS.iter().find(|b| b.kind == kind);
-        let defaults = builtin.or(kind_default);
-        let agent_cli = matches!(kind.as_str(), "claude-code" | "codex" | "gemini-cli" | "command");
-        let model = model
-            .map(str::to_owned)
-            .or_else(|| self.env("DESCARTES_MODEL"))
-            .or_else(|| custom.model.clone())
-            .or_else(|| custom.models.first().cloned())
-            .or_else(|| if agent_cli || builtin.is_none() { None } else { self.config.model.clone() })
-            .or_else(|| defaults.map(|b| b.model.to_owned()).filter(|m| !m.is_empty()));
-        let model = match model {
-            Some(m) => m,
-            // Agent CLIs use their own default model when none is given.
-            None if agent_cli => String::new(),
-            None => {
-                return Err(RuntimeError::Provider(descartes_core::ProviderError::Config {
-                    provider: name.clone(),
-                    message: format!("no model configured; pass -m or set providers.{name}.model"),
-                }));
-            }
-        };
-        let api_key_env = match (&custom.api_key_env, builtin) {
-            (Some(v), _) => v.clone(),
-            (None, Some(b)) => b.key_env.to_owned(),
-            (None, None) if agent_cli || matches!(kind.as_str(), "ollama" | "local") => String::new(),
-            (None, None) => format!("{}_API_KEY", name.to_uppercase().replace('-', "_")),
-        };
-        Ok(Selection {
-            base_url: custom.base_url.clone().or_else(|| defaults.map(|b| b.base_url.to_owned())).unwrap_or_default(),
-            api_key_env,
-            max_tokens: custom.max_tokens,
-            timeout: custom.timeout_secs.map(Duration::from_secs),
-            text_tool_calls: custom.text_tool_calls.unwrap_or(false),
-            command: custom.command.clone(),
-            provider: name,
-            kind,
-            model,
-        })
-    }
-
-    /// Builds the provider of a selection. Fails if its API key is missing, and for agent CLIs
-    /// (they are run by [`Runtime::build_agent_cli`] instead).
-    pub fn build_provider(&self, sel: &Selection) -> Result<Arc<dyn Provider>, RuntimeError> {
-        if sel.kind == "local" {
-            return self.build_local(sel);
-        }
-        Ok(self.build_api_provider(sel)?.into_provider())
-    }
-
-    fn build_api_provider(&self, sel: &Selection) -> Result<AnyProvider, RuntimeError> {
-        let custom = self.config.providers.get(&sel.provider);
-        let api_key = custom.and_then(|c| c.api_key.clone()).or_else(|| self.env(&sel.api_key_env));
-        if api_key.is_none() && !sel.api_key_env.is_empty() {
-            return Err(RuntimeError::MissingApiKey { provider: sel.provider.clone(), var: sel.api_key_env.clone() });
-        }
-        let base_url = if sel.kind == "ollama" {
-            descartes_providers::ollama_base_url(&sel.base_url)
-        } else {
-            sel.base_url.clone()
-        };
-        let settings = ProviderSettings {
-            name: sel.provider.clone(),
-            base_url,
-            api_key,
-            api_key_env: sel.api_key_env.clone(),
-            timeout: None,
-            read_timeout: sel.timeout,
-            text_tool_calls: sel.text_tool_calls,
-        };
-        if sel.is_agent_cli() {
-            return Err(RuntimeError::Provider(descartes_core::ProviderError::Config {
-                provider: sel.provider.clone(),
-                message: format!("`{}` is an agent CLI, not a model API", sel.kind),
-            }));
-        }
-        Ok(AnyProvider::new(&sel.kind, settings)?)
-    }
-
-    /// The agent CLI of a selection (`claude-code`, `codex`, `gemini-cli`, `command`).
-    /// `providers.NAME.command` overrides the CLI's binary (and, for `command`, is the whole
-    /// command line, with `{prompt}` where the prompt goes, else it goes to stdin).
-    pub fn build_agent_cli(
-        &self,
-        sel: &Selection,
-    ) -> Result<Arc<dyn descartes_core::external::AgentCli>, RuntimeError> {
-        let config_error = |message: String| {
-            RuntimeError::Provider(descartes_core::ProviderError::Config { provider: sel.provider.clone(), message })
-        };
-        let mut options = descartes_agent_cli::CliOptions {
-            env: self.agent_cli_env(&sel.kind),
-            clear_env: true,
-            // The CLI's own tools run in its process, outside Descartes' sandbox: they must not
-            // read the tokens (one would let a run answer its own asks through the API).
-            wrapper: self.sandbox().hiding_prefix(),
-            ..Default::default()
-        };
-        if sel.kind == "command" {
-            let Some((program, args)) = sel.command.split_first() else {
-                return Err(config_error(format!(
-                    "a `command` provider needs its command line: set providers.{}.command = [\"prog\", \"{{prompt}}\"]",
-                    sel.provider
-                )));
-            };
-            return Ok(Arc::new(descartes_agent_cli::CommandCli::new(program.clone(), args.to_vec(), options)));
-        }
-        if let Some((program, args)) = sel.command.split_first() {
-            options.program = Some(PathBuf::from(program));
-            options.extra_args = args.to_vec();
-        }
-        descartes_agent_cli::backend(&sel.kind, options)
-            .ok_or_else(|| config_error(format!("`{}` is not an agent CLI", sel.kind)))
-    }
-
-    /// The environment of an agent CLI of `kind`: the environment policy's (no secrets), plus
-    /// the variables the CLI itself needs (its API key, base URL and settings, per
-    /// [`AGENT_CLI_VARS`]; a `command` provider, a program the user declared, gets every
-    /// provider variable). The CLI's own tools see what the CLI sees: its own key stays visible
-    /// to them, no other secret does.
-    pub fn agent_cli_env(&self, kind: &str) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-        self.agent_cli_env_from(kind, std::env::vars_os().collect())
-    }
-
-    /// [`Runtime::agent_cli_env`] built from `vars` instead of the process's environment.
-    pub fn agent_cli_env_from(
-        &self,
-        kind: &str,
-        vars: Vec<(std::ffi::OsString, std::ffi::OsString)>,
-    ) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-        let mut env = self.shell_env().build(vars.iter().cloned());
-        let own = AGENT_CLI_VARS.iter().find(|(k, _)| *k == kind).map(|(_, globs)| *globs).unwrap_or(&[]);
-        let matches = |name: &str| {
-            own.iter().any(|g| match g.strip_suffix('*') {
-                Some(prefix) => name.starts_with(prefix),
-                None => name == *g,
-            })
-        };
-        let provider_vars = if kind == "command" { self.provider_variables() } else { Vec::new() };
-        for (k, v) in vars {
-            let Some(name) = k.to_str() else { continue };
-            if (matches(name) || provider_vars.iter().any(|p| p == name)) && !env.iter().any(|(e, _)| *e == k) {
-                env.push((k.clone(), v));
-            }
-        }
-        env
-    }
-
-    /// The in-process local model (see `descartes model pull`): `sel.model` is a name in the
-    /// models directory or a path to a GGUF file.
-    fn build_local(&self, sel: &Selection) -> Result<Arc<dyn Provider>, RuntimeError> {
-        let path = descartes_local::resolve_model(&sel.model, &self.places.models_dir).map_err(|e| {
-            RuntimeError::Provider(descartes_core::ProviderError::Config {
-                provider: sel.provider.clone(),
-                message: e.to_string(),
-            })
-        })?;
-        let options = descartes_local::LocalOptions { max_tokens: sel.max_tokens.unwrap_or(512), ..Default::default() };
-        Ok(Arc::new(descartes_local::LocalProvider::with_options(path, options)))
-    }
-
-    /// Whether the local model `name` is in the models directory.
-    pub fn local_model_present(&self, name: &str) -> bool {
-        descartes_local::resolve_model(name, &self.places.models_dir).is_ok()
-    }
-
-    /// Retries, fallbacks, circuit breakers (seeded from the log's recent model calls), prices
-    /// and the token counter for a run whose primary is `primary`. `fallbacks` are provider
-    /// names (from `--fallback`, then config); a fallback whose key is missing is skipped with a
-    /// warning rather than failing the run.
-    pub async fn resilience(
-        &self,
-        store: &dyn EventStore,
-        primary: &Selection,
-        fallbacks: &[String],
-    ) -> Result<(Resilience, Vec<String>), RuntimeError> {
-        let r = &self.config.retry;
-        let retry = RetryPolicy {
-            max_retries: r.max_retries,
-            base_delay: Duration::from_millis(r.base_delay_ms.max(1)),
-            max_delay: Duration::from_secs(r.max_delay_secs.max(1)),
-            park_after: Duration::from_secs(r.park_after_secs),
-            max_park: Duration::from_secs(r.max_park_secs),
-        };
-        let policy = BreakerPolicy {
-            failure_threshold: r.breaker_failures.max(1),
-            open_for: Duration::from_secs(r.breaker_open_secs),
-        };
-        let fold = self.provider_health(store, policy).await?;
-        let mut prices = PriceTable::with_defaults();
-        for (model, price) in &self.config.prices {
-            prices.set(model.clone(), *price);
-        }
-        let mut names: Vec<String> = Vec::new();
-        for n in fallbacks.iter().chain(self.config.fallback.iter()) {
-            if n != &primary.provider && !names.contains(n) {
-                names.push(n.clone());
-            }
-        }
-        let mut chain = Vec::new();
-        let mut warnings = Vec::new();
-        for name in names {
-            let sel = self.select(Some(&name), None)?;
-            match self.build_provider(&sel) {
-                Ok(provider) => chain.push(ChainEntry { provider, model: sel.model }),
-                Err(e) => warnings.push(format!("fallback `{name}` is not usable: {e}")),
-            }
-        }
-        Ok((
-            Resilience {
-                retry,
-                fallbacks: chain,
-                breakers: Arc::new(Breakers::from_fold(policy, &fold)),
-                prices: Arc::new(prices),
-                counter: descartes_providers::token_counter(&primary.kind, &primary.model),
-                clock: Arc::new(SystemClock),
-            },
-            warnings,
-        ))
-    }
-
-    /// Circuit breakers and call statistics of every provider, folded from the most recent
-    /// model call events in the log (the last 20,000 events).
-    pub async fn provider_health(
-        &self,
-        store: &dyn EventStore,
-        policy: BreakerPolicy,
-    ) -> Result<BreakerFold, RuntimeError> {
-        let last = store.last_seq().await?;
-        let mut fold = BreakerFold::new(policy);
-        let mut after = last.saturating_sub(20_000);
-        loop {
-            let events = store.read_all(after, 5_000).await?;
-            let Some(tail) = events.last() else { break };
-            after = tail.seq;
-            for e in &events {
-                fold.apply(e.at, &e.data);
-            }
-        }
-        Ok(fold)
-    }
-
-    /// Whether a provider can be used as configured: `Ok(what it uses)` or `Err(what is missing)`.
-    pub fn provider_status(&self, sel: &Selection) -> Result<String, String> {
-        if sel.is_agent_cli() {
-            let program = sel.command.first().cloned().unwrap_or_else(|| match sel.kind.as_str() {
-                "claude-code" => "claude".into(),
-                "gemini-cli" => "gemini".into(),
-                other => other.to_owned(),
-            });
-            if sel.kind == "command" && sel.command.is_empty() {
-                return Err(format!("no command: set providers.{}.command = [\"prog\", \"{{prompt}}\"]", sel.provider));
-            }
-            return match find_program(&program) {
-                Some(path) => Ok(format!("CLI {}", path.display())),
-                None => Err(format!("`{program}` is not installed (not on PATH)")),
-            };
-        }
-        if sel.kind == "local" {
-            return Ok(format!("in-process model {}", sel.model));
-        }
-        if sel.api_key_env.is_empty() {
-            return Ok(format!("no key needed ({})", sel.base_url));
-        }
-        let configured = self.config.providers.get(&sel.provider).is_some_and(|c| c.api_key.is_some());
-        if configured || self.env(&sel.api_key_env).is_some() {
-            Ok(format!("key from {}", if configured { "config" } else { &sel.api_key_env }))
-        } else {
-            Err(format!("no key: set {}", sel.api_key_env))
-        }
-    }
-
-    /// Probes a provider with its cheapest authenticated call.
-    pub async fn check_provider(&self, sel: &Selection) -> Result<(), RuntimeError> {
-        if sel.is_agent_cli() || sel.kind == "local" {
-            self.provider_status(sel).map_err(|message| {
-                RuntimeError::Provider(descartes_core::ProviderError::Config {
-                    provider: sel.provider.clone(),
-                    message,
-                })
-            })?;
-            if sel.kind == "local" {
-                self.build_local(sel)?;
-            }
-            return Ok(());
-        }
-        Ok(self.build_api_provider(sel)?.check().await?)
-    }
-
     /// The built-in tools with the configured limits.
     pub fn tools(&self) -> ToolRegistry {
         let limits = ToolLimits {
@@ -590,22 +224,6 @@ impl Runtime {
             hidden: vec![state.join(crate::daemon::TOKEN_FILE), state.join(crate::serve::SERVER_TOKEN_FILE)],
             disabled: false,
         }
-    }
-
-    /// The variables that carry provider secrets: every provider's key and base-URL variable
-    /// (built in and configured) and the database URL.
-    pub fn provider_variables(&self) -> Vec<String> {
-        let mut names: Vec<String> = BUILTIN_PROVIDERS
-            .iter()
-            .flat_map(|b| [b.key_env, b.base_env])
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-            .collect();
-        names.extend(self.config.providers.values().filter_map(|p| p.api_key_env.clone()));
-        names.push("DESCARTES_DATABASE_URL".into());
-        names.sort();
-        names.dedup();
-        names
     }
 
     /// The permission rules of a run: the `[permissions]` of the config files, and the
@@ -826,80 +444,4 @@ fn redacting(store: Arc<dyn EventStore>) -> Arc<dyn EventStore> {
 /// what a child `descartes` needs and the environment policy keeps from other commands.
 pub fn provider_env(rt: &Runtime) -> Vec<(String, String)> {
     rt.provider_variables().into_iter().filter_map(|n| rt.env(&n).map(|v| (n, v))).collect()
-}
-
-/// The path of a program on `PATH` (or the path itself when it contains a `/`).
-pub fn find_program(program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable =
-        |p: &std::path::Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if program.contains('/') {
-        let p = PathBuf::from(program);
-        return executable(&p).then_some(p);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(program)).find(|p| executable(p))
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use std::ffi::OsString;
-
-    use super::*;
-
-    #[test]
-    fn an_agent_cli_gets_its_own_variables_and_no_other_secret() {
-        let dir = tempfile::tempdir().unwrap();
-        let places = Places::project_in(dir.path(), None);
-        let rt = Runtime::with_places(dir.path().to_owned(), places, Arc::new(|_: &str| None)).unwrap();
-        let vars: Vec<(OsString, OsString)> = [
-            ("PATH", "/bin"),
-            ("HOME", "/h"),
-            ("ANTHROPIC_API_KEY", "sk-ant"),
-            ("ANTHROPIC_BASE_URL", "http://a"),
-            ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
-            ("OPENAI_API_KEY", "sk-openai"),
-            ("GITHUB_TOKEN", "ghp"),
-            ("AWS_SECRET_ACCESS_KEY", "aws"),
-            ("CODEX_HOME", "/c"),
-        ]
-        .iter()
-        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-        .collect();
-        let names = |kind: &str| -> Vec<String> {
-            let mut n: Vec<String> =
-                rt.agent_cli_env_from(kind, vars.clone()).into_iter().map(|(k, _)| k.into_string().unwrap()).collect();
-            n.sort();
-            n
-        };
-        // CODEX_HOME is no secret: the environment policy passes it to everyone.
-        assert_eq!(
-            names("claude-code"),
-            [
-                "ANTHROPIC_API_KEY",
-                "ANTHROPIC_BASE_URL",
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-                "CODEX_HOME",
-                "HOME",
-                "PATH"
-            ]
-        );
-        assert_eq!(
-            names("codex"),
-            ["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "CODEX_HOME", "HOME", "OPENAI_API_KEY", "PATH"]
-        );
-        // A `command` provider (a program the user declared) gets every provider variable.
-        assert_eq!(
-            names("command"),
-            [
-                "ANTHROPIC_API_KEY",
-                "ANTHROPIC_BASE_URL",
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
-                "CODEX_HOME",
-                "HOME",
-                "OPENAI_API_KEY",
-                "PATH"
-            ]
-        );
-    }
 }
