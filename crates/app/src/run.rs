@@ -341,3 +341,17 @@ pub fn outcome_problem(run_id: &RunId, outcome: &RunOutcome) -> Option<(Problem,
         }
     }
 }
+
+/// How a run ended, from its terminal event (`run_completed`, `run_failed`, `run_cancelled`,
+/// `budget_exceeded`); `None` for any other event. A client that watched a run's events
+/// reports its end as the process that drove it does.
+pub fn ending(event: &descartes_protocol::EventData) -> Option<RunOutcome> {
+    use descartes_protocol::EventData;
+    Some(match event {
+        EventData::RunCompleted(c) => RunOutcome::Completed { result: c.result.clone() },
+        EventData::RunFailed(f) => RunOutcome::Failed { error: f.error.clone(), kind: f.kind.clone() },
+        EventData::RunCancelled(_) => RunOutcome::Cancelled,
+        EventData::BudgetExceeded(b) => RunOutcome::BudgetExceeded { error: descartes_core::cost::budget_message(b) },
+        _ => return None,
+    })
+}

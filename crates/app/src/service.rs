@@ -74,6 +74,16 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
 }
 
+/// A run started (or resumed).
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub run_id: RunId,
+    /// False when an earlier request with the same idempotency key started it.
+    pub new: bool,
+    /// Provider and model (`openai/gpt-4o-mini`).
+    pub label: String,
+}
+
 /// A run this process drives.
 struct Active {
     cancel: CancellationToken,
@@ -86,7 +96,7 @@ pub struct Service {
     stores: Stores,
     publish: Publish,
     active: Mutex<HashMap<RunId, Arc<Active>>>,
-    keys: tokio::sync::Mutex<HashMap<String, RunId>>,
+    keys: tokio::sync::Mutex<HashMap<String, (RunId, String)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -112,24 +122,24 @@ impl Service {
         })
     }
 
-    /// Starts a run; returns its id (and `false` when an earlier request with the same
-    /// idempotency key already started it) once its agent is built. Bad settings are refused
-    /// here, before anything is recorded.
-    pub async fn start(self: &Arc<Self>, new: NewRun) -> Result<(RunId, bool)> {
+    /// Starts a run once its agent is built (an earlier request with the same idempotency key
+    /// gets its run, `new` false). Bad settings are refused here, before anything is recorded.
+    pub async fn start(self: &Arc<Self>, new: NewRun) -> Result<Started> {
         if new.prompt.trim().is_empty() {
             return Err(fail(Problem::Usage, "the prompt is empty; say what the agent should do"));
         }
         let mut keys = self.keys.lock().await;
-        if let Some(id) = new.idempotency_key.as_ref().and_then(|k| keys.get(k)) {
-            return Ok((id.clone(), false));
+        if let Some((id, label)) = new.idempotency_key.as_ref().and_then(|k| keys.get(k)) {
+            return Ok(Started { run_id: id.clone(), new: false, label: label.clone() });
         }
         self.rt.check_guardrails()?;
         let run_id = RunId::generate();
         let settings = new.request.new_run(&self.rt);
         let (prepared, active) = self.prepare(&run_id, &new.request, settings, new.ask_timeout).await?;
         let lock = self.rt.lock_run(&run_id)?;
+        let label = prepared.label.clone();
         if let Some(k) = new.idempotency_key {
-            keys.insert(k, run_id.clone());
+            keys.insert(k, (run_id.clone(), label.clone()));
         }
         drop(keys);
         let goal = Message::user_text(&new.prompt);
@@ -138,11 +148,11 @@ impl Service {
             let outcome = prepared.start(id.clone(), new.prompt, goal).await;
             this.finish(&id, outcome, lock).await;
         });
-        Ok((run_id, true))
+        Ok(Started { run_id, new: true, label })
     }
 
     /// Resumes run `id` (a full id or a unique prefix) with `request`'s overrides.
-    pub async fn resume(self: &Arc<Self>, id: &str, request: RunRequest) -> Result<RunId> {
+    pub async fn resume(self: &Arc<Self>, id: &str, request: RunRequest) -> Result<Started> {
         self.rt.check_guardrails()?;
         let run_id = self.rt.resolve_run(&*self.stores.events, id).await?;
         if lock(&self.active).contains_key(&run_id) {
@@ -152,12 +162,13 @@ impl Service {
         let state = self.stores.events.replay_run(&run_id).await?;
         let (settings, previous) = request.resume(&state)?;
         let (prepared, active) = self.prepare(&run_id, &request, settings, None).await?;
+        let label = prepared.label.clone();
         let (this, id) = (self.clone(), run_id.clone());
         self.spawn(&run_id, active, async move {
             let outcome = prepared.resume(state, previous).await;
             this.finish(&id, outcome, lock_).await;
         });
-        Ok(run_id)
+        Ok(Started { run_id, new: true, label })
     }
 
     async fn prepare(
@@ -331,6 +342,7 @@ impl OutputSink for LiveSink {
         );
     }
     fn notice(&self, message: &str) {
-        tracing::info!(run = %self.run_id, "{}", descartes_core::redact::redact(message));
+        let text = descartes_core::redact::redact(message);
+        (self.publish)(serde_json::json!({"type": "delta", "run_id": self.run_id, "kind": "notice", "text": text}));
     }
 }

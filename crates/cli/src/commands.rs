@@ -50,6 +50,10 @@ pub fn dispatch(cli: Cli) -> ExitCode {
         }
         init_tracing(rt.config.log.format, rt.config.log.level.as_deref());
         let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        if let Some(url) = &cli.server {
+            let remote = crate::client::Remote::new(url, &rt)?;
+            return tokio.block_on(crate::client::dispatch(remote, cli.command));
+        }
         tokio.block_on(async move {
             match cli.command {
                 Command::Init | Command::Daemon { .. } => Ok(0),
@@ -258,23 +262,41 @@ async fn finish(
 async fn list(rt: Runtime, json: bool) -> Result<u8> {
     let store = rt.open_store().await?;
     let runs = store.list_runs().await?;
+    let rows: Vec<RunRow> = runs
+        .iter()
+        .map(|r| RunRow {
+            run_id: r.run_id.to_string(),
+            status: rt.run_status(r),
+            prompt: r.prompt.clone(),
+            provider: r.provider.clone(),
+            model: r.model.clone(),
+            started_at: r.started_at,
+            updated_at: r.updated_at,
+            tokens: r.tokens,
+            cost_usd: r.cost_usd,
+        })
+        .collect();
+    print_runs(&rows, json)
+}
+
+/// A run as `descartes list` shows it (the API's run view has the same fields).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RunRow {
+    pub run_id: String,
+    pub status: String,
+    pub prompt: String,
+    pub provider: String,
+    pub model: String,
+    pub started_at: descartes_protocol::Timestamp,
+    pub updated_at: descartes_protocol::Timestamp,
+    pub tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// Prints runs, newest first, as `descartes list` does.
+pub(crate) fn print_runs(runs: &[RunRow], json: bool) -> Result<u8> {
     if json {
-        let items: Vec<_> = runs
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "run_id": r.run_id,
-                    "status": rt.run_status(r),
-                    "prompt": r.prompt,
-                    "provider": r.provider,
-                    "model": r.model,
-                    "started_at": r.started_at,
-                    "updated_at": r.updated_at,
-                    "tokens": r.tokens,
-                    "cost_usd": r.cost_usd,
-                })
-            })
-            .collect();
+        let items: Vec<serde_json::Value> = runs.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
         println!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(0);
     }
@@ -284,12 +306,12 @@ async fn list(rt: Runtime, json: bool) -> Result<u8> {
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{:<26}  {:<15}  {:<19}  {:>9}  {:>9}  PROMPT", "ID", "STATUS", "STARTED", "TOKENS", "COST")?;
-    for r in &runs {
+    for r in runs {
         writeln!(
             out,
             "{:<26}  {:<15}  {:<19}  {:>9}  {:>9}  {}",
             r.run_id,
-            rt.run_status(r),
+            r.status,
             local_time(r.started_at.as_micros(), "%Y-%m-%d %H:%M:%S"),
             crate::output::human_tokens(r.tokens),
             crate::output::money(r.cost_usd),
@@ -309,51 +331,13 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
         Some(prefix) => Some(rt.resolve_run(&*store, prefix).await?),
         None => None,
     };
-    let stop = CancellationToken::new();
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            stop.cancel();
-        });
-    }
-    let mut printed = 0usize;
-    let mut totals = (0u32, descartes_protocol::Usage::default(), 0.0f64);
+    let stop = ctrl_c_token();
+    let mut printer = LogPrinter::new(run.clone(), json);
     let filter = descartes_core::follow::EventFilter { stream: run.clone(), kinds: Vec::new() };
     let mut follower = descartes_core::follow::Follower::new(&*store, filter, 0);
     loop {
         let batch: Vec<Event> = follower.next_page(1000).await?;
-        let mut ended = false;
-        {
-            let mut out = std::io::stdout().lock();
-            for e in &batch {
-                printed += 1;
-                if let EventData::ModelCallCompleted(c) = &e.data {
-                    totals.0 += 1;
-                    totals.1.add(&c.usage);
-                    totals.2 += c.cost_usd.unwrap_or(0.0);
-                }
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(e)?)?;
-                } else {
-                    let time = e.at.to_local("%H:%M:%S%.3f");
-                    let who = if run.is_some() {
-                        String::new()
-                    } else {
-                        format!("{}  ", &e.run_id.as_str()[..e.run_id.as_str().len().min(10)])
-                    };
-                    writeln!(out, "{:>6}  {time}  {who}{:<21} {}", e.seq, e.kind(), event_summary(e))?;
-                }
-                ended = matches!(
-                    e.data,
-                    EventData::RunCompleted(_)
-                        | EventData::RunFailed(_)
-                        | EventData::RunCancelled(_)
-                        | EventData::BudgetExceeded(_)
-                );
-            }
-            out.flush()?;
-        }
+        let ended = printer.print(&batch)?;
         if batch.len() == 1000 {
             continue;
         }
@@ -365,20 +349,78 @@ async fn logs(rt: Runtime, id: Option<String>, follow: bool, json: bool) -> Resu
             _ = stop.cancelled() => break,
         }
     }
-    if printed == 0 && !json && !follow {
-        eprintln!("no events yet");
-    } else if run.is_some() && !json {
-        let (calls, usage, cost) = totals;
-        println!(
-            "total: {calls} model calls, {} tokens ({} in, {} out, {} cached), {}",
-            usage.all_tokens(),
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_read_tokens + usage.cache_write_tokens,
-            if cost > 0.0 { format!("${cost:.4}") } else { "no known cost".into() }
-        );
-    }
+    printer.finish(follow);
     Ok(0)
+}
+
+/// A token cancelled by Ctrl-C.
+pub(crate) fn ctrl_c_token() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        token.cancel();
+    });
+    stop
+}
+
+/// Prints events as `descartes logs` does, and a run's totals at the end.
+pub(crate) struct LogPrinter {
+    run: Option<RunId>,
+    json: bool,
+    printed: usize,
+    totals: (u32, descartes_protocol::Usage, f64),
+}
+
+impl LogPrinter {
+    pub(crate) fn new(run: Option<RunId>, json: bool) -> Self {
+        Self { run, json, printed: 0, totals: (0, descartes_protocol::Usage::default(), 0.0) }
+    }
+
+    /// Prints a batch; says whether its last event ended a run.
+    pub(crate) fn print(&mut self, batch: &[Event]) -> Result<bool> {
+        let mut ended = false;
+        let mut out = std::io::stdout().lock();
+        for e in batch {
+            self.printed += 1;
+            if let EventData::ModelCallCompleted(c) = &e.data {
+                self.totals.0 += 1;
+                self.totals.1.add(&c.usage);
+                self.totals.2 += c.cost_usd.unwrap_or(0.0);
+            }
+            if self.json {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                let time = e.at.to_local("%H:%M:%S%.3f");
+                let who = if self.run.is_some() {
+                    String::new()
+                } else {
+                    format!("{}  ", &e.run_id.as_str()[..e.run_id.as_str().len().min(10)])
+                };
+                writeln!(out, "{:>6}  {time}  {who}{:<21} {}", e.seq, e.kind(), event_summary(e))?;
+            }
+            ended = descartes_app::run::ending(&e.data).is_some();
+        }
+        out.flush()?;
+        Ok(ended)
+    }
+
+    /// The closing line: "no events yet", or a run's totals.
+    pub(crate) fn finish(&self, follow: bool) {
+        if self.printed == 0 && !self.json && !follow {
+            eprintln!("no events yet");
+        } else if self.run.is_some() && !self.json {
+            let (calls, usage, cost) = &self.totals;
+            println!(
+                "total: {calls} model calls, {} tokens ({} in, {} out, {} cached), {}",
+                usage.all_tokens(),
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cache_read_tokens + usage.cache_write_tokens,
+                if *cost > 0.0 { format!("${cost:.4}") } else { "no known cost".into() }
+            );
+        }
+    }
 }
 
 fn config_command(rt: Runtime, command: ConfigCommand) -> Result<u8> {

@@ -4,6 +4,7 @@
 mod ai_cmd;
 mod audit_cmd;
 mod chat;
+mod client;
 mod commands;
 mod daemon_cmd;
 mod mcp_cmd;
@@ -50,6 +51,11 @@ struct Cli {
     /// Settings that loosen the sandbox are honoured only from here and the user config.
     #[arg(long, global = true, value_name = "MODE")]
     sandbox: Option<descartes_tools::SandboxMode>,
+    /// Talk to a running `descartes serve` at URL instead of opening the database (`run`,
+    /// `resume`, `list`, `logs`); the token comes from DESCARTES_SERVER_TOKEN or this place's
+    /// `server.token`.
+    #[arg(long, global = true, value_name = "URL", env = "DESCARTES_SERVER")]
+    server: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

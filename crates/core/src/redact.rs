@@ -131,6 +131,13 @@ impl crate::EventStore for RedactingStore {
         self.0.find_runs(prefix).await
     }
 
+    async fn run_summary(
+        &self,
+        run_id: &descartes_protocol::RunId,
+    ) -> Result<Option<crate::RunSummary>, crate::StoreError> {
+        self.0.run_summary(run_id).await
+    }
+
     async fn wait_for_events(&self, after: descartes_protocol::Seq, timeout: std::time::Duration) {
         self.0.wait_for_events(after, timeout).await
     }

@@ -80,6 +80,12 @@ pub trait EventStore: Send + Sync {
     /// Run ids starting with `prefix` (for abbreviated ids).
     async fn find_runs(&self, prefix: &str) -> Result<Vec<RunId>, StoreError>;
 
+    /// One run's lifecycle summary (`None`: no such run). Stores override the default, which
+    /// lists every run.
+    async fn run_summary(&self, run_id: &RunId) -> Result<Option<RunSummary>, StoreError> {
+        Ok(self.list_runs().await?.into_iter().find(|r| &r.run_id == run_id))
+    }
+
     /// Waits until the log may hold events after `after`, or `timeout` passes. Used to follow
     /// (tail) the log; may return early, callers re-read.
     async fn wait_for_events(&self, after: Seq, timeout: Duration);
@@ -130,5 +136,38 @@ pub fn run_change(data: &descartes_protocol::EventData) -> Option<RunChange<'_>>
             Some(RunChange::Usage { tokens: c.usage.all_tokens(), cost_usd: c.cost_usd.unwrap_or(0.0) })
         }
         _ => None,
+    }
+}
+
+/// Why a run id or prefix names no single run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunLookupError {
+    #[error("the run id is empty; give a run id or a unique prefix of one (`descartes list` shows the runs)")]
+    Empty,
+    #[error("no run matches `{0}`; `descartes list` shows the runs")]
+    NotFound(String),
+    #[error("`{prefix}` matches several runs ({candidates}); give more of the id")]
+    Ambiguous { prefix: String, candidates: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The run a full id or a unique prefix of one names: the one resolution every front end uses.
+pub async fn resolve_run(store: &dyn EventStore, prefix: &str) -> Result<RunId, RunLookupError> {
+    if prefix.trim().is_empty() {
+        // An empty prefix would match every run, and pick the only one.
+        return Err(RunLookupError::Empty);
+    }
+    let mut found = store.find_runs(prefix).await?;
+    if let Some(exact) = found.iter().find(|r| r.as_str() == prefix) {
+        return Ok(exact.clone());
+    }
+    match found.len() {
+        0 => Err(RunLookupError::NotFound(prefix.to_owned())),
+        1 => Ok(found.remove(0)),
+        _ => Err(RunLookupError::Ambiguous {
+            prefix: prefix.to_owned(),
+            candidates: found.iter().take(5).map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
+        }),
     }
 }

@@ -308,24 +308,15 @@ impl Runtime {
         Arc::new(sandbox.protecting(self.protected()).with_env(self.shell_env()))
     }
 
-    /// Resolves a full or abbreviated run id.
+    /// Resolves a full or abbreviated run id (see [`descartes_core::store::resolve_run`]).
     pub async fn resolve_run(&self, store: &dyn EventStore, prefix: &str) -> Result<RunId, RuntimeError> {
-        if prefix.trim().is_empty() {
-            // An empty prefix would match every run, and pick the only one.
-            return Err(RuntimeError::EmptyRunId);
-        }
-        let mut found = store.find_runs(prefix).await?;
-        if let Some(exact) = found.iter().find(|r| r.as_str() == prefix) {
-            return Ok(exact.clone());
-        }
-        match found.len() {
-            0 => Err(RuntimeError::RunNotFound(prefix.to_owned())),
-            1 => Ok(found.remove(0)),
-            _ => Err(RuntimeError::AmbiguousRun {
-                prefix: prefix.to_owned(),
-                candidates: found.iter().take(5).map(|r| r.to_string()).collect::<Vec<_>>().join(", "),
-            }),
-        }
+        use descartes_core::store::RunLookupError;
+        descartes_core::store::resolve_run(store, prefix).await.map_err(|e| match e {
+            RunLookupError::Empty => RuntimeError::EmptyRunId,
+            RunLookupError::NotFound(p) => RuntimeError::RunNotFound(p),
+            RunLookupError::Ambiguous { prefix, candidates } => RuntimeError::AmbiguousRun { prefix, candidates },
+            RunLookupError::Store(e) => RuntimeError::Store(e),
+        })
     }
 
     /// A run's status for users: `running` in the log but held by no process is `interrupted`.

@@ -31,13 +31,13 @@ pub(crate) fn app_error(e: anyhow::Error) -> ApiError {
     ApiError::new(status, problem.code(), descartes_core::redact::redact(&format!("{e:#}")))
 }
 
-fn bad_json(e: JsonRejection) -> ApiError {
+pub(crate) fn bad_json(e: JsonRejection) -> ApiError {
     let status = e.status();
     let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "too_large" } else { "bad_json" };
     ApiError::new(status, code, e.body_text())
 }
 
-fn service(state: &ApiState) -> ApiResult<Arc<Service>> {
+pub(crate) fn service(state: &ApiState) -> ApiResult<Arc<Service>> {
     state.service.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_IMPLEMENTED,
@@ -76,22 +76,45 @@ pub struct CreateRun {
 }
 
 /// What a resume changes (each absent field keeps the run's own).
-#[derive(Debug, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResumeRun {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(default)]
     pub auto_approve: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_turns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_usd: Option<f64>,
+}
+
+impl ResumeRun {
+    /// The application's request.
+    pub fn into_request(self) -> RunRequest {
+        RunRequest {
+            provider: self.provider,
+            model: self.model,
+            yes: self.auto_approve,
+            max_turns: self.max_turns,
+            max_tokens: self.max_tokens,
+            max_cost_usd: self.max_cost_usd,
+            fallback: Vec::new(),
+        }
+    }
 }
 
 /// A run that was started, resumed or cancelled.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RunAccepted {
     pub run_id: String,
+    /// Provider and model (`openai/gpt-4o-mini`), for a run started or resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// An answer to an ask.
@@ -158,9 +181,9 @@ pub(crate) async fn create_run(
         }
         None => None,
     };
-    let (run_id, new) = service(&state)?.start(body.into_new_run(key)).await.map_err(app_error)?;
-    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(RunAccepted { run_id: run_id.to_string() })))
+    let started = service(&state)?.start(body.into_new_run(key)).await.map_err(app_error)?;
+    let status = if started.new { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(RunAccepted { run_id: started.run_id.to_string(), label: Some(started.label) })))
 }
 
 #[utoipa::path(post, path = "/v1/runs/{id}/resume", request_body = ResumeRun,
@@ -176,17 +199,8 @@ pub(crate) async fn resume_run(
         Err(JsonRejection::MissingJsonContentType(_)) => ResumeRun::default(),
         Err(e) => return Err(bad_json(e)),
     };
-    let request = RunRequest {
-        provider: body.provider,
-        model: body.model,
-        yes: body.auto_approve,
-        max_turns: body.max_turns,
-        max_tokens: body.max_tokens,
-        max_cost_usd: body.max_cost_usd,
-        fallback: Vec::new(),
-    };
-    let run_id = service(&state)?.resume(&id, request).await.map_err(app_error)?;
-    Ok((StatusCode::ACCEPTED, Json(RunAccepted { run_id: run_id.to_string() })))
+    let started = service(&state)?.resume(&id, body.into_request()).await.map_err(app_error)?;
+    Ok((StatusCode::ACCEPTED, Json(RunAccepted { run_id: started.run_id.to_string(), label: Some(started.label) })))
 }
 
 #[utoipa::path(post, path = "/v1/runs/{id}/cancel",
@@ -196,7 +210,7 @@ pub(crate) async fn cancel_run(
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<RunAccepted>)> {
     let run_id = service(&state)?.cancel(&id).await.map_err(app_error)?;
-    Ok((StatusCode::ACCEPTED, Json(RunAccepted { run_id: run_id.to_string() })))
+    Ok((StatusCode::ACCEPTED, Json(RunAccepted { run_id: run_id.to_string(), label: None })))
 }
 
 #[utoipa::path(get, path = "/v1/runs/{id}/asks", responses((status = 200, body = Vec<AskView>), (status = 404, body = ErrorBody)))]
@@ -220,5 +234,5 @@ pub(crate) async fn answer_ask(
     let answer: Answer =
         body.decision.parse().map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, Problem::Usage.code(), e))?;
     service(&state)?.answer(&id, &call_id, answer).await.map_err(app_error)?;
-    Ok(Json(RunAccepted { run_id: id }))
+    Ok(Json(RunAccepted { run_id: id, label: None }))
 }

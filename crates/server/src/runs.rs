@@ -85,18 +85,21 @@ pub(crate) async fn list_runs(
     Ok(axum::Json(RunsPage { runs, total, next_offset }))
 }
 
-/// The run `id` names (a full id or a unique prefix).
+/// The run `id` names (a full id or a unique prefix), as every front end resolves it.
 pub(crate) async fn find_run(state: &ApiState, id: &str) -> ApiResult<RunSummary> {
-    let runs = state.store.list_runs().await.map_err(ApiError::internal)?;
-    let mut found =
-        runs.into_iter().filter(|r| r.run_id.as_str() == id || (!id.is_empty() && r.run_id.as_str().starts_with(id)));
-    match (found.next(), found.next()) {
-        (Some(r), None) => Ok(r),
-        (None, _) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no run `{id}`"))),
-        (Some(_), Some(_)) => {
-            Err(ApiError::new(StatusCode::BAD_REQUEST, "ambiguous", format!("`{id}` names more than one run")))
-        }
-    }
+    use descartes_core::store::{RunLookupError, resolve_run};
+    let not_found = |message: String| ApiError::new(StatusCode::NOT_FOUND, "not_found", message);
+    let run_id = resolve_run(&*state.store, id).await.map_err(|e| match e {
+        RunLookupError::Store(e) => ApiError::internal(e),
+        RunLookupError::Ambiguous { .. } => ApiError::new(StatusCode::BAD_REQUEST, "ambiguous", e.to_string()),
+        e => not_found(e.to_string()),
+    })?;
+    state
+        .store
+        .run_summary(&run_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(RunLookupError::NotFound(id.to_owned()).to_string()))
 }
 
 #[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = String, Path, description = "A run id or a unique prefix of one")), responses((status = 200, body = RunView), (status = 404, body = ErrorBody), (status = 400, description = "The prefix names several runs", body = ErrorBody)))]

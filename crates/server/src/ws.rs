@@ -20,6 +20,9 @@
 //!   "subscribe": true?}`: starts a run (`run` is the body of `POST /v1/runs`), answered by
 //!   `{"type": "run_started", "request_id", "run_id", "new"}`; with `subscribe` the socket's
 //!   subscription becomes the run's stream from its first event, deltas included;
+//! - `{"type": "resume_run", "request_id"?, "run_id", "run": {...}?, "subscribe": true?}`:
+//!   resumes a run (`run` is the body of `POST /v1/runs/{id}/resume`), answered by
+//!   `run_started` as for `start_run`;
 //! - `{"type": "answer", "run_id", "call_id", "decision": "allow"|"allow_for_run"|"deny"}`:
 //!   answers an ask (a `permission_asked` event), answered by `answered`;
 //! - `{"type": "cancel", "run_id"}`: stops a run this server drives, answered by `cancelling`.
@@ -31,8 +34,9 @@
 //! - `{"type": "event", "event": EVENT}`: EVENT is the event's JSON, the same object the event
 //!   stream's `data:` carries and `/v1/events` pages hold (`{seq, id, run_id, type, v, at, data}`);
 //!   a client that reconnects subscribes with `after` = the last `seq` it got;
-//! - `{"type": "delta", "run_id": "...", "kind": "text"|"thinking", "text": "..."}`: live model
-//!   output of a run ([`ApiState::publish_delta`]), to the subscribers of that run's stream or of
+//! - `{"type": "delta", "run_id": "...", "kind": "text"|"notice"|"attempt_ended", "text": "..."}`
+//!   (`attempt_ended` has `kept`: false when the streamed text is to be discarded): live output
+//!   of a run ([`ApiState::publish_delta`]), to the subscribers of that run's stream or of
 //!   every stream. Deltas are not in the log, so they are best-effort: one that finds the
 //!   socket's queue full is skipped, and a subscriber that falls behind the broadcast
 //!   ([`crate::LIVE_CAPACITY`]) skips those it missed; neither disconnects it. The run's events
@@ -130,6 +134,17 @@ pub enum ClientFrame {
         #[serde(default)]
         subscribe: bool,
     },
+    /// Resumes a run (`run`: the body of `POST /v1/runs/{id}/resume`); answered by
+    /// `run_started`; with `subscribe`, as for `start_run`.
+    ResumeRun {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        run_id: String,
+        #[serde(default)]
+        run: crate::drive::ResumeRun,
+        #[serde(default)]
+        subscribe: bool,
+    },
     /// Answers an ask of a run (`decision`: `allow`, `allow_for_run`, `deny`); answered by
     /// `answered`.
     Answer { run_id: String, call_id: String, decision: String },
@@ -152,6 +167,8 @@ enum ServerFrame<'a> {
         run_id: &'a str,
         /// False when an earlier request with the same idempotency key started it.
         new: bool,
+        /// Provider and model.
+        label: &'a str,
     },
     Answered {
         run_id: &'a str,
@@ -220,6 +237,12 @@ impl Outbox {
     }
 }
 
+/// What `start_run` and `resume_run` ask for.
+enum Begin {
+    New(crate::drive::CreateRun, Option<String>),
+    Resume(String, crate::drive::ResumeRun),
+}
+
 /// A subscription: the task tailing the log into the outbox, and the deltas it wants.
 struct Subscription {
     pump: JoinHandle<()>,
@@ -253,7 +276,10 @@ async fn dispatch(frame: ClientFrame, conn: &mut Conn) {
         }
         ClientFrame::Ping {} => conn.out.send(ServerFrame::Pong).await,
         ClientFrame::StartRun { request_id, run, idempotency_key, subscribe } => {
-            conn.start_run(request_id.as_deref(), run, idempotency_key, subscribe).await;
+            conn.start_run(request_id.as_deref(), Begin::New(run, idempotency_key), subscribe).await;
+        }
+        ClientFrame::ResumeRun { request_id, run_id, run, subscribe } => {
+            conn.start_run(request_id.as_deref(), Begin::Resume(run_id, run), subscribe).await;
         }
         ClientFrame::Answer { run_id, call_id, decision } => conn.answer(&run_id, &call_id, &decision).await,
         ClientFrame::Cancel { run_id } => {
@@ -319,21 +345,22 @@ impl Conn {
         self.out.error(code, descartes_core::redact::redact(&format!("{e:#}"))).await;
     }
 
-    /// `start_run`: starts the run, says `run_started`, and subscribes to it if asked.
-    async fn start_run(
-        &mut self,
-        request_id: Option<&str>,
-        run: crate::drive::CreateRun,
-        key: Option<String>,
-        subscribe: bool,
-    ) {
+    /// `start_run` and `resume_run`: starts the run, says `run_started`, and subscribes to it
+    /// if asked (deltas taken from before the start, so none is missed).
+    async fn start_run(&mut self, request_id: Option<&str>, begin: Begin, subscribe: bool) {
         let Some(service) = self.service().await else { return };
         let deltas = subscribe.then(|| self.state.live.subscribe());
-        match service.start(run.into_new_run(key)).await {
-            Ok((id, new)) => {
-                self.out.send(ServerFrame::RunStarted { request_id, run_id: id.as_str(), new }).await;
+        let started = match begin {
+            Begin::New(run, key) => service.start(run.into_new_run(key)).await,
+            Begin::Resume(id, run) => service.resume(&id, run.into_request()).await,
+        };
+        match started {
+            Ok(started) => {
+                let id = started.run_id.as_str();
+                let frame = ServerFrame::RunStarted { request_id, run_id: id, new: started.new, label: &started.label };
+                self.out.send(frame).await;
                 if subscribe {
-                    self.subscribe_with(0, Some(id.to_string()), Vec::new(), deltas).await;
+                    self.subscribe_with(0, Some(id.to_owned()), Vec::new(), deltas).await;
                 }
             }
             Err(e) => self.app_error(e).await,
@@ -399,7 +426,7 @@ fn parse(text: &str) -> Result<ClientFrame, (&'static str, String)> {
             (
                 "unknown_type",
                 format!(
-                    "unknown frame type `{}` (known: subscribe, unsubscribe, ping, start_run, answer, cancel)",
+                    "unknown frame type `{}` (known: subscribe, unsubscribe, ping, start_run, resume_run, answer, cancel)",
                     clip(kind)
                 ),
             )

@@ -526,6 +526,27 @@ fn event_of(p: &Prepared, seq: Seq) -> Event {
     Event { seq, id: e.id.clone(), run_id: e.run_id.clone(), at: e.at, v: EVENT_VERSION, data: e.data.clone() }
 }
 
+/// The runs projection, newest first.
+const LIST_RUNS: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd \
+     FROM runs ORDER BY started_at DESC, run_id DESC";
+/// One run's summary.
+const RUN_SUMMARY: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd \
+     FROM runs WHERE run_id = $1";
+
+fn run_summary_row(r: &postgres::Row) -> Result<RunSummary, postgres::Error> {
+    Ok(RunSummary {
+        run_id: RunId(r.try_get(0)?),
+        status: r.try_get(1)?,
+        prompt: r.try_get(2)?,
+        provider: r.try_get(3)?,
+        model: r.try_get(4)?,
+        started_at: Timestamp(r.try_get(5)?),
+        updated_at: Timestamp(r.try_get(6)?),
+        tokens: u64::try_from(r.try_get::<_, i64>(7)?).unwrap_or(0),
+        cost_usd: r.try_get(8)?,
+    })
+}
+
 #[async_trait]
 impl EventStore for PgStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
@@ -559,30 +580,20 @@ impl EventStore for PgStore {
     async fn list_runs(&self) -> Result<Vec<RunSummary>, StoreError> {
         self.with_conn(|conn, target| {
             let Conn { client, stmts, .. } = conn;
-            let s = stmts
-                .get(
-                    client,
-                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs
-                     ORDER BY started_at DESC, run_id DESC",
-                )
-                .map_err(|e| target.error(&e))?;
+            let s = stmts.get(client, LIST_RUNS).map_err(|e| target.error(&e))?;
             let rows = client.query(&s, &[]).map_err(|e| target.error(&e))?;
-            rows.iter()
-                .map(|r| {
-                    Ok(RunSummary {
-                        run_id: RunId(r.try_get(0)?),
-                        status: r.try_get(1)?,
-                        prompt: r.try_get(2)?,
-                        provider: r.try_get(3)?,
-                        model: r.try_get(4)?,
-                        started_at: Timestamp(r.try_get(5)?),
-                        updated_at: Timestamp(r.try_get(6)?),
-                        tokens: u64::try_from(r.try_get::<_, i64>(7)?).unwrap_or(0),
-                        cost_usd: r.try_get(8)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, postgres::Error>>()
-                .map_err(|e| target.error(&e))
+            rows.iter().map(run_summary_row).collect::<Result<Vec<_>, postgres::Error>>().map_err(|e| target.error(&e))
+        })
+        .await
+    }
+
+    async fn run_summary(&self, run_id: &RunId) -> Result<Option<RunSummary>, StoreError> {
+        let id = run_id.as_str().to_owned();
+        self.with_conn(move |conn, target| {
+            let Conn { client, stmts, .. } = conn;
+            let s = stmts.get(client, RUN_SUMMARY).map_err(|e| target.error(&e))?;
+            let rows = client.query(&s, &[&id]).map_err(|e| target.error(&e))?;
+            rows.first().map(run_summary_row).transpose().map_err(|e| target.error(&e))
         })
         .await
     }

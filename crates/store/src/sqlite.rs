@@ -634,6 +634,24 @@ fn replay(conn: &Connection, run_id: RunId) -> Result<RunState, StoreError> {
     Ok(state)
 }
 
+/// The columns of a run's summary (`runs` projection).
+const RUN_SUMMARY: &str =
+    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs";
+
+fn run_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
+    Ok(RunSummary {
+        run_id: RunId(r.get(0)?),
+        status: r.get(1)?,
+        prompt: r.get(2)?,
+        provider: r.get(3)?,
+        model: r.get(4)?,
+        started_at: Timestamp(r.get(5)?),
+        updated_at: Timestamp(r.get(6)?),
+        tokens: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+        cost_usd: r.get(8)?,
+    })
+}
+
 #[async_trait]
 impl EventStore for SqliteEventStore {
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Event>, StoreError> {
@@ -662,28 +680,20 @@ impl EventStore for SqliteEventStore {
 
     async fn list_runs(&self) -> Result<Vec<RunSummary>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs
-                     ORDER BY started_at DESC, run_id DESC",
-                )
-                .map_err(io_err)?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(RunSummary {
-                        run_id: RunId(r.get(0)?),
-                        status: r.get(1)?,
-                        prompt: r.get(2)?,
-                        provider: r.get(3)?,
-                        model: r.get(4)?,
-                        started_at: Timestamp(r.get(5)?),
-                        updated_at: Timestamp(r.get(6)?),
-                        tokens: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
-                        cost_usd: r.get(8)?,
-                    })
-                })
-                .map_err(io_err)?;
+            let mut stmt =
+                c.prepare_cached(&format!("{RUN_SUMMARY} ORDER BY started_at DESC, run_id DESC")).map_err(io_err)?;
+            let rows = stmt.query_map([], run_summary_row).map_err(io_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(io_err)
+        })
+        .await
+    }
+
+    async fn run_summary(&self, run_id: &RunId) -> Result<Option<RunSummary>, StoreError> {
+        let id = run_id.as_str().to_owned();
+        self.with_reader(move |c| {
+            let mut stmt = c.prepare_cached(&format!("{RUN_SUMMARY} WHERE run_id = ?1")).map_err(io_err)?;
+            let mut rows = stmt.query_map([id], run_summary_row).map_err(io_err)?;
+            rows.next().transpose().map_err(io_err)
         })
         .await
     }

@@ -210,6 +210,12 @@ async fn runs_projection_follows_lifecycle(s: &Arc<dyn EventStore>) {
     assert_eq!(s.find_runs("01ab").await.unwrap(), vec![b.clone()]);
     assert!(s.find_runs("zz").await.unwrap().is_empty());
     assert!(s.find_runs("%").await.unwrap().is_empty(), "prefixes are literal");
+    assert_eq!(s.run_summary(&a).await.unwrap().as_ref(), Some(ra), "one run's summary is its row of the list");
+    assert!(s.run_summary(&RunId::from("01a")).await.unwrap().is_none(), "a prefix is not an id");
+    let resolved = descartes_core::store::resolve_run(&**s, "01ab").await.unwrap();
+    assert_eq!(resolved, b);
+    let ambiguous = descartes_core::store::resolve_run(&**s, "01a").await.unwrap_err().to_string();
+    assert!(ambiguous.contains("matches several runs"), "{ambiguous}");
 }
 
 async fn followers_are_woken_by_appends(s: &Arc<dyn EventStore>) {
