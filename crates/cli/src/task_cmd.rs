@@ -40,7 +40,8 @@ pub enum TaskCommand {
         #[arg(long)]
         evidence: bool,
     },
-    /// Run one task now on the agent the router picks (in its own git worktree).
+    /// Run one task now on the agent the router picks (in its own git worktree). Exit 7 when
+    /// the task cannot be claimed now, 1 when the attempt failed, 130 when interrupted.
     Execute {
         /// The task id (or a unique prefix of it).
         id: String,
@@ -53,8 +54,9 @@ pub enum TaskCommand {
         /// The task id (or a unique prefix of it).
         id: String,
     },
-    /// Merge the task's branch into its base branch (fast-forward or a merge commit; refused on
-    /// conflict).
+    /// Merge the task's branch into its base branch (fast-forward or a merge commit). Exit 9
+    /// when git cannot merge it (a conflict), 10 when the policy refuses or an approval it
+    /// requires is missing (`task approve ID --stage merge`).
     Merge {
         /// The task id (or a unique prefix of it).
         id: String,
