@@ -41,9 +41,11 @@ macro_rules! problems {
 }
 
 problems! {
-    /// Bad arguments or input (for tasks also: invalid glob, missing dependency, cycle,
-    /// illegal transition).
+    /// Bad arguments or input (for tasks also: invalid glob, missing dependency, cycle).
     Usage = "bad_request", exit 2, http 400;
+    /// A task operation its status does not allow (cancel a done task, retry a queued one):
+    /// the CLI's usage error, the API's conflict.
+    IllegalTransition = "illegal_transition", exit 2, http 409;
     /// Bad configuration: a config or policy file, a missing API key, an unknown provider,
     /// guardrail files awaiting `config trust`.
     Config = "config", exit 3, http 422;
@@ -132,6 +134,7 @@ pub fn task_problem(e: &TaskError) -> Problem {
         TaskError::NotFound(_) => Problem::NotFound,
         TaskError::StaleToken { .. } | TaskError::LeaseExpired { .. } => Problem::StaleLease,
         TaskError::Store(_) => Problem::Store,
+        TaskError::IllegalTransition { .. } => Problem::IllegalTransition,
         _ => Problem::Usage,
     }
 }
@@ -159,5 +162,13 @@ mod tests {
         let e = fail(Problem::PolicyRefused, "no");
         assert_eq!((classify(&e).exit_code(), classify(&e).http_status()), (10, 403));
         assert_eq!(classify(&anyhow::anyhow!("what")), Problem::Internal);
+        // The CLI's exit code of an illegal transition is a usage error's, as before.
+        let e: anyhow::Error = TaskError::IllegalTransition {
+            id: "t".into(),
+            action: "cancel",
+            status: descartes_protocol::TaskStatus::Done,
+        }
+        .into();
+        assert_eq!((classify(&e).exit_code(), classify(&e).http_status()), (2, 409));
     }
 }

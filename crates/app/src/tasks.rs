@@ -1,13 +1,17 @@
 //! What is done to a task beyond the task store's own rules: execute it on its agent (as a
 //! daemon worker would), show its diff and evidence, merge, discard and approve it. Each
 //! records its event (and the policy's decision) and brings the task's audit trail up to date.
+//! Also what every front end needs to name and show a task: [`resolve`] (a unique prefix),
+//! [`create`] (dependencies by prefix), [`show`] (its dependencies, why it waits, why no agent
+//! takes it).
 
 use std::time::Duration;
 
 use anyhow::Result;
-use descartes_core::TaskError;
+use descartes_core::task::waiting_reason;
+use descartes_core::{Clock, SystemClock, TaskError, TaskFilter, TaskStore};
 use descartes_policy::{DecisionInput, Effect, Stage};
-use descartes_protocol::{EventData, NewEvent, RunId, Task, TaskDiscarded, TaskMerged, TaskStatus};
+use descartes_protocol::{EventData, NewEvent, NewTask, RunId, Task, TaskDiscarded, TaskMerged, TaskStatus};
 use descartes_runtime::daemon::{Outcome, TaskRunner};
 use descartes_runtime::{Runtime, Stores};
 use descartes_worktree::{MergeKind, Worktree};
@@ -108,6 +112,17 @@ pub struct Merged {
     pub into: String,
     pub commit: String,
     pub kind: MergeKind,
+}
+
+impl Merged {
+    /// How it merged: `up_to_date`, `fast_forward` or `merge_commit`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            MergeKind::UpToDate => "up_to_date",
+            MergeKind::FastForward => "fast_forward",
+            MergeKind::MergeCommit => "merge_commit",
+        }
+    }
 }
 
 /// Merges a done task's branch into its base branch, if the policy allows it at `merge`
@@ -222,4 +237,114 @@ pub async fn evidence_json(exec: &Executor, id: &str) -> Result<serde_json::Valu
         }
     }
     Ok(v)
+}
+
+/// The task `id` names: a full id, or a unique prefix of one. An unknown id is
+/// [`TaskError::NotFound`]; a prefix of several tasks is [`TaskError::Invalid`], naming some.
+pub async fn resolve(tasks: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
+    match tasks.get_task(id).await {
+        Ok(t) => Ok(t.id),
+        Err(TaskError::NotFound(_)) if !id.is_empty() => {
+            let all = tasks.list_tasks(&TaskFilter::default()).await?;
+            let found: Vec<&Task> = all.iter().filter(|t| t.id.starts_with(id)).collect();
+            match found.as_slice() {
+                [one] => Ok(one.id.clone()),
+                [] => Err(TaskError::NotFound(id.to_owned())),
+                many => {
+                    let shown = many.iter().take(5).map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ");
+                    let more = if many.len() > 5 { format!(" and {} more", many.len() - 5) } else { String::new() };
+                    Err(TaskError::Invalid(format!(
+                        "`{id}` matches {} tasks ({shown}{more}); give more of the id",
+                        many.len()
+                    )))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates a task whose dependencies may be named by unique prefix (an unknown one is
+/// [`TaskError::MissingDependency`]).
+pub async fn create(tasks: &dyn TaskStore, mut new: NewTask) -> Result<Task, TaskError> {
+    let mut depends_on = Vec::with_capacity(new.depends_on.len());
+    for d in &new.depends_on {
+        depends_on.push(match resolve(tasks, d).await {
+            Err(TaskError::NotFound(_)) => return Err(TaskError::MissingDependency(d.clone())),
+            other => other?,
+        });
+    }
+    new.depends_on = depends_on;
+    tasks.create_task(new).await
+}
+
+/// A task as `task show` presents it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskShown {
+    pub task: Task,
+    /// The tasks it depends on, in its order.
+    pub dependencies: Vec<Task>,
+    /// Why it is not claimed (dependencies, locks, backoff, the blocking failure); `None` when
+    /// it does not wait.
+    pub waiting: Option<String>,
+    /// Why no registered agent can take it now (a queued task, when agents are registered).
+    pub routing: Option<String>,
+}
+
+/// The task `id` names (a full id or a unique prefix), with its dependencies and why it waits.
+pub async fn show(stores: &Stores, id: &str) -> Result<TaskShown, TaskError> {
+    let tasks = &*stores.tasks;
+    let task = tasks.get_task(&resolve(tasks, id).await?).await?;
+    let mut dependencies = Vec::with_capacity(task.depends_on.len());
+    for d in &task.depends_on {
+        dependencies.push(tasks.get_task(d).await?);
+    }
+    let leased: Vec<Task> =
+        tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|t| t.status.is_leased()).collect();
+    let now = SystemClock.now();
+    let waiting = waiting_reason(&task, &dependencies, &leased, now);
+    let mut routing = None;
+    if task.status == TaskStatus::Queued {
+        let agents = stores.agents.list_agents().await?;
+        if !agents.is_empty() {
+            let load = tasks.agent_load().await?;
+            routing = descartes_core::routing::route(&task, &agents, &load, now).err();
+        }
+    }
+    Ok(TaskShown { task, dependencies, waiting, routing })
+}
+
+/// A task as `task show --json` prints it: the task, with `waiting` when it waits.
+pub fn task_json(task: &Task, waiting: Option<&str>) -> serde_json::Value {
+    let mut v = serde_json::to_value(task).unwrap_or_default();
+    if let (Some(obj), Some(w)) = (v.as_object_mut(), waiting) {
+        obj.insert("waiting".into(), w.into());
+    }
+    v
+}
+
+impl TaskShown {
+    /// [`task_json`], plus `dependencies` (each `{id, title, status}`) and `routing` when no
+    /// agent can take it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = task_json(&self.task, self.waiting.as_deref());
+        if let Some(obj) = v.as_object_mut() {
+            let deps: Vec<serde_json::Value> = self
+                .dependencies
+                .iter()
+                .map(|d| serde_json::json!({"id": d.id, "title": d.title, "status": d.status}))
+                .collect();
+            obj.insert("dependencies".into(), deps.into());
+            if let Some(r) = &self.routing {
+                obj.insert("routing".into(), r.as_str().into());
+            }
+        }
+        v
+    }
+}
+
+/// Wakes a local daemon's idle workers at once (new or requeued work) instead of at their next
+/// poll.
+pub fn wake_daemon(rt: &Runtime) {
+    descartes_runtime::daemon::poke(&rt.places.state_dir);
 }

@@ -53,8 +53,10 @@ pub struct ErrorBody {
 /// What went wrong.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable: `unauthorized`, `foreign_host`, `foreign_origin`, `bad_query`, `not_found`,
-    /// `ambiguous`, `bad_last_event_id`, `not_websocket`, `internal`.
+    /// Stable: `unauthorized`, `foreign_host`, `foreign_origin`, `bad_query`, `bad_json`,
+    /// `too_large`, `not_found`, `ambiguous`, `bad_last_event_id`, `not_websocket`,
+    /// `no_runner`, `internal`, and the application's problems (`descartes_app::Problem`:
+    /// `bad_request`, `illegal_transition`, `conflict`, `policy_refused`, `merge_failed`, ...).
     pub code: String,
     pub message: String,
 }

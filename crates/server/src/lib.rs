@@ -16,13 +16,22 @@
 //!   each event's `id` is its `seq`, so a client that reconnects with `Last-Event-ID` gets the
 //!   rest with no gap and no duplicate. At shutdown the stream ends with an `end` event;
 //! - `GET /v1/ws`: a WebSocket of JSON frames: subscriptions to the log (the stream's events),
-//!   live model output deltas, and later requests; the protocol is in [`ws`].
+//!   live model output deltas, and later requests; the protocol is in [`ws`];
+//! - runs driven by this server: `POST /v1/runs`, `.../resume`, `.../cancel`, `.../asks` (`drive`);
+//! - tasks: `POST|GET /v1/tasks`, `GET /v1/tasks/{id}` and its `evidence`, `diff`, `decisions`
+//!   and `audit`; `POST /v1/tasks/{id}/cancel|retry|approve|merge|discard` (`tasks`);
+//! - `GET /v1/agents`, `GET /v1/sessions`, `GET /v1/providers?check=BOOL` (`listings`).
+//!
+//! Routes that need the place's runtime (driving runs, tasks, agents, providers) answer `501
+//! no_runner` on a server that only reads the log. Bodies are JSON with no unknown field:
+//! malformed JSON is `400`, unknown fields and wrong types `422`.
 //!
 //! The server reads the log through [`EventStore`]; what a run's status means beyond the log
 //! (a `running` run nobody drives is `interrupted`) comes from the caller ([`RunStatus`]).
 //!
-//! Modules: [`guard`] (Host, Origin, token), `error` ([`ApiError`]), `runs` and `events` (the
-//! routes), `tail` (the live tail the event stream and the WebSocket share), [`ws`].
+//! Modules: [`guard`] (Host, Origin, token), `error` ([`ApiError`]), `runs`, `events`, `drive`,
+//! `tasks` and `listings` (the routes), `tail` (the live tail the event stream and the
+//! WebSocket share), [`ws`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,17 +48,22 @@ use tokio::sync::{broadcast, watch};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+#[cfg(test)]
+mod api_tests;
 mod drive;
 mod error;
 mod events;
 pub mod guard;
+mod listings;
 mod runs;
 mod tail;
+mod tasks;
 pub mod ws;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use events::EventsPage;
 pub use runs::{RunView, RunsPage};
+pub use tasks::{ApproveTask, Approved, CreateTask, DiscardedView, MergedView, Needs};
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -153,7 +167,7 @@ fn own_hosts(addr: SocketAddr) -> Vec<String> {
 /// The API's OpenAPI document, generated from the handlers (`GET /v1/openapi.json`).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Descartes API", description = "Runs and the event log of a Descartes place."),
+    info(title = "Descartes API", description = "Runs, tasks, agents and the event log of a Descartes place."),
     paths(
         health,
         openapi,
@@ -167,9 +181,27 @@ fn own_hosts(addr: SocketAddr) -> Vec<String> {
         drive::resume_run,
         drive::cancel_run,
         drive::list_asks,
-        drive::answer_ask
+        drive::answer_ask,
+        tasks::create_task,
+        tasks::list_tasks,
+        tasks::get_task,
+        tasks::evidence,
+        tasks::diff,
+        tasks::cancel,
+        tasks::retry,
+        tasks::approve,
+        tasks::merge,
+        tasks::discard,
+        tasks::decisions,
+        tasks::audit,
+        listings::agents,
+        listings::sessions,
+        listings::providers
     ),
-    components(schemas(ErrorBody, ErrorDetail, RunView, RunsPage, EventsPage, drive::CreateRun, drive::ResumeRun, drive::RunAccepted, drive::AskAnswer, drive::AskView)),
+    components(schemas(
+        ErrorBody, ErrorDetail, RunView, RunsPage, EventsPage, drive::CreateRun, drive::ResumeRun, drive::RunAccepted,
+        drive::AskAnswer, drive::AskView, CreateTask, Needs, ApproveTask, Approved, MergedView, DiscardedView
+    )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
 )]
@@ -202,6 +234,20 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/runs/{id}/asks/{call_id}", post(drive::answer_ask))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/events", get(runs::run_events))
+        .route("/v1/tasks", get(tasks::list_tasks).post(tasks::create_task))
+        .route("/v1/tasks/{id}", get(tasks::get_task))
+        .route("/v1/tasks/{id}/evidence", get(tasks::evidence))
+        .route("/v1/tasks/{id}/diff", get(tasks::diff))
+        .route("/v1/tasks/{id}/decisions", get(tasks::decisions))
+        .route("/v1/tasks/{id}/audit", get(tasks::audit))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/retry", post(tasks::retry))
+        .route("/v1/tasks/{id}/approve", post(tasks::approve))
+        .route("/v1/tasks/{id}/merge", post(tasks::merge))
+        .route("/v1/tasks/{id}/discard", post(tasks::discard))
+        .route("/v1/agents", get(listings::agents))
+        .route("/v1/sessions", get(listings::sessions))
+        .route("/v1/providers", get(listings::providers))
         .route("/v1/events", get(events::events))
         .route("/v1/events/stream", get(events::stream))
         .route("/v1/ws", get(ws::upgrade))
@@ -260,5 +306,33 @@ mod tests {
             assert!(doc["paths"][path]["get"].is_object(), "{path} in {doc}");
         }
         assert!(doc["components"]["schemas"]["EventsPage"].is_object());
+        for path in [
+            "/v1/tasks",
+            "/v1/tasks/{id}",
+            "/v1/tasks/{id}/evidence",
+            "/v1/tasks/{id}/diff",
+            "/v1/tasks/{id}/decisions",
+            "/v1/tasks/{id}/audit",
+            "/v1/agents",
+            "/v1/sessions",
+            "/v1/providers",
+        ] {
+            assert!(doc["paths"][path]["get"].is_object(), "{path} in {doc}");
+        }
+        for path in [
+            "/v1/tasks",
+            "/v1/tasks/{id}/cancel",
+            "/v1/tasks/{id}/retry",
+            "/v1/tasks/{id}/approve",
+            "/v1/tasks/{id}/merge",
+            "/v1/tasks/{id}/discard",
+        ] {
+            assert!(doc["paths"][path]["post"].is_object(), "{path} in {doc}");
+        }
+        let create = &doc["components"]["schemas"]["CreateTask"];
+        assert!(
+            create["properties"]["type"].is_object() && create["required"] == serde_json::json!(["title"]),
+            "{create}"
+        );
     }
 }
