@@ -316,13 +316,25 @@ impl Prompter for ApiPrompter {
             return PromptAnswer::Deny;
         }
         (self.publish)(serde_json::json!({"type": "ask", "run_id": self.run_id, "call_id": call_id}));
-        let answer = tokio::select! {
+        // A stop (cancel, shutdown) is the run's to handle: it drops this wait and records
+        // `run_cancelled`, with no answer, so a resume asks again.
+        let _forget = Forget { asks: &self.active.asks, call_id: &call_id };
+        tokio::select! {
             a = rx => a.unwrap_or(PromptAnswer::Deny),
             () = tokio::time::sleep(self.timeout) => PromptAnswer::Deny,
-            () = self.active.cancel.cancelled() => PromptAnswer::Deny,
-        };
-        lock(&self.active.asks).remove(&call_id);
-        answer
+        }
+    }
+}
+
+/// Removes an ask from the waiting ones when its wait ends, however it ends.
+struct Forget<'a> {
+    asks: &'a Mutex<HashMap<String, (Ask, oneshot::Sender<PromptAnswer>)>>,
+    call_id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(self.asks).remove(self.call_id);
     }
 }
 

@@ -470,3 +470,31 @@ fn a_websocket_client_starts_a_run_answers_its_ask_and_reconnects_without_a_gap(
     assert_eq!(of_type(&events, "permission_decided")[0]["data"]["actor"], "user");
     assert_log_invariants(&events);
 }
+
+/// SIGTERM while the server drives a run that waits for an ask: the run is stopped cleanly
+/// (`run_cancelled`, nothing run), and a new server resumes it to completion.
+#[test]
+fn sigterm_leaves_the_runs_of_the_server_resumable() {
+    let env = Env::new(shell_model("echo after-$((5*5))"));
+    env.init();
+    let mut s = start(&env);
+    let (code, body) = post(&s, "/v1/runs", r#"{"prompt": "compute", "provider": "openai"}"#);
+    assert_eq!(code, 201, "{body}");
+    let id = body["run_id"].as_str().unwrap().to_owned();
+    wait_for(&s, &format!("/v1/runs/{id}/asks"), "the ask", |b| b.as_array().is_some_and(|a| !a.is_empty()));
+    signal(&s.child, "TERM");
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let events = env.events(&id);
+    assert_eq!(count(&events, "run_cancelled"), 1, "stopped cleanly");
+    assert_eq!(count(&events, "tool_call_started"), 0, "the asked call did not run");
+
+    let s = start(&env);
+    let (code, body) = post(&s, &format!("/v1/runs/{id}/resume"), r#"{"auto_approve": true}"#);
+    assert_eq!(code, 202, "{body}");
+    wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
+    let events = run_events(&s, &id);
+    let done = of_type(&events, "tool_call_completed");
+    assert!(done.iter().any(|d| d["data"]["output"].as_str().unwrap().contains("after-25")), "{done:?}");
+    assert_log_invariants(&events);
+}
