@@ -19,15 +19,15 @@ use std::time::Instant;
 
 use descartes_protocol::{
     BudgetExceeded, ContentPart, Decision, Event, EventData, Message, MessageAdded, ModelCallCompleted,
-    ModelCallFailed, ModelCallStarted, PermissionDecided, ProviderSwitched, Role, RunCancelled, RunCompleted,
-    RunFailed, RunId, RunParked, RunResumed, RunStarted, SessionStarted, ToolCallCompleted, ToolCallStarted, Usage,
+    ModelCallFailed, ModelCallStarted, PermissionDecided, ProviderSwitched, Role, RunCompleted, RunId, RunParked,
+    RunResumed, RunStarted, SessionStarted, ToolCallCompleted, ToolCallStarted, Usage,
 };
 use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbox::Outbox;
-use crate::permission::{self, Prompter, Question, Step};
+use crate::outbox::{Outbox, Recorder};
+use crate::permission::{self, Prompter, Question};
 use crate::policy::Policy;
 use crate::provider::{ModelRequest, Provider, ProviderError, ResponseAssembler, StreamEvent};
 use crate::resilience::ChainEntry;
@@ -652,8 +652,19 @@ impl Agent {
         }
     }
 
-    /// Decides whether a tool call may run (see [`crate::permission::decide`]); everything so
-    /// far is made durable before a human is asked.
+    /// What this loop records through (see [`crate::outbox::Recorder`]).
+    fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            store: &*self.store,
+            sink: &*self.sink,
+            prompter: &*self.prompter,
+            cancel: &self.cancel,
+            policy: &self.policy,
+            gate: self.gate.as_deref(),
+        }
+    }
+
+    /// Decides whether a tool call may run (see [`Recorder::decide`]).
     async fn decide(
         &self,
         st: &mut RunState,
@@ -670,21 +681,8 @@ impl Agent {
             read_only: tool.read_only(),
             cwd: &self.config.cwd,
         };
-        let (step, record) =
-            permission::decide_gated(self.gate.as_deref(), &self.policy, &q, &st.run_allowed, st.auto_approve);
-        if let Some(r) = record {
-            self.push(st, ob, r);
-        }
-        let ask = match step {
-            Step::Decided(d) => return Ok(d),
-            Step::Ask(ask) => ask,
-        };
-        self.commit(st, ob).await?;
-        let answer = tokio::select! {
-            _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
-            a = self.prompter.ask(&ask.request) => a,
-        };
-        Ok(ask.answered(answer))
+        let auto = st.auto_approve;
+        self.recorder().decide(st, ob, &q, auto).await
     }
 
     async fn fail(
@@ -695,27 +693,25 @@ impl Agent {
         kind: &str,
         retryable: bool,
     ) -> Result<RunOutcome> {
-        self.push(st, ob, RunFailed { error: error.clone(), kind: kind.to_owned(), retryable });
-        self.commit(st, ob).await?;
+        self.recorder().failed(st, ob, &error, kind, retryable).await?;
         Ok(RunOutcome::Failed { error, kind: kind.to_owned() })
     }
 
     async fn cancelled(&self, st: &mut RunState, ob: &mut Outbox) -> Result<RunOutcome> {
-        self.push(st, ob, RunCancelled { reason: "stopped by the user".into() });
-        self.commit(st, ob).await?;
+        self.recorder().cancelled(st, ob).await?;
         Ok(RunOutcome::Cancelled)
     }
 
     fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
-        ob.push(st, data);
+        self.recorder().push(st, ob, data);
     }
 
     fn send_deferred(&self, ob: &mut Outbox) {
-        ob.send_deferred(&*self.store);
+        self.recorder().send_deferred(ob);
     }
 
     async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        ob.commit(st, &*self.store, &*self.sink).await
+        self.recorder().commit(st, ob).await
     }
 
     /// Starts an interactive session (`descartes chat`): `run_started`, `session_started`

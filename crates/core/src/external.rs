@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use descartes_protocol::{
     BackendSession, BudgetExceeded, ContentPart, Decision, EventData, Message, MessageAdded, ModelCallCompleted,
-    ModelCallStarted, PermissionDecided, Role, RunCancelled, RunCompleted, RunFailed, RunId, RunParked, RunResumed,
-    RunStarted, Timestamp, ToolCallCompleted, ToolCallStarted, Usage,
+    ModelCallStarted, PermissionDecided, Role, RunCompleted, RunId, RunParked, RunResumed, RunStarted, Timestamp,
+    ToolCallCompleted, ToolCallStarted, Usage,
 };
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentConfig, OutputSink};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Recorder};
 use crate::permission::{self, Prompter, Question};
 use crate::policy::Policy;
 use crate::provider::ProviderError;
@@ -704,9 +704,21 @@ impl ExternalAgent {
         }
     }
 
-    /// Descartes' policy for a CLI's permission request (see [`crate::permission::decide`]):
-    /// the configured rules (which can name the CLI's tools: `Bash(git status)`), then the
-    /// CLI's read-only tools allowed, a tool allowed for the run, `-y`, or a human (denied when
+    /// What this driver records through (see [`crate::outbox::Recorder`]).
+    fn recorder(&self) -> Recorder<'_> {
+        Recorder {
+            store: &*self.store,
+            sink: &*self.sink,
+            prompter: &*self.prompter,
+            cancel: &self.cancel,
+            policy: &self.policy,
+            gate: self.gate.as_deref(),
+        }
+    }
+
+    /// Descartes' decision on a CLI's permission request (see [`Recorder::decide`]): the
+    /// configured rules (which can name the CLI's tools: `Bash(git status)`), then the CLI's
+    /// read-only tools allowed, a tool allowed for the run, `-y`, or a human (denied when
     /// nobody can be asked).
     async fn decide(
         &self,
@@ -722,20 +734,7 @@ impl ExternalAgent {
             cwd: &self.config.cwd,
         };
         let auto = self.config.auto_approve || st.auto_approve;
-        let (step, record) = permission::decide_gated(self.gate.as_deref(), &self.policy, &q, &st.run_allowed, auto);
-        if let Some(r) = record {
-            self.push(st, ob, r);
-        }
-        let ask = match step {
-            permission::Step::Decided(d) => return Ok(d),
-            permission::Step::Ask(ask) => ask,
-        };
-        self.commit(st, ob).await?;
-        let answer = tokio::select! {
-            _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
-            a = self.prompter.ask(&ask.request) => a,
-        };
-        Ok(ask.answered(answer))
+        self.recorder().decide(st, ob, &q, auto).await
     }
 
     async fn fail_provider(&self, st: &mut RunState, ob: &mut Outbox, e: ProviderError) -> Result<ExternalOutcome> {
@@ -757,27 +756,25 @@ impl ExternalAgent {
     ) -> Result<ExternalOutcome> {
         // What the CLI said before failing stays said.
         self.sink.attempt_ended(true);
-        self.push(st, ob, RunFailed { error: error.clone(), kind: kind.to_owned(), retryable });
-        self.commit(st, ob).await?;
+        self.recorder().failed(st, ob, &error, kind, retryable).await?;
         Ok(ExternalOutcome::Failed { error, kind: kind.to_owned() })
     }
 
     async fn cancelled(&self, st: &mut RunState, ob: &mut Outbox) -> Result<ExternalOutcome> {
-        self.push(st, ob, RunCancelled { reason: "stopped by the user".into() });
-        self.commit(st, ob).await?;
+        self.recorder().cancelled(st, ob).await?;
         Ok(ExternalOutcome::Cancelled)
     }
 
     fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
-        ob.push(st, data);
+        self.recorder().push(st, ob, data);
     }
 
     fn send_deferred(&self, ob: &mut Outbox) {
-        ob.send_deferred(&*self.store);
+        self.recorder().send_deferred(ob);
     }
 
     async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        ob.commit(st, &*self.store, &*self.sink).await
+        self.recorder().commit(st, ob).await
     }
 }
 

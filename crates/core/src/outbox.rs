@@ -1,12 +1,89 @@
-//! The outbox of a run's driver (the agent loop, the agent-CLI driver): events applied to the
-//! run's state at once and written to the log in batches, deferred or durable.
+//! The run recorder both drivers (the agent loop, the agent-CLI driver) write through: the
+//! outbox (events applied to the run's state at once and written to the log in batches,
+//! deferred or durable), the one decision of a tool call (durable before a human is asked),
+//! and the run's failure and stop. The durability rules are written here once.
 
-use descartes_protocol::{EventData, NewEvent};
+use descartes_protocol::{EventData, NewEvent, PermissionDecided, RunCancelled, RunFailed};
+use tokio_util::sync::CancellationToken;
 
-use crate::Result;
 use crate::agent::OutputSink;
+use crate::permission::{self, Prompter, Question, Step, ToolGate};
+use crate::policy::Policy;
 use crate::state::RunState;
 use crate::store::{DeferredAppend, EventStore};
+use crate::{CoreError, Result};
+
+/// What a run's driver records through, borrowed from the driver.
+pub(crate) struct Recorder<'a> {
+    pub store: &'a dyn EventStore,
+    pub sink: &'a dyn OutputSink,
+    pub prompter: &'a dyn Prompter,
+    pub cancel: &'a CancellationToken,
+    pub policy: &'a Policy,
+    pub gate: Option<&'a dyn ToolGate>,
+}
+
+impl Recorder<'_> {
+    /// Applies an event to the run's state and queues it.
+    pub(crate) fn push(&self, st: &mut RunState, ob: &mut Outbox, data: impl Into<EventData>) {
+        ob.push(st, data);
+    }
+
+    /// Hands the queued events to the store without waiting (their loss is harmless).
+    pub(crate) fn send_deferred(&self, ob: &mut Outbox) {
+        ob.send_deferred(self.store);
+    }
+
+    /// Writes everything queued durably.
+    pub(crate) async fn commit(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
+        ob.commit(st, self.store, self.sink).await
+    }
+
+    /// The decision of a tool call (see [`permission::decide_gated`]): the policy gate's record
+    /// is queued; before a human is asked everything so far is made durable; a stop while the
+    /// human is asked is [`CoreError::Cancelled`] with no answer recorded.
+    pub(crate) async fn decide(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        q: &Question<'_>,
+        auto_approve: bool,
+    ) -> Result<PermissionDecided> {
+        let (step, record) = permission::decide_gated(self.gate, self.policy, q, &st.run_allowed, auto_approve);
+        if let Some(r) = record {
+            self.push(st, ob, r);
+        }
+        let ask = match step {
+            Step::Decided(d) => return Ok(d),
+            Step::Ask(ask) => ask,
+        };
+        self.commit(st, ob).await?;
+        let answer = tokio::select! {
+            _ = self.cancel.cancelled() => return Err(CoreError::Cancelled),
+            a = self.prompter.ask(&ask.request) => a,
+        };
+        Ok(ask.answered(answer))
+    }
+
+    /// Records, durably, that the run failed.
+    pub(crate) async fn failed(
+        &self,
+        st: &mut RunState,
+        ob: &mut Outbox,
+        error: &str,
+        kind: &str,
+        retryable: bool,
+    ) -> Result<()> {
+        self.push(st, ob, RunFailed { error: error.to_owned(), kind: kind.to_owned(), retryable });
+        self.commit(st, ob).await
+    }
+
+    /// Records, durably, that the run was stopped by the user.
+    pub(crate) async fn cancelled(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
+        self.push(st, ob, RunCancelled { reason: "stopped by the user".into() });
+        self.commit(st, ob).await
+    }
+}
 
 /// Events not yet handed to the store, and deferred appends not yet known to be written.
 #[derive(Default)]
