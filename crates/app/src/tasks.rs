@@ -15,6 +15,7 @@ use descartes_protocol::{EventData, NewEvent, NewTask, RunId, Task, TaskDiscarde
 use descartes_runtime::daemon::{Outcome, TaskRunner};
 use descartes_runtime::{Runtime, Stores};
 use descartes_worktree::{MergeKind, Worktree};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Problem, fail};
@@ -278,12 +279,20 @@ pub async fn create(tasks: &dyn TaskStore, mut new: NewTask) -> Result<Task, Tas
     tasks.create_task(new).await
 }
 
+/// A task another one depends on, as `task show` names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dependency {
+    pub id: String,
+    pub title: String,
+    pub status: TaskStatus,
+}
+
 /// A task as `task show` presents it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskShown {
     pub task: Task,
     /// The tasks it depends on, in its order.
-    pub dependencies: Vec<Task>,
+    pub dependencies: Vec<Dependency>,
     /// Why it is not claimed (dependencies, locks, backoff, the blocking failure); `None` when
     /// it does not wait.
     pub waiting: Option<String>,
@@ -303,6 +312,8 @@ pub async fn show(stores: &Stores, id: &str) -> Result<TaskShown, TaskError> {
         tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|t| t.status.is_leased()).collect();
     let now = SystemClock.now();
     let waiting = waiting_reason(&task, &dependencies, &leased, now);
+    let dependencies =
+        dependencies.into_iter().map(|d| Dependency { id: d.id, title: d.title, status: d.status }).collect();
     let mut routing = None;
     if task.status == TaskStatus::Queued {
         let agents = stores.agents.list_agents().await?;
@@ -325,21 +336,30 @@ pub fn task_json(task: &Task, waiting: Option<&str>) -> serde_json::Value {
 
 impl TaskShown {
     /// [`task_json`], plus `dependencies` (each `{id, title, status}`) and `routing` when no
-    /// agent can take it.
+    /// agent can take it (the API's `GET /v1/tasks/{id}`).
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = task_json(&self.task, self.waiting.as_deref());
         if let Some(obj) = v.as_object_mut() {
-            let deps: Vec<serde_json::Value> = self
-                .dependencies
-                .iter()
-                .map(|d| serde_json::json!({"id": d.id, "title": d.title, "status": d.status}))
-                .collect();
-            obj.insert("dependencies".into(), deps.into());
+            obj.insert("dependencies".into(), serde_json::to_value(&self.dependencies).unwrap_or_default());
             if let Some(r) = &self.routing {
                 obj.insert("routing".into(), r.as_str().into());
             }
         }
         v
+    }
+
+    /// The task [`TaskShown::to_json`] made (what a client of the API reads back).
+    pub fn from_json(v: &serde_json::Value) -> Result<TaskShown, serde_json::Error> {
+        let text = |key: &str| v.get(key).and_then(|w| w.as_str()).map(str::to_owned);
+        Ok(TaskShown {
+            task: Task::deserialize(v)?,
+            dependencies: match v.get("dependencies") {
+                Some(d) => Vec::deserialize(d)?,
+                None => Vec::new(),
+            },
+            waiting: text("waiting"),
+            routing: text("routing"),
+        })
     }
 }
 
@@ -347,4 +367,34 @@ impl TaskShown {
 /// poll.
 pub fn wake_daemon(rt: &Runtime) {
     descartes_runtime::daemon::poke(&rt.places.state_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shown_task_reads_back_from_its_json() {
+        let task: Task = serde_json::from_value(serde_json::json!({
+            "id": "t-b", "title": "beta", "status": "blocked", "depends_on": ["t-a"], "max_attempts": 3,
+            "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:01Z",
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let dependency = Dependency { id: "t-a".into(), title: "alpha".into(), status: TaskStatus::Cancelled };
+        let shown = TaskShown {
+            task,
+            dependencies: vec![dependency],
+            waiting: Some("blocked: t-a was cancelled".into()),
+            routing: Some("no agent".into()),
+        };
+        let json = shown.to_json();
+        assert_eq!(json["dependencies"], serde_json::json!([{"id": "t-a", "title": "alpha", "status": "cancelled"}]));
+        assert_eq!(TaskShown::from_json(&json).ok(), Some(shown.clone()));
+        let bare = TaskShown { dependencies: vec![], waiting: None, routing: None, ..shown };
+        let mut json = task_json(&bare.task, None);
+        assert!(json.get("waiting").is_none() && json.get("routing").is_none(), "{json}");
+        assert_eq!(TaskShown::from_json(&json).ok(), Some(bare.clone()));
+        json["status"] = "sleeping".into();
+        assert!(TaskShown::from_json(&json).is_err());
+    }
 }

@@ -4,10 +4,11 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use descartes_core::routing::{self, AgentStore};
+use descartes_core::routing::AgentStore;
 use descartes_core::{Clock, SystemClock};
-use descartes_protocol::{AgentRecord, AgentRegistered, AgentStats};
+use descartes_protocol::{AgentRecord, AgentRegistered};
 use descartes_runtime::Runtime;
+use serde::Deserialize;
 
 #[derive(Subcommand, Debug)]
 pub enum AiCommand {
@@ -97,7 +98,7 @@ pub fn detect_capabilities(rt: &Runtime, backend: &str) -> Result<Vec<String>> {
 
 pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
     let stores = rt.open_stores().await?;
-    let agents = stores.agents;
+    let agents = stores.agents.clone();
     let now = SystemClock.now();
     match command {
         AiCommand::Register(a) => {
@@ -136,57 +137,7 @@ pub async fn run(rt: Runtime, command: AiCommand) -> Result<u8> {
             agents.put_agent(&record, AgentRegistered { agent: record.clone() }.into()).await?;
             println!("{}", record.name);
         }
-        AiCommand::List { json } => {
-            let list = agents.list_agents().await?;
-            let load = stores.tasks.agent_load().await?;
-            let rows: Vec<serde_json::Value> = list
-                .iter()
-                .map(|a| {
-                    let running = load.get(&a.name).copied().unwrap_or(0);
-                    let mut v = serde_json::to_value(a).unwrap_or_default();
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("status".into(), routing::status(a, running, now).as_str().into());
-                        o.insert("running".into(), running.into());
-                        o.insert("success_rate".into(), rate(&a.stats).into());
-                    }
-                    v
-                })
-                .collect();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if list.is_empty() {
-                eprintln!("no agents; register one with `descartes ai register NAME --backend B`");
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(
-                    out,
-                    "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  LABELS / CAPABILITIES",
-                    "NAME", "BACKEND", "STATUS", "LOAD", "SUCCESS"
-                )?;
-                for (a, row) in list.iter().zip(&rows) {
-                    let running = row["running"].as_u64().unwrap_or(0);
-                    let success = if a.stats.recent.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        format!("{:.0}%", 100.0 * recent_rate(&a.stats))
-                    };
-                    let mut caps: Vec<&str> = a.capabilities.iter().chain(&a.detected).map(String::as_str).collect();
-                    caps.sort_unstable();
-                    caps.dedup();
-                    writeln!(
-                        out,
-                        "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  {} / {}",
-                        a.name,
-                        backend_label(a),
-                        row["status"].as_str().unwrap_or(""),
-                        format!("{running}/{}", a.max_concurrent),
-                        success,
-                        if a.labels.is_empty() { "-".to_owned() } else { a.labels.join(",") },
-                        if caps.is_empty() { "-".to_owned() } else { caps.join(",") },
-                    )?;
-                }
-            }
-        }
+        AiCommand::List { json } => print_agents(&descartes_app::listings::agents(&stores, now).await?, json)?,
         AiCommand::Label { name, label } => {
             let what = format!("label +{label}");
             return update(&*agents, &name, &what, move |a| {
@@ -226,12 +177,45 @@ fn dedup(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
-fn recent_rate(s: &AgentStats) -> f64 {
-    if s.recent.is_empty() { 0.0 } else { s.recent.iter().filter(|r| **r).count() as f64 / s.recent.len() as f64 }
-}
-
-fn rate(s: &AgentStats) -> Option<f64> {
-    (!s.recent.is_empty()).then(|| recent_rate(s))
+/// `ai list`: the agents as `descartes_app::listings::agents` lists them.
+fn print_agents(rows: &[serde_json::Value], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        eprintln!("no agents; register one with `descartes ai register NAME --backend B`");
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  LABELS / CAPABILITIES",
+        "NAME", "BACKEND", "STATUS", "LOAD", "SUCCESS"
+    )?;
+    for row in rows {
+        let a = AgentRecord::deserialize(row)?;
+        let running = row["running"].as_u64().unwrap_or(0);
+        let success = match row["success_rate"].as_f64() {
+            Some(rate) => format!("{:.0}%", 100.0 * rate),
+            None => "-".to_owned(),
+        };
+        let mut caps: Vec<&str> = a.capabilities.iter().chain(&a.detected).map(String::as_str).collect();
+        caps.sort_unstable();
+        caps.dedup();
+        writeln!(
+            out,
+            "{:<16}  {:<14}  {:<9}  {:>5}  {:>7}  {} / {}",
+            a.name,
+            backend_label(&a),
+            row["status"].as_str().unwrap_or(""),
+            format!("{running}/{}", a.max_concurrent),
+            success,
+            if a.labels.is_empty() { "-".to_owned() } else { a.labels.join(",") },
+            if caps.is_empty() { "-".to_owned() } else { caps.join(",") },
+        )?;
+    }
+    Ok(())
 }
 
 fn backend_label(a: &AgentRecord) -> String {

@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use descartes_app::audit::{self, TrailEntry};
 use descartes_protocol::EventData;
 use descartes_runtime::Runtime;
 
@@ -12,7 +13,7 @@ use descartes_runtime::Runtime;
 pub struct AuditArgs {
     #[command(subcommand)]
     pub command: Option<AuditCommand>,
-    /// The task whose trail to show (every event, in order).
+    /// The task whose trail to show (every event, in order); its id or a unique prefix of it.
     pub task: Option<String>,
     /// One JSON object per line: the audit record and its event.
     #[arg(long)]
@@ -32,30 +33,28 @@ pub async fn run(rt: Runtime, args: AuditArgs) -> Result<u8> {
         (Some(AuditCommand::Verify), _) => {
             // Every stream's trail is brought up to date first (events already recorded are
             // checked against their records), so verify covers everything logged.
-            let check = descartes_runtime::audit::check_log(&stores, true).await?;
-            if check.problems.is_empty() {
-                println!("audit trail intact: {} events in {} trails", check.events, check.trails);
+            let check = audit::verify_log(&stores).await?;
+            if check.intact {
+                println!("{}", check.summary());
                 Ok(0)
             } else {
                 for p in &check.problems {
                     eprintln!("descartes: tampered: {p}");
                 }
-                eprintln!("descartes: audit verify failed: {} problem(s)", check.problems.len());
+                eprintln!("descartes: {}", check.summary());
                 Ok(1)
             }
         }
         (None, Some(task)) => {
-            let id = stores.tasks.get_task(&task).await.map(|t| t.id)?;
-            let records = descartes_runtime::audit::sync(&stores, &id).await?;
-            let events = descartes_runtime::audit::task_events(&stores, &id).await?;
+            let id = descartes_app::tasks::resolve(&*stores.tasks, &task).await?;
+            let trail = audit::task_trail(&stores, &id).await?;
             let mut out = std::io::stdout().lock();
-            for r in &records {
-                let event = events.iter().find(|e| e.run_id.as_str() == r.stream && e.seq == r.seq);
+            for TrailEntry { record: r, event } in &trail.records {
                 if args.jsonl {
                     let line = serde_json::json!({ "record": r, "event": event });
                     writeln!(out, "{line}")?;
                 } else {
-                    let detail = event.map(describe).unwrap_or_default();
+                    let detail = event.as_ref().map(describe).unwrap_or_default();
                     writeln!(
                         out,
                         "{:>4}  {}  {:<22}  {:<28}  {}",

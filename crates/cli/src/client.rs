@@ -1,8 +1,9 @@
-//! `descartes --server URL ...` (or `DESCARTES_SERVER`): `run`, `resume`, `list` and `logs`
-//! talk to a running `descartes serve` (or `daemon start --listen`) instead of opening the
-//! database, so a team shares one server. The output and the exit codes are the local ones:
-//! the same printers, and the server's error codes map back to the same problems
-//! (`descartes_app::Problem`).
+//! `descartes --server URL ...` (or `DESCARTES_SERVER`): `run`, `resume`, `list`, `logs` and
+//! the `task` commands the API covers (`create`, `list`, `show`, `cancel`, `retry`, `approve`,
+//! `diff`, `merge`, `discard`) talk to a running `descartes serve` (or `daemon start --listen`)
+//! instead of opening the database, so a team shares one server. The output and the exit codes
+//! are the local ones: the same printers, and the server's error codes map back to the same
+//! problems (`descartes_app::Problem`). The rest says it needs the database (exit 2).
 //!
 //! The token: `DESCARTES_SERVER_TOKEN`, else the place's own `server.token` (a server on this
 //! machine, in this project).
@@ -11,11 +12,13 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Result;
+use descartes_app::tasks::TaskShown;
 use descartes_app::{Problem, fail};
 use descartes_core::permission::{NoPrompter, PermissionRequest, PromptAnswer, Prompter};
-use descartes_core::{OutputSink, RunOutcome};
-use descartes_protocol::{Event, EventData, RunId};
+use descartes_core::{OutputSink, RunOutcome, TaskError};
+use descartes_protocol::{Event, EventData, RunId, Task};
 use descartes_runtime::Runtime;
+use descartes_server::ApproveTask;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -23,6 +26,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::commands::{LogPrinter, RunRow, ctrl_c_token, print_runs};
 use crate::output::{HumanSink, JsonSink, TerminalPrompter};
+use crate::task_cmd::{
+    TaskCommand, print_approved, print_created, print_diff, print_discarded, print_merged, print_shown, print_tasks,
+};
 use crate::{Command, ModelArgs};
 
 /// A server's API, as a client.
@@ -66,8 +72,9 @@ impl Remote {
         Ok(Self { base, token, http })
     }
 
-    /// A request to the API; an error answer becomes the problem its code names.
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    /// A request to the API: the body of its answer; an error answer becomes the problem its
+    /// code names.
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Vec<u8>> {
         let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
         if let Some(b) = body {
             request = request.json(&b);
@@ -76,20 +83,54 @@ impl Remote {
             fail(Problem::Store, format!("cannot reach the server at {}: {}", self.base, e.without_url()))
         })?;
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let bytes = response.bytes().await.unwrap_or_default().to_vec();
         if status.is_success() {
-            return Ok(value);
+            return Ok(bytes);
         }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let code = value["error"]["code"].as_str().unwrap_or("internal");
         let message =
             value["error"]["message"].as_str().map_or_else(|| format!("the server answered {status}"), str::to_owned);
         Err(fail(Problem::from_code(code).unwrap_or(Problem::Internal), message))
     }
 
+    /// A request to the API whose answer is JSON.
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let bytes = self.send(method, path, body).await?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
     async fn get(&self, path: &str) -> Result<Value> {
         self.call(reqwest::Method::GET, path, None).await
     }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> Result<Value> {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+}
+
+/// `s` as one segment of a path or as a query value.
+fn encoded(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(char::from(b)),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// What works through a server.
+const SERVED: &str = "run, resume, list, logs and task create, list, show, cancel, retry, approve, diff, merge and \
+                      discard do";
+
+/// The refusal of a command that needs the database itself.
+fn not_served(command: &str) -> anyhow::Error {
+    fail(
+        Problem::Usage,
+        format!("`descartes {command}` does not work with --server ({SERVED}); run it where the server's database is"),
+    )
 }
 
 /// Runs `command` against the server; the commands that need the database itself say so.
@@ -99,20 +140,82 @@ pub async fn dispatch(remote: Remote, command: Command) -> Result<u8> {
         Command::Resume(args) => run(&remote, &args.model, Start::Resume(args.id)).await,
         Command::List { json } => list(&remote, json).await,
         Command::Logs { id, follow, json } => logs(&remote, id, follow, json).await,
-        other => Err(fail(
-            Problem::Usage,
-            format!(
-                "`descartes {}` does not work with --server (run, resume, list and logs do); run it where the \
-                 server's database is",
-                command_name(&other)
-            ),
-        )),
+        Command::Task { command } => task(&remote, command).await,
+        other => Err(not_served(&command_name(&other))),
     }
 }
 
-fn command_name(c: &Command) -> String {
+/// The name of a command (or subcommand): its variant's.
+fn command_name(c: &impl std::fmt::Debug) -> String {
     let debug = format!("{c:?}");
     debug.split(|ch: char| !ch.is_alphanumeric()).next().unwrap_or("").to_lowercase()
+}
+
+/// The path of task `id` (a full id or a unique prefix) and `then` under it.
+fn task_path(id: &str, then: &str) -> Result<String> {
+    if id.is_empty() {
+        // No route names it; the local command's answer.
+        return Err(TaskError::NotFound(String::new()).into());
+    }
+    Ok(format!("/v1/tasks/{}{then}", encoded(id)))
+}
+
+/// `task ...` through the server's `/v1/tasks` routes, printed as the local command prints.
+async fn task(remote: &Remote, command: TaskCommand) -> Result<u8> {
+    let text = |v: &Value, key: &str| v[key].as_str().unwrap_or_default().to_owned();
+    match command {
+        TaskCommand::Create(a) => {
+            let json = a.json;
+            let body = serde_json::to_value(a.request())?;
+            let t: Task = serde_json::from_value(remote.post("/v1/tasks", Some(body)).await?)?;
+            print_created(&t, json)
+        }
+        TaskCommand::List { status, label, json } => {
+            let mut query: Vec<String> = Vec::new();
+            if let Some(s) = status {
+                query.push(format!("status={}", encoded(s.as_str())));
+            }
+            if let Some(l) = &label {
+                query.push(format!("label={}", encoded(l)));
+            }
+            let path = if query.is_empty() { "/v1/tasks".to_owned() } else { format!("/v1/tasks?{}", query.join("&")) };
+            let list: Vec<Task> = serde_json::from_value(remote.get(&path).await?)?;
+            print_tasks(&list, json)
+        }
+        TaskCommand::Show { id, json, evidence } => {
+            let shown = TaskShown::from_json(&remote.get(&task_path(&id, "")?).await?)?;
+            let evidence = match evidence {
+                true => Some(remote.get(&task_path(&shown.task.id, "/evidence")?).await?),
+                false => None,
+            };
+            print_shown(&shown, evidence.as_ref(), json)
+        }
+        TaskCommand::Cancel { id } => {
+            remote.post(&task_path(&id, "/cancel")?, None).await?;
+            Ok(0)
+        }
+        TaskCommand::Retry { id } => {
+            remote.post(&task_path(&id, "/retry")?, None).await?;
+            Ok(0)
+        }
+        TaskCommand::Approve { id, stage } => {
+            let body = serde_json::to_value(ApproveTask { stage })?;
+            let approved = remote.post(&task_path(&id, "/approve")?, Some(body)).await?;
+            print_approved(&text(&approved, "stage"), &text(&approved, "task_id"))
+        }
+        TaskCommand::Diff { id } => {
+            print_diff(&remote.send(reqwest::Method::GET, &task_path(&id, "/diff")?, None).await?)
+        }
+        TaskCommand::Merge { id } => {
+            let m = remote.post(&task_path(&id, "/merge")?, None).await?;
+            print_merged(&text(&m, "branch"), &text(&m, "into"), &text(&m, "kind"), &text(&m, "commit"))
+        }
+        TaskCommand::Discard { id } => {
+            let d = remote.post(&task_path(&id, "/discard")?, None).await?;
+            print_discarded(&text(&d, "branch"), &text(&d, "path"))
+        }
+        other => Err(not_served(&format!("task {}", command_name(&other)))),
+    }
 }
 
 async fn list(remote: &Remote, json: bool) -> Result<u8> {
@@ -132,7 +235,8 @@ async fn list(remote: &Remote, json: bool) -> Result<u8> {
 async fn logs(remote: &Remote, id: Option<String>, follow: bool, json: bool) -> Result<u8> {
     let run = match &id {
         Some(prefix) => {
-            Some(RunId::from(remote.get(&format!("/v1/runs/{prefix}")).await?["run_id"].as_str().unwrap_or_default()))
+            let run = remote.get(&format!("/v1/runs/{}", encoded(prefix))).await?;
+            Some(RunId::from(run["run_id"].as_str().unwrap_or_default()))
         }
         None => None,
     };

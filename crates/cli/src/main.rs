@@ -52,8 +52,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "MODE")]
     sandbox: Option<descartes_tools::SandboxMode>,
     /// Talk to a running `descartes serve` at URL instead of opening the database (`run`,
-    /// `resume`, `list`, `logs`); the token comes from DESCARTES_SERVER_TOKEN or this place's
-    /// `server.token`.
+    /// `resume`, `list`, `logs`, and `task create|list|show|cancel|retry|approve|diff|merge|
+    /// discard`); the token comes from DESCARTES_SERVER_TOKEN or this place's `server.token`.
     #[arg(long, global = true, value_name = "URL", env = "DESCARTES_SERVER")]
     server: Option<String>,
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use descartes_protocol::EventData;
+use descartes_app::audit::Decided;
 use descartes_runtime::Runtime;
 
 #[derive(Subcommand, Debug)]
@@ -58,62 +58,38 @@ pub async fn run(rt: Runtime, command: PolicyCommand) -> Result<u8> {
         PolicyCommand::Explain { task, json } => {
             let stores = rt.open_stores().await?;
             // A task's decisions (its own stream and its runs'), else a run's.
-            let (what, id, events) = match crate::task_cmd::resolve(&*stores.tasks, &task).await {
-                Ok(id) => ("task", id.clone(), descartes_runtime::audit::task_events(&stores, &id).await?),
-                Err(descartes_core::TaskError::NotFound(_)) => {
-                    let run = rt.resolve_run(&*stores.events, &task).await.map_err(|e| match e {
-                        descartes_runtime::RuntimeError::RunNotFound(_) => descartes_app::fail(
-                            descartes_app::Problem::NotFound,
-                            format!(
-                                "no task or run matches `{task}`; `descartes task list` and `descartes list` show them"
-                            ),
-                        ),
-                        other => other.into(),
-                    })?;
-                    ("run", run.to_string(), stores.events.read_run(&run, 0).await?)
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let mut n = 0;
-            for e in &events {
-                if let EventData::PermissionDecided(p) = &e.data {
-                    n += 1;
-                    if json {
-                        println!("{}", serde_json::json!({ "at": e.at, "stream": e.run_id, "permission": p }));
-                    } else {
-                        let at = located(p.file.as_deref(), p.line);
-                        println!(
-                            "{}  tool   {:<16}  rule {}{at}  actor {}  ({})\n    {}",
-                            e.at.to_local("%Y-%m-%d %H:%M:%S"),
-                            if p.decision == descartes_protocol::Decision::Allow { "allow" } else { "deny" },
-                            p.rule,
-                            p.actor,
-                            p.tool,
-                            p.reason
-                        );
-                    }
+            let found = descartes_app::audit::explain(&rt, &stores, &task).await?;
+            for d in &found.decisions {
+                if json {
+                    // Through a JSON value, as every object here is printed (its keys sorted).
+                    println!("{}", serde_json::to_value(d)?);
                     continue;
                 }
-                let EventData::PolicyDecided(p) = &e.data else { continue };
-                n += 1;
-                if json {
-                    println!("{}", serde_json::json!({ "at": e.at, "stream": e.run_id, "record": p }));
-                } else {
-                    let at = located(p.file.as_deref(), p.line);
-                    println!(
-                        "{}  {:<5}  {:<16}  rule {}{at}  actor {}\n    {}\n    inputs: {}",
-                        e.at.to_local("%Y-%m-%d %H:%M:%S"),
+                let at = d.at.to_local("%Y-%m-%d %H:%M:%S");
+                match &d.decided {
+                    Decided::Permission(p) => println!(
+                        "{at}  tool   {:<16}  rule {}{}  actor {}  ({})\n    {}",
+                        if p.decision == descartes_protocol::Decision::Allow { "allow" } else { "deny" },
+                        p.rule,
+                        located(p.file.as_deref(), p.line),
+                        p.actor,
+                        p.tool,
+                        p.reason
+                    ),
+                    Decided::Record(p) => println!(
+                        "{at}  {:<5}  {:<16}  rule {}{}  actor {}\n    {}\n    inputs: {}",
                         p.stage,
                         p.decision,
                         p.rule.as_deref().unwrap_or("(default)"),
+                        located(p.file.as_deref(), p.line),
                         p.actor,
                         p.reason,
                         p.inputs
-                    );
+                    ),
                 }
             }
-            if n == 0 && !json {
-                eprintln!("no decisions were recorded for {what} {id}");
+            if found.decisions.is_empty() && !json {
+                eprintln!("no decisions were recorded for {} {}", found.subject.as_str(), found.id);
             }
             Ok(0)
         }

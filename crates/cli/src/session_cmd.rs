@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::{Subcommand, ValueEnum};
+use descartes_app::listings;
 use descartes_core::session::{transcript, transcript_markdown};
 use descartes_core::state::RunState;
 use descartes_core::{EventStore, RunSummary};
@@ -109,18 +110,6 @@ pub async fn run(rt: Runtime, command: SessionCommand) -> Result<u8> {
     }
 }
 
-/// The sessions (not deleted), newest first, with their folded state.
-async fn sessions(store: &dyn EventStore) -> Result<Vec<(RunSummary, RunState)>> {
-    let mut out = Vec::new();
-    for r in store.list_runs().await? {
-        let state = store.replay_run(&r.run_id).await?;
-        if state.session.is_some() && !state.deleted {
-            out.push((r, state));
-        }
-    }
-    Ok(out)
-}
-
 async fn session(rt: &Runtime, store: &dyn EventStore, id: &str) -> Result<(RunSummary, RunState)> {
     let run_id = rt.resolve_run(store, id).await?;
     let state = store.replay_run(&run_id).await?;
@@ -142,29 +131,12 @@ async fn session(rt: &Runtime, store: &dyn EventStore, id: &str) -> Result<(RunS
     Ok((summary, state))
 }
 
-fn user_turns(state: &RunState) -> usize {
-    state.messages().iter().filter(|m| m.role == descartes_protocol::Role::User && !m.text().is_empty()).count()
-}
-
 fn row(rt: &Runtime, r: &RunSummary, st: &RunState) -> serde_json::Value {
-    serde_json::json!({
-        "session_id": r.run_id,
-        "title": r.prompt,
-        "status": rt.run_status(r),
-        "provider": r.provider,
-        "model": r.model,
-        "started_at": r.started_at,
-        "updated_at": r.updated_at,
-        "messages": st.messages().len(),
-        "turns": user_turns(st),
-        "compactions": st.compactions,
-        "tokens": r.tokens,
-        "cost_usd": r.cost_usd,
-    })
+    listings::session_row(r, st, rt.run_status(r))
 }
 
 async fn list(rt: &Runtime, store: &dyn EventStore, json: bool) -> Result<u8> {
-    let all = sessions(store).await?;
+    let all = listings::sessions(store).await?;
     if json {
         let items: Vec<_> = all.iter().map(|(r, st)| row(rt, r, st)).collect();
         println!("{}", serde_json::to_string_pretty(&items)?);
@@ -182,7 +154,7 @@ async fn list(rt: &Runtime, store: &dyn EventStore, json: bool) -> Result<u8> {
             "{:<26}  {:<19}  {:>5}  {:>9}  {}",
             r.run_id,
             r.updated_at.to_local("%Y-%m-%d %H:%M:%S"),
-            user_turns(st),
+            listings::user_turns(st),
             crate::output::human_tokens(r.tokens),
             crate::output::clip_line(&r.prompt, 50)
         )?;
@@ -193,7 +165,7 @@ async fn list(rt: &Runtime, store: &dyn EventStore, json: bool) -> Result<u8> {
 async fn search(rt: &Runtime, store: &dyn EventStore, query: &str, json: bool) -> Result<u8> {
     let needle = query.to_lowercase();
     let mut found = Vec::new();
-    for (r, st) in sessions(store).await? {
+    for (r, st) in listings::sessions(store).await? {
         let events = store.read_run(&r.run_id, 0).await?;
         let lines: Vec<(String, String)> = transcript(&events)
             .into_iter()

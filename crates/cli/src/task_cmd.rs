@@ -1,14 +1,21 @@
-//! `descartes task ...`: the control plane from the command line.
+//! `descartes task ...`: the control plane from the command line. What the commands do is
+//! `descartes_app::tasks`'; the printing takes data (`print_*`), so the same commands through a
+//! server (`client.rs`) print the same.
 
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use descartes_core::task::waiting_reason;
-use descartes_core::{Clock, EventStore, SystemClock, TaskError, TaskFilter, TaskStore};
-use descartes_protocol::{NewTask, Task, TaskStatus};
+use descartes_app::error::task_problem;
+use descartes_app::tasks::{self, TaskShown, resolve};
+use descartes_core::{EventStore, TaskError, TaskFilter, TaskStore};
+use descartes_protocol::{Task, TaskStatus};
 use descartes_runtime::Runtime;
+use descartes_server::{CreateTask, Needs};
+use descartes_worktree::{EvidenceRef, Worktree};
+use serde::Deserialize;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::output::clip_line;
@@ -226,13 +233,24 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Exit code of a task error.
-pub fn exit_code(e: &TaskError) -> u8 {
-    match e {
-        TaskError::NotFound(_) => 5,
-        TaskError::StaleToken { .. } | TaskError::LeaseExpired { .. } => 6,
-        TaskError::Store(_) => 4,
-        _ => 2,
+impl CreateArgs {
+    /// The request that creates the task (the API's, which the local command makes too);
+    /// dependencies still by prefix.
+    pub(crate) fn request(self) -> CreateTask {
+        CreateTask {
+            title: self.title,
+            prompt: self.prompt,
+            kind: self.kind,
+            priority: self.priority,
+            labels: self.labels,
+            depends_on: self.depends_on,
+            locks: self.locks,
+            max_attempts: self.max_attempts,
+            needs: Needs { labels: self.needs_labels, capabilities: self.needs_capabilities },
+            agent: self.agent,
+            test_command: self.test_command,
+            id: self.id,
+        }
     }
 }
 
@@ -252,55 +270,171 @@ fn line(t: &Task) -> String {
     format!("{:<26}  {:<9}  {:>4}  {}{}", t.id, t.status, t.priority, clip_line(&t.title, 60), extra)
 }
 
-/// Resolves a full id or a unique prefix of one.
-/// A task, its dependencies and, when it waits, why.
-async fn shown(tasks: &dyn TaskStore, id: &str) -> Result<(Task, Vec<Task>, Option<String>)> {
-    let t = tasks.get_task(&resolve(tasks, id).await?).await?;
-    let mut deps = Vec::new();
-    for d in &t.depends_on {
-        deps.push(tasks.get_task(d).await?);
+/// `task create`: the new task's id, or the task as JSON.
+pub(crate) fn print_created(t: &Task, json: bool) -> Result<u8> {
+    if json {
+        print_json(t)?;
+    } else {
+        println!("{}", t.id);
     }
-    let leased: Vec<Task> =
-        tasks.list_tasks(&TaskFilter::default()).await?.into_iter().filter(|x| x.status.is_leased()).collect();
-    let waiting = waiting_reason(&t, &deps, &leased, SystemClock.now());
-    Ok((t, deps, waiting))
+    Ok(0)
 }
 
-/// `task show --json`: the task, with `waiting` when it waits.
-fn task_json(t: &Task, waiting: Option<&str>) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(t)?;
-    if let (Some(obj), Some(w)) = (v.as_object_mut(), waiting) {
-        obj.insert("waiting".into(), serde_json::Value::String(w.to_owned()));
-    }
-    Ok(v)
-}
-
-pub(crate) async fn resolve(store: &dyn TaskStore, id: &str) -> Result<String, TaskError> {
-    match store.get_task(id).await {
-        Ok(t) => Ok(t.id),
-        Err(TaskError::NotFound(_)) => {
-            let all = store.list_tasks(&TaskFilter::default()).await?;
-            let found: Vec<&Task> = all.iter().filter(|t| t.id.starts_with(id)).collect();
-            match found.as_slice() {
-                [one] => Ok(one.id.clone()),
-                [] => Err(TaskError::NotFound(id.to_owned())),
-                many => {
-                    let shown = many.iter().take(5).map(|t| t.id.as_str()).collect::<Vec<_>>().join(", ");
-                    let more = if many.len() > 5 { format!(" and {} more", many.len() - 5) } else { String::new() };
-                    Err(TaskError::Invalid(format!(
-                        "`{id}` matches {} tasks ({shown}{more}); give more of the id",
-                        many.len()
-                    )))
-                }
-            }
+/// `task list`: the tasks, oldest first.
+pub(crate) fn print_tasks(list: &[Task], json: bool) -> Result<u8> {
+    if json {
+        print_json(&list)?;
+    } else if list.is_empty() {
+        eprintln!("no tasks; create one with `descartes task create TITLE`");
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:<26}  {:<9}  {:>4}  TITLE", "ID", "STATUS", "PRIO")?;
+        for t in list {
+            writeln!(out, "{}", line(t))?;
         }
-        Err(e) => Err(e),
     }
+    Ok(0)
+}
+
+/// `task show`: the task, why it waits, its dependencies, why no agent takes it, and with
+/// `evidence` (the JSON of `descartes_app::tasks::evidence_json`) its last attempt's evidence.
+/// As JSON: the task with `waiting`, and `evidence`.
+pub(crate) fn print_shown(shown: &TaskShown, evidence: Option<&Value>, json: bool) -> Result<u8> {
+    let t = &shown.task;
+    if json {
+        let mut v = tasks::task_json(t, shown.waiting.as_deref());
+        if let (Some(obj), Some(evidence)) = (v.as_object_mut(), evidence) {
+            obj.insert("evidence".into(), evidence.clone());
+        }
+        print_json(&v)?;
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "id:        {}", t.id)?;
+    writeln!(out, "title:     {}", t.title)?;
+    writeln!(out, "status:    {}", t.status)?;
+    if let Some(w) = &shown.waiting {
+        writeln!(out, "waiting:   {w}")?;
+    }
+    if !t.kind.is_empty() {
+        writeln!(out, "type:      {}", t.kind)?;
+    }
+    writeln!(out, "priority:  {}", t.priority)?;
+    if !t.labels.is_empty() {
+        writeln!(out, "labels:    {}", t.labels.join(", "))?;
+    }
+    for d in &shown.dependencies {
+        writeln!(out, "depends:   {} ({})", d.id, d.status)?;
+    }
+    if !t.locks.is_empty() {
+        writeln!(out, "locks:     {}", t.locks.join(", "))?;
+    }
+    writeln!(out, "attempts:  {}/{}", t.attempts, t.max_attempts)?;
+    if let (Some(w), Some(exp)) = (&t.claimed_by, t.lease_expires_at) {
+        writeln!(out, "lease:     {w}, token {}, until {exp}", t.token.unwrap_or_default())?;
+    }
+    if let Some(e) = &t.error {
+        writeln!(out, "error:     {e}")?;
+    }
+    if let Some(r) = &t.result {
+        writeln!(out, "result:    {r}")?;
+    }
+    if !t.prompt.is_empty() {
+        writeln!(out, "prompt:\n{}", t.prompt)?;
+    }
+    if let Some(agent) = &t.agent {
+        writeln!(out, "agent:     {agent}")?;
+    }
+    if let Some(why) = &shown.routing {
+        writeln!(out, "routing:   {why}")?;
+    }
+    if let Some(evidence) = evidence {
+        print_evidence(&mut out, evidence)?;
+    }
+    Ok(0)
+}
+
+/// The evidence lines of `task show --evidence`, from the evidence's JSON.
+fn print_evidence(out: &mut impl Write, ev: &Value) -> Result<()> {
+    if let Ok(wt) = Worktree::deserialize(&ev["worktree"]) {
+        writeln!(out, "worktree:  {} (branch {}, base {})", wt.path.display(), wt.branch, short(&wt.base_commit))?;
+    }
+    let (Some(attempt), Some(succeeded), Ok(r)) =
+        (ev["attempt"].as_u64(), ev["succeeded"].as_bool(), EvidenceRef::deserialize(&ev["files"]))
+    else {
+        writeln!(out, "evidence:  none yet")?;
+        return Ok(());
+    };
+    writeln!(out, "evidence:  attempt {attempt} ({})", if succeeded { "succeeded" } else { "failed" })?;
+    writeln!(out, "  head:    {} (diff {} bytes, blob {})", short(&r.head_commit), r.diff_bytes, r.diff.as_str())?;
+    for f in &r.changed_files {
+        let flag = if r.outside_locks.contains(&f.path) { "  [outside the task's locks]" } else { "" };
+        writeln!(out, "  {:<8} {}{flag}", format!("{:?}", f.status).to_lowercase(), f.path)?;
+    }
+    if let Some(t) = &r.test {
+        let status = match (t.timed_out, t.exit_code) {
+            (true, _) => "timed out".to_owned(),
+            (false, Some(c)) => format!("exit {c}"),
+            (false, None) => "killed".to_owned(),
+        };
+        writeln!(
+            out,
+            "  test:    `{}`: {status} in {} ms (output blob {})",
+            t.command,
+            t.duration_ms,
+            t.output.as_str()
+        )?;
+    }
+    if let Some(run) = ev["run_id"].as_str() {
+        writeln!(out, "  run:     {run} (transcript blob {})", ev["transcript"].as_str().unwrap_or("-"))?;
+    }
+    if let Some(tokens) = ev["tokens"].as_u64() {
+        writeln!(out, "  usage:   {tokens} tokens, ${:.4}", ev["cost_usd"].as_f64().unwrap_or(0.0))?;
+    }
+    if let Some(f) = ev["failure"].as_str() {
+        writeln!(out, "  failure: {f}")?;
+    }
+    if let Some(m) = ev["merged"].as_str() {
+        writeln!(out, "merged:    {m}")?;
+    }
+    Ok(())
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+/// `task diff`: the diff as it is.
+pub(crate) fn print_diff(diff: &[u8]) -> Result<u8> {
+    std::io::stdout().lock().write_all(diff)?;
+    Ok(0)
+}
+
+/// `task merge`: the merge made; `kind` as `descartes_app::tasks::Merged::kind_name`.
+pub(crate) fn print_merged(branch: &str, into: &str, kind: &str, commit: &str) -> Result<u8> {
+    let how = match kind {
+        "up_to_date" => "already merged",
+        "fast_forward" => "fast-forward",
+        _ => "merge commit",
+    };
+    println!("merged {branch} into {into} ({how}): {commit}");
+    Ok(0)
+}
+
+/// `task discard`: the branch and the worktree removed.
+pub(crate) fn print_discarded(branch: &str, path: &str) -> Result<u8> {
+    println!("discarded {branch} and {path}");
+    Ok(0)
+}
+
+/// `task approve`: what was approved.
+pub(crate) fn print_approved(stage: &str, id: &str) -> Result<u8> {
+    println!("approved {stage} of task {id}");
+    Ok(0)
 }
 
 pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
     let stores = rt.open_stores().await?;
-    let (tasks, store) = (stores.tasks.clone(), stores.events.clone());
     let rt = std::sync::Arc::new(rt);
     // New or requeued work: a local daemon's idle workers are woken at once instead of at
     // their next poll.
@@ -311,140 +445,48 @@ pub async fn run(rt: Runtime, command: TaskCommand) -> Result<u8> {
         | TaskCommand::Merge { .. }
         | TaskCommand::Discard { .. }
         | TaskCommand::Approve { .. } => crate::task_exec_cmd::run(rt.clone(), stores.clone(), command).await,
-        TaskCommand::Show { ref id, json: true, evidence: true } => {
-            // The task's JSON with its evidence: the same fields as the human output, plus the
-            // content-addressed references.
-            match shown(&*tasks, id).await {
-                Ok((t, _, waiting)) => {
-                    let mut v = task_json(&t, waiting.as_deref())?;
-                    let evidence = crate::task_exec_cmd::evidence_json(&rt, &stores, &t.id).await?;
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("evidence".into(), evidence);
-                    }
-                    print_json(&v).map(|()| 0)
-                }
-                Err(e) => Err(e),
+        TaskCommand::Show { id, json, evidence } => match tasks::show(&stores, &id).await {
+            Ok(shown) => {
+                let evidence = match evidence {
+                    true => Some(crate::task_exec_cmd::evidence_json(&rt, &stores, &shown.task.id).await?),
+                    false => None,
+                };
+                print_shown(&shown, evidence.as_ref(), json)
             }
-        }
-        TaskCommand::Show { ref id, json, evidence } if !json => {
-            let id = resolve(&*tasks, id).await;
-            match id {
-                Ok(id) => {
-                    let code = dispatch(&*tasks, &*store, TaskCommand::Show { id: id.clone(), json, evidence }).await;
-                    match code {
-                        Ok(0) => crate::task_exec_cmd::show_extra(&rt, &stores, &id, evidence).await,
-                        other => other,
-                    }
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
-        command => dispatch(&*tasks, &*store, command).await,
+            Err(e) => Err(e.into()),
+        },
+        command => dispatch(&*stores.tasks, &*stores.events, command).await,
     };
     match result {
         Ok(code) => {
             if wakes {
-                descartes_runtime::daemon::poke(&rt.places.state_dir);
+                tasks::wake_daemon(&rt);
             }
             Ok(code)
         }
+        // A task store's refusal: its message and its exit code.
         Err(e) => match e.downcast::<TaskError>() {
             Ok(te) => {
                 eprintln!("descartes: error: {te}");
-                Ok(exit_code(&te))
+                Ok(task_problem(&te).exit_code())
             }
             Err(other) => Err(other),
         },
     }
 }
 
-async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskCommand) -> Result<u8> {
+async fn dispatch(store: &dyn TaskStore, events: &dyn EventStore, command: TaskCommand) -> Result<u8> {
     match command {
         TaskCommand::Create(a) => {
-            let mut depends_on = Vec::new();
-            for d in &a.depends_on {
-                depends_on.push(match resolve(tasks, d).await {
-                    Err(TaskError::NotFound(_)) => return Err(TaskError::MissingDependency(d.clone()).into()),
-                    other => other?,
-                });
-            }
-            let t = tasks
-                .create_task(NewTask {
-                    id: a.id,
-                    title: a.title,
-                    prompt: a.prompt,
-                    kind: a.kind,
-                    priority: a.priority,
-                    labels: a.labels,
-                    depends_on,
-                    locks: a.locks,
-                    max_attempts: a.max_attempts,
-                    needs: descartes_protocol::Requirements {
-                        labels: a.needs_labels,
-                        capabilities: a.needs_capabilities,
-                        agent: a.agent,
-                    },
-                    test_command: a.test_command,
-                })
-                .await?;
-            if a.json { print_json(&t)? } else { println!("{}", t.id) }
+            let json = a.json;
+            let t = tasks::create(store, a.request().into_new_task()).await?;
+            return print_created(&t, json);
         }
         TaskCommand::List { status, label, json } => {
-            let list = tasks.list_tasks(&TaskFilter { status, label }).await?;
-            if json {
-                print_json(&list)?;
-            } else if list.is_empty() {
-                eprintln!("no tasks; create one with `descartes task create TITLE`");
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<26}  {:<9}  {:>4}  TITLE", "ID", "STATUS", "PRIO")?;
-                for t in &list {
-                    writeln!(out, "{}", line(t))?;
-                }
-            }
-        }
-        TaskCommand::Show { id, json, .. } => {
-            let (t, deps, waiting) = shown(tasks, &id).await?;
-            if json {
-                print_json(&task_json(&t, waiting.as_deref())?)?;
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "id:        {}", t.id)?;
-                writeln!(out, "title:     {}", t.title)?;
-                writeln!(out, "status:    {}", t.status)?;
-                if let Some(w) = &waiting {
-                    writeln!(out, "waiting:   {w}")?;
-                }
-                if !t.kind.is_empty() {
-                    writeln!(out, "type:      {}", t.kind)?;
-                }
-                writeln!(out, "priority:  {}", t.priority)?;
-                if !t.labels.is_empty() {
-                    writeln!(out, "labels:    {}", t.labels.join(", "))?;
-                }
-                for d in &deps {
-                    writeln!(out, "depends:   {} ({})", d.id, d.status)?;
-                }
-                if !t.locks.is_empty() {
-                    writeln!(out, "locks:     {}", t.locks.join(", "))?;
-                }
-                writeln!(out, "attempts:  {}/{}", t.attempts, t.max_attempts)?;
-                if let (Some(w), Some(exp)) = (&t.claimed_by, t.lease_expires_at) {
-                    writeln!(out, "lease:     {w}, token {}, until {exp}", t.token.unwrap_or_default())?;
-                }
-                if let Some(e) = &t.error {
-                    writeln!(out, "error:     {e}")?;
-                }
-                if let Some(r) = &t.result {
-                    writeln!(out, "result:    {r}")?;
-                }
-                if !t.prompt.is_empty() {
-                    writeln!(out, "prompt:\n{}", t.prompt)?;
-                }
-            }
+            return print_tasks(&store.list_tasks(&TaskFilter { status, label }).await?, json);
         }
         TaskCommand::Claim { worker, ttl, max, json } => {
-            let claims = tasks.claim(&worker, ttl, max.max(1)).await?;
+            let claims = store.claim(&worker, ttl, max.max(1)).await?;
             if json {
                 print_json(&claims)?;
             } else if claims.is_empty() {
@@ -457,41 +499,42 @@ async fn dispatch(tasks: &dyn TaskStore, events: &dyn EventStore, command: TaskC
             }
         }
         TaskCommand::Start(l) => {
-            tasks.start(&resolve(tasks, &l.id).await?, l.token).await?;
+            store.start(&resolve(store, &l.id).await?, l.token).await?;
         }
         TaskCommand::Heartbeat { lease, ttl } => {
-            let t = tasks.heartbeat(&resolve(tasks, &lease.id).await?, lease.token, ttl).await?;
+            let t = store.heartbeat(&resolve(store, &lease.id).await?, lease.token, ttl).await?;
             if let Some(exp) = t.lease_expires_at {
                 println!("lease until {exp}");
             }
         }
         TaskCommand::Complete { lease, result } => {
-            tasks.complete(&resolve(tasks, &lease.id).await?, lease.token, result).await?;
+            store.complete(&resolve(store, &lease.id).await?, lease.token, result).await?;
         }
         TaskCommand::Fail { lease, reason } => {
-            let t = tasks.fail(&resolve(tasks, &lease.id).await?, lease.token, &reason).await?;
+            let t = store.fail(&resolve(store, &lease.id).await?, lease.token, &reason).await?;
             println!("{}", t.status);
         }
         TaskCommand::Release(l) => {
-            tasks.release(&resolve(tasks, &l.id).await?, l.token).await?;
+            store.release(&resolve(store, &l.id).await?, l.token).await?;
         }
         TaskCommand::Cancel { id } => {
-            tasks.cancel(&resolve(tasks, &id).await?).await?;
+            store.cancel(&resolve(store, &id).await?).await?;
         }
         TaskCommand::Retry { id } => {
-            tasks.retry(&resolve(tasks, &id).await?).await?;
+            store.retry(&resolve(store, &id).await?).await?;
         }
         TaskCommand::Depend { id, dependency } => {
-            let dep = resolve(tasks, &dependency).await.map_err(|e| match e {
+            let dep = resolve(store, &dependency).await.map_err(|e| match e {
                 TaskError::NotFound(d) => TaskError::MissingDependency(d),
                 other => other,
             })?;
-            tasks.add_dependency(&resolve(tasks, &id).await?, &dep).await?;
+            store.add_dependency(&resolve(store, &id).await?, &dep).await?;
         }
         TaskCommand::Watch { all, json } => watch(events, all, json).await?,
-        TaskCommand::Graph { dot } => graph(tasks, dot).await?,
-        // Handled by `task_exec_cmd` (they need the runtime).
-        TaskCommand::Execute { .. }
+        TaskCommand::Graph { dot } => graph(store, dot).await?,
+        // Handled by `run`.
+        TaskCommand::Show { .. }
+        | TaskCommand::Execute { .. }
         | TaskCommand::Diff { .. }
         | TaskCommand::Merge { .. }
         | TaskCommand::Discard { .. }

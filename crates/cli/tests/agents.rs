@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,26 +20,13 @@ fn show(env: &Env, id: &str) -> Value {
     serde_json::from_str(&ok(env, &["task", "show", id, "--json"])).unwrap()
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git").args(args).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// The project is a git repository with one commit on `main`; `.descartes/` is ignored.
 fn repo_env<F>(responder: F) -> Env
 where
     F: Fn(&RecordedRequest) -> Reply + Send + Sync + 'static,
 {
     let env = Env::new(responder);
-    let p = env.project();
-    git(&p, &["init", "-q", "-b", "main"]);
-    git(&p, &["config", "user.email", "dev@example.com"]);
-    git(&p, &["config", "user.name", "Dev"]);
-    std::fs::write(p.join("README.md"), "hello\n").unwrap();
-    std::fs::write(p.join(".git/info/exclude"), ".descartes/\n").unwrap();
-    git(&p, &["add", "README.md"]);
-    git(&p, &["commit", "-q", "-m", "start"]);
+    env.git_repo(&[]);
     env.init();
     env
 }

@@ -8,7 +8,6 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command};
 
 use common::*;
@@ -269,12 +268,6 @@ fn tasks_are_created_listed_shown_cancelled_retried_and_approved_through_the_api
     assert_eq!(openai["check"], "ok", "checked: {openai}");
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git").args(args).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 const POLICY: &str = "\
 version: 1
 rules:
@@ -288,15 +281,7 @@ rules:
 fn an_executed_task_s_decisions_evidence_diff_audit_merge_and_discard_are_served() {
     let env = Env::new(|_| Reply::Stream(openai::text(&["unused"])));
     let p = env.project();
-    git(&p, &["init", "-q", "-b", "main"]);
-    git(&p, &["config", "user.email", "dev@example.com"]);
-    git(&p, &["config", "user.name", "Dev"]);
-    std::fs::write(p.join("README.md"), "hello\n").unwrap();
-    std::fs::write(p.join(".git/info/exclude"), ".descartes/\n").unwrap();
-    std::fs::create_dir_all(p.join(".ai")).unwrap();
-    std::fs::write(p.join(".ai/policy.yaml"), POLICY).unwrap();
-    git(&p, &["add", "-f", "README.md", ".ai/policy.yaml"]);
-    git(&p, &["commit", "-q", "-m", "start"]);
+    env.git_repo(&[(".ai/policy.yaml", POLICY)]);
     env.init();
     ok(&env, &["ai", "register", "shipper", "--backend", "command", "--command", "echo shipped > shipped.txt"]);
     let s = start(&env);

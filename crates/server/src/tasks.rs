@@ -36,7 +36,7 @@ use crate::drive::{app_error, bad_json, service};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 /// A new task (the fields of `descartes task create`).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
     /// A short title.
@@ -73,7 +73,7 @@ pub struct CreateTask {
 }
 
 /// What an agent must offer (`--needs-label`, `--needs-capability`).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Needs {
     #[serde(default)]
@@ -113,7 +113,7 @@ pub(crate) struct TasksQuery {
 }
 
 /// An approval (`descartes task approve`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApproveTask {
     /// What is approved: running the task (`claim`, the default) or merging it (`merge`).

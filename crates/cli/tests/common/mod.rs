@@ -116,6 +116,32 @@ impl Env {
     }
 }
 
+/// `git ARGS` in `dir`, which must succeed; its stdout, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl Env {
+    /// Makes the project a git repository with one commit on `main` (`README.md` and `files`,
+    /// each a path and its text); `.descartes/` is ignored.
+    pub fn git_repo(&self, files: &[(&str, &str)]) {
+        let p = self.project();
+        git(&p, &["init", "-q", "-b", "main"]);
+        git(&p, &["config", "user.email", "dev@example.com"]);
+        git(&p, &["config", "user.name", "Dev"]);
+        std::fs::write(p.join(".git/info/exclude"), ".descartes/\n").unwrap();
+        for (path, text) in [("README.md", "hello\n")].iter().chain(files) {
+            let file = p.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, text).unwrap();
+            git(&p, &["add", "-f", path]);
+        }
+        git(&p, &["commit", "-q", "-m", "start"]);
+    }
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
