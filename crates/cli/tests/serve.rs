@@ -425,6 +425,11 @@ fn a_run_survives_a_killed_server_and_resumes_through_the_api_with_its_effect_on
     let s = start(&env);
     let run = wait_for(&s, &format!("/v1/runs/{id}"), "the run", |_| true);
     assert_eq!(run["status"], "interrupted", "{run}");
+    // The run's stream: every event, then one terminal frame.
+    let (code, body) = run_stream(&s, &id);
+    assert_eq!(code, 200);
+    assert_eq!(body.matches("event: interrupted").count(), 1, "{body}");
+    assert_eq!(terminal_frames(&body), 1, "{body}");
     let (code, body) = post(&s, &format!("/v1/runs/{id}/resume"), "{}");
     assert_eq!(code, 202, "{body}");
     let (code, _) = post(&s, &format!("/v1/runs/{id}/resume"), "{}");
@@ -432,6 +437,9 @@ fn a_run_survives_a_killed_server_and_resumes_through_the_api_with_its_effect_on
     wait_for(&s, &format!("/v1/runs/{id}"), "completion", |b| b["status"] == "completed");
     let effect = std::fs::read_to_string(env.project().join("effect.txt")).unwrap();
     assert_eq!(effect, "once\n", "the tool's effect happened once");
+    let (_, body) = run_stream(&s, &id);
+    assert!(body.trim_end().ends_with(&format!("data: {{\"run_id\":\"{id}\",\"status\":\"completed\"}}")), "{body}");
+    assert_eq!(terminal_frames(&body), 1, "one terminal frame, though the run was interrupted once: {body}");
     let events = run_events(&s, &id);
     assert_eq!(of_type(&events, "tool_call_started").len(), 1);
     assert_eq!(of_type(&events, "run_resumed").len(), 1);
@@ -497,4 +505,18 @@ fn sigterm_leaves_the_runs_of_the_server_resumable() {
     let done = of_type(&events, "tool_call_completed");
     assert!(done.iter().any(|d| d["data"]["output"].as_str().unwrap().contains("after-25")), "{done:?}");
     assert_log_invariants(&events);
+}
+
+/// `GET /v1/runs/{id}/stream` to its end (at most 20 s).
+fn run_stream(s: &Server, id: &str) -> (u16, String) {
+    let auth = format!("Authorization: Bearer {}", s.token);
+    curl(&["-N", "--max-time", "20", "-H", &auth, &format!("{}/v1/runs/{id}/stream", s.url)])
+}
+
+/// How many terminal frames a run's stream holds.
+fn terminal_frames(body: &str) -> usize {
+    ["completed", "failed", "cancelled", "budget_exceeded", "interrupted"]
+        .iter()
+        .map(|k| body.matches(&format!("event: {k}\n")).count())
+        .sum()
 }

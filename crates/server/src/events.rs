@@ -2,7 +2,7 @@
 //! through the shared [`crate::tail`]).
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use descartes_core::follow::{EventFilter, Follower};
@@ -13,7 +13,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::tail::{Tail, TailEnd};
+use crate::tail::{RunEnd, Tail, TailEnd};
 use crate::{ApiState, PAGE_LIMIT, STREAM_BUFFER};
 
 /// A page of events (each `{seq, id, run_id, type, v, at, data}`).
@@ -72,16 +72,24 @@ pub(crate) async fn stream(
     query: Result<Query<Filter>, QueryRejection>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>> {
     let Query(filter) = query?;
-    // A reconnecting client says where it was: `Last-Event-ID` wins over `after`.
-    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::parse::<i64>);
-    let after = match resume {
-        Some(Ok(seq)) => seq,
+    let after = resume_point(&headers, filter.after)?;
+    Ok(sse(Tail::new(&state, filter.events(), after), None))
+}
+
+/// The `after` of a stream: `Last-Event-ID` (a reconnecting client) wins over the query.
+fn resume_point(headers: &HeaderMap, after: Option<i64>) -> ApiResult<i64> {
+    match headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::parse::<i64>) {
+        Some(Ok(seq)) => Ok(seq),
         Some(Err(_)) => {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_last_event_id", "`Last-Event-ID` is not a seq"));
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_last_event_id", "`Last-Event-ID` is not a seq"))
         }
-        None => filter.after.unwrap_or(0),
-    };
-    let tail = Tail::new(&state, filter.events(), after);
+        None => Ok(after.unwrap_or(0)),
+    }
+}
+
+/// A tail as Server-Sent Events, ending with one last event: `lagged`, `end`, `error`, or, for
+/// a run's stream (`run_id`), the run's terminal frame.
+fn sse(tail: Tail, run_id: Option<String>) -> Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>> {
     let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let last = match tail.run(&tx, sse_event).await {
@@ -91,13 +99,39 @@ pub(crate) async fn stream(
             }
             TailEnd::Shutdown => SseEvent::default().event("end").data("the server is shutting down"),
             TailEnd::Failed(e) => SseEvent::default().event("error").data(e.replace(['\r', '\n'], " ")),
+            TailEnd::RunEnded(kind) => {
+                SseEvent::default().event(kind).data(json!({"run_id": run_id, "status": kind}).to_string())
+            }
             TailEnd::Closed => return,
         };
         // After everything already queued; then the stream ends.
         let _ = tx.send(last).await;
     });
     let events = futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok)));
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// `after` of a run's stream.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunStreamQuery {
+    /// Events after this `seq` (`Last-Event-ID` wins).
+    after: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/runs/{id}/stream", params(("id" = String, Path, description = "A run id or a unique prefix"), RunStreamQuery, ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")), responses((status = 200, description = "Server-Sent Events of one run, running or finished, as `/v1/events/stream` frames them; it ends with exactly one terminal event: `completed`, `failed`, `cancelled`, `budget_exceeded` or `interrupted` (nobody drives the run), with `{run_id, status}`", content_type = "text/event-stream"), (status = 404, body = ErrorBody)))]
+pub(crate) async fn run_stream(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<RunStreamQuery>, QueryRejection>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>> {
+    let Query(q) = query?;
+    let run = crate::runs::find_run(&state, &id).await?;
+    let after = resume_point(&headers, q.after)?;
+    let filter = EventFilter { stream: Some(run.run_id.clone()), kinds: Vec::new() };
+    let end = RunEnd { run_id: run.run_id.clone(), status: state.status.clone() };
+    Ok(sse(Tail::new(&state, filter, after).until_run_ends(end), Some(run.run_id.to_string())))
 }
 
 /// An event as Server-Sent Events carry it: `id` its seq, `event` its type, `data` its JSON.

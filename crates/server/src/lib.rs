@@ -176,6 +176,7 @@ fn own_hosts(addr: SocketAddr) -> Vec<String> {
         runs::run_events,
         events::events,
         events::stream,
+        events::run_stream,
         ws::upgrade,
         drive::create_run,
         drive::resume_run,
@@ -234,6 +235,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/runs/{id}/asks/{call_id}", post(drive::answer_ask))
         .route("/v1/runs/{id}", get(runs::get_run))
         .route("/v1/runs/{id}/events", get(runs::run_events))
+        .route("/v1/runs/{id}/stream", get(events::run_stream))
         .route("/v1/tasks", get(tasks::list_tasks).post(tasks::create_task))
         .route("/v1/tasks/{id}", get(tasks::get_task))
         .route("/v1/tasks/{id}/evidence", get(tasks::evidence))

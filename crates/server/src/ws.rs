@@ -324,7 +324,8 @@ impl Conn {
                 }
                 TailEnd::Failed(e) => out.error("log_failed", format!("the subscription stopped: {e}")).await,
                 // The socket says `end` itself (subscribed or not).
-                TailEnd::Shutdown | TailEnd::Closed => {}
+                // A subscription never follows a run to its end (`RunEnded` is for run streams).
+                TailEnd::Shutdown | TailEnd::Closed | TailEnd::RunEnded(_) => {}
             }
         });
         self.sub = Some(Subscription { pump, stream, deltas });
