@@ -19,7 +19,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use descartes_core::permission::{PermissionRequest, PromptAnswer, Prompter};
 use descartes_core::{EventStore, OutputSink, RunOutcome};
-use descartes_protocol::{Message, NewEvent, PermissionAsked, RunId, Timestamp};
+use descartes_protocol::{EventData, Message, NewEvent, PermissionAsked, RunId, RunRequested, Timestamp};
 use descartes_runtime::{Runtime, Stores};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -132,6 +132,11 @@ impl Service {
         if let Some((id, label)) = new.idempotency_key.as_ref().and_then(|k| keys.get(k)) {
             return Ok(Started { run_id: id.clone(), new: false, label: label.clone() });
         }
+        if let Some(key) = &new.idempotency_key
+            && let Some(earlier) = self.requested(key).await?
+        {
+            return Ok(earlier);
+        }
         self.rt.check_guardrails()?;
         let run_id = RunId::generate();
         let settings = new.request.new_run(&self.rt);
@@ -139,6 +144,9 @@ impl Service {
         let lock = self.rt.lock_run(&run_id)?;
         let label = prepared.label.clone();
         if let Some(k) = new.idempotency_key {
+            // Durable before the run starts: a retry after a crash finds it.
+            let requested = RunRequested { run_id: run_id.to_string(), label: label.clone() };
+            self.stores.events.append(vec![NewEvent::new(&request_stream(&k), requested)]).await?;
             keys.insert(k, (run_id.clone(), label.clone()));
         }
         drop(keys);
@@ -149,6 +157,17 @@ impl Service {
             this.finish(&id, outcome, lock).await;
         });
         Ok(Started { run_id, new: true, label })
+    }
+
+    /// The run an earlier request with idempotency key `key` started, from the log.
+    async fn requested(&self, key: &str) -> Result<Option<Started>> {
+        let events = self.stores.events.read_run(&request_stream(key), 0).await?;
+        Ok(events.into_iter().find_map(|e| match e.data {
+            EventData::RunRequested(r) => {
+                Some(Started { run_id: RunId::from(r.run_id.as_str()), new: false, label: r.label })
+            }
+            _ => None,
+        }))
     }
 
     /// Resumes run `id` (a full id or a unique prefix) with `request`'s overrides.
@@ -324,6 +343,15 @@ impl Prompter for ApiPrompter {
             () = tokio::time::sleep(self.timeout) => PromptAnswer::Deny,
         }
     }
+}
+
+/// The stream that records the run of an idempotency key: `request:` and the key's SHA-256
+/// (keys are the client's text: any length, any characters).
+fn request_stream(key: &str) -> RunId {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    RunId::from(format!("request:{hex}").as_str())
 }
 
 /// Removes an ask from the waiting ones when its wait ends, however it ends.

@@ -396,6 +396,26 @@ fn run_creation_refuses_bad_input_and_honours_idempotency_keys() {
     wait_for(&s, &format!("/v1/runs/{other}"), "completion", |b| b["status"] == "completed");
     wait_for(&s, &format!("/v1/runs/{first}"), "completion", |b| b["status"] == "completed");
     assert_eq!(env.runs().len(), 2);
+    // The key is in the log: a retry after the server restarted gets the same run.
+    drop(s);
+    let s = start(&env);
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-H",
+        "Idempotency-Key: k-1",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"prompt": "say it", "provider": "openai"}"#,
+        &format!("{}/v1/runs", s.url),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["run_id"].as_str(), Some(first.as_str()));
+    assert_eq!(env.runs().len(), 2, "no third run");
 }
 
 /// The server is killed (SIGKILL) while it drives a run whose shell call has run; a new server

@@ -129,6 +129,9 @@ event_types! {
     /// A tool call waits for a human's answer given through the API (`allow`,
     /// `allow_for_run`, `deny`) until `expires_at`; its `permission_decided` follows.
     PermissionAsked = "permission_asked",
+    /// A run was requested with an idempotency key (stream `request:<digest of the key>`): a
+    /// retried request with the same key gets this run.
+    RunRequested = "run_requested",
     /// The run finished with an answer.
     RunCompleted = "run_completed",
     /// The run stopped on an error; it can be resumed.
@@ -420,6 +423,14 @@ pub struct PermissionAsked {
     pub summary: String,
     /// When an unanswered ask is denied.
     pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequested {
+    /// The run the request started.
+    pub run_id: String,
+    /// Its provider and model.
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
