@@ -166,8 +166,44 @@ pub struct SqliteEventStore {
     tx: Mutex<Option<mpsc::Sender<Cmd>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// At most [`MAX_READERS`] reads at once: many followers (a server's streams) queue here
+    /// instead of holding a blocking thread and a connection each.
+    reading: Arc<tokio::sync::Semaphore>,
     last: watch::Sender<Seq>,
+    /// Whether the shared poller of other processes' writes runs (see `wait_for_events`).
+    polling: std::sync::atomic::AtomicBool,
+    /// Dropped with the store: the poller stops.
+    alive: Arc<()>,
     pub(crate) clock: Arc<dyn descartes_core::Clock>,
+}
+
+/// The most reads of the log at once (each on a blocking thread with a connection of its own).
+const MAX_READERS: usize = 8;
+
+/// Runs `f` on a pooled reader connection (opened when none is free), on a blocking thread,
+/// once one of [`MAX_READERS`] permits is free.
+async fn read_pooled<T: Send + 'static>(
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: PathBuf,
+    reading: Arc<tokio::sync::Semaphore>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let permit = reading.acquire_owned().await.map_err(|_| StoreError::Closed)?;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let conn = readers.lock().map_err(|_| StoreError::Closed)?.pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_conn(&path, SyncMode::Normal).map_err(io_err)?,
+        };
+        let result = f(&conn);
+        if let Ok(mut pool) = readers.lock() {
+            pool.push(conn);
+        }
+        result
+    })
+    .await
+    .map_err(|e| StoreError::Io { message: format!("reader task failed: {e}"), busy: false })?
 }
 
 pub(crate) fn io_err(e: rusqlite::Error) -> StoreError {
@@ -202,7 +238,10 @@ impl SqliteEventStore {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            reading: Arc::new(tokio::sync::Semaphore::new(MAX_READERS)),
             last: last_tx,
+            polling: std::sync::atomic::AtomicBool::new(false),
+            alive: Arc::new(()),
             clock: Arc::new(descartes_core::SystemClock),
         })
     }
@@ -271,24 +310,47 @@ impl SqliteEventStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static {
-        let readers = self.readers.clone();
-        let path = self.path.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let conn = readers.lock().map_err(|_| StoreError::Closed)?.pop();
-                let conn = match conn {
-                    Some(c) => c,
-                    None => open_conn(&path, SyncMode::Normal).map_err(io_err)?,
-                };
-                let result = f(&conn);
-                if let Ok(mut pool) = readers.lock() {
-                    pool.push(conn);
-                }
-                result
-            })
-            .await
-            .map_err(|e| StoreError::Io { message: format!("reader task failed: {e}"), busy: false })?
+        read_pooled(self.readers.clone(), self.path.clone(), self.reading.clone(), f)
+    }
+
+    /// Starts, once, the task that looks for other processes' writes every [`POLL`] while
+    /// anyone waits for events, and moves `last` when the log grew. It stops with the store.
+    fn start_poller(&self) {
+        use std::sync::atomic::Ordering;
+        if self.polling.swap(true, Ordering::SeqCst) {
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.polling.store(false, Ordering::SeqCst);
+            return;
+        };
+        let alive = Arc::downgrade(&self.alive);
+        let last = self.last.clone();
+        let (readers, path, reading) = (self.readers.clone(), self.path.clone(), self.reading.clone());
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(POLL).await;
+                if alive.upgrade().is_none() {
+                    return;
+                }
+                if last.receiver_count() == 0 {
+                    continue;
+                }
+                let max = read_pooled(readers.clone(), path.clone(), reading.clone(), |c: &Connection| {
+                    c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get::<_, Seq>(0)).map_err(io_err)
+                })
+                .await;
+                if let Ok(max) = max {
+                    last.send_if_modified(|s| {
+                        let grew = max > *s;
+                        if grew {
+                            *s = max;
+                        }
+                        grew
+                    });
+                }
+            }
+        });
     }
 
     /// Reads one run's events synchronously (benchmarks and tools without a runtime).
@@ -711,9 +773,12 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn wait_for_events(&self, after: Seq, timeout: Duration) {
-        // Our own writes wake us at once; other processes' writes are seen by polling.
+        // Our own writes wake us at once; other processes' writes are seen by one poller shared
+        // by every waiter (a server's thousand idle streams make one query per poll, not one
+        // each).
+        self.start_poller();
         let mut rx = self.last.subscribe();
-        let _ = tokio::time::timeout(timeout.min(POLL), rx.wait_for(|s| *s > after)).await;
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s > after)).await;
     }
 
     async fn replay_run(&self, run_id: &RunId) -> Result<RunState, CoreError> {
