@@ -764,9 +764,12 @@ impl EventStore for SqliteEventStore {
         let prefix = prefix.to_owned();
         self.with_reader(move |c| {
             let mut stmt = c
-                .prepare_cached("SELECT run_id FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id")
+                // A range of the primary key (binary collation): every id that starts with the
+                // prefix sorts between it and it followed by the last code point.
+                .prepare_cached("SELECT run_id FROM runs WHERE run_id >= ?1 AND run_id < ?2 ORDER BY run_id")
                 .map_err(io_err)?;
-            let rows = stmt.query_map([prefix], |r| Ok(RunId(r.get(0)?))).map_err(io_err)?;
+            let upper = format!("{prefix}\u{10FFFF}");
+            let rows = stmt.query_map([prefix, upper], |r| Ok(RunId(r.get(0)?))).map_err(io_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(io_err)
         })
         .await
