@@ -184,7 +184,7 @@ async fn seed_runs(store: &dyn EventStore, n: usize) -> Vec<RunId> {
     ids
 }
 
-/// 1. `GET /v1/runs/{id}` p50 ≤ 1 ms with 10,000 runs.
+/// Target 1: `GET /v1/runs/{id}` p50 ≤ 1 ms with 10,000 runs.
 async fn get_run() {
     const RUNS: usize = 10_000;
     const N: usize = 4_000;
@@ -251,27 +251,6 @@ async fn get_run() {
         store.run_summary(&found).await.unwrap().unwrap();
         if i % 2 == 1 { resolve_prefix.push(t.elapsed()) } else { resolve_full.push(t.elapsed()) }
     }
-    // Where the store's time goes: `find_runs` (every lookup, full id or prefix, starts
-    // there) filters with `substr(run_id, ...)`, which no index serves; the same question as a
-    // range over the primary key, on a reader connection of the same database.
-    let conn = rusqlite::Connection::open(dir.path().join("events.db")).unwrap();
-    let mut scan =
-        conn.prepare("SELECT run_id FROM runs WHERE substr(run_id, 1, length(?1)) = ?1 ORDER BY run_id").unwrap();
-    let mut range = conn.prepare("SELECT run_id FROM runs WHERE run_id >= ?1 AND run_id < ?2 ORDER BY run_id").unwrap();
-    let (mut by_scan, mut by_range) = (Vec::with_capacity(N), Vec::with_capacity(N));
-    for i in 0..N {
-        let id = pick().as_str();
-        let key = if i % 2 == 1 { &id[..10] } else { id };
-        let t = Instant::now();
-        let found: Vec<String> = scan.query_map([key], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
-        by_scan.push(t.elapsed());
-        assert_eq!(found, [id]);
-        let t = Instant::now();
-        let end = format!("{key}\u{10FFFF}");
-        let found: Vec<String> = range.query_map([key, &end], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
-        by_range.push(t.elapsed());
-        assert_eq!(found, [id]);
-    }
 
     report("GET /v1/runs/{id} (all)   [target p50 <= 1 ms]", all);
     report("GET /v1/runs/{id} full id", full);
@@ -280,8 +259,6 @@ async fn get_run() {
     report("store: resolve_run + run_summary, full id", resolve_full);
     report("store: resolve_run + run_summary, prefix", resolve_prefix);
     report("store: run_summary alone", summary);
-    report("SQL: find_runs' query (substr, a scan)", by_scan);
-    report("SQL: the same as a primary-key range", by_range);
 }
 
 /// A WebSocket to the server at `addr`, with the token.
@@ -334,7 +311,7 @@ fn cpu_time() -> Duration {
     Duration::from_micros(micros(usage.user_time()) + micros(usage.system_time()))
 }
 
-/// 2. `subscribers` WebSockets each receive every event of a burst of `total` events, appended
+/// Target 2: `subscribers` WebSockets each receive every event of a burst of `total` events, appended
 /// `batch` per append by one appender as fast as the log takes them, or one append `every`.
 async fn burst(subscribers: usize, total: usize, batch: usize, every: Option<Duration>, nodelay: bool) {
     let served = if nodelay { ", server sockets TCP_NODELAY" } else { "" };
@@ -538,7 +515,7 @@ async fn warm_server(dir: &std::path::Path, subscription: &str) -> (Child, (u64,
     (server, before)
 }
 
-/// 3. `connections` idle WebSockets cost the server ≤ 50 MB: the server is this binary in a
+/// Target 3: `connections` idle WebSockets cost the server ≤ 50 MB: the server is this binary in a
 /// child process, so its RSS is the server's alone.
 async fn idle(connections: usize) {
     println!("\nIdle WebSockets: {connections} connections to a server in a child process (its RSS and open files)");
