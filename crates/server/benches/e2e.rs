@@ -121,11 +121,19 @@ fn start_server(place: &Place) -> Server {
     Server { child, url, token }
 }
 
+/// The parts of a run over the WebSocket, in ms (clock times of this process and the server's
+/// event `at`s, one machine, one clock).
+const PARTS: [&str; 5] = [
+    "WebSocket handshake",
+    "start_run sent -> `run_started` reply",
+    "start_run sent -> run_started event (`at`)",
+    "the run in the server (its events' `at`)",
+    "run_completed (`at`) -> this client",
+];
+
 /// One run over the WebSocket, from connecting to its `run_completed` event: its wall time,
-/// and its parts: from connecting to the run's `run_started` (by the event's `at`), the run in
-/// the server (`run_started` to `run_completed`, by their `at`), from `run_completed`'s `at`
-/// to its arrival here.
-async fn ws_run(server: &Server, prompt: &str) -> (Duration, [f64; 3]) {
+/// and its [`PARTS`].
+async fn ws_run(server: &Server, prompt: &str) -> (Duration, [f64; 5]) {
     let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as f64;
     let at_us = |frame: &Value| {
         let event: descartes_protocol::Event = serde_json::from_str(&frame["event"].to_string()).unwrap();
@@ -136,20 +144,29 @@ async fn ws_run(server: &Server, prompt: &str) -> (Duration, [f64; 3]) {
     let mut request = format!("{}/v1/ws", server.url.replacen("http", "ws", 1)).into_client_request().unwrap();
     request.headers_mut().insert("authorization", format!("Bearer {}", server.token).parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let connected_at = now_us();
     let start = json!({"type": "start_run", "run": {"prompt": prompt, "provider": "openai", "auto_approve": true},
         "subscribe": true});
     ws.send(Message::text(start.to_string())).await.unwrap();
-    let mut started_at = 0.0;
+    let sent_at = now_us();
+    let (mut replied_at, mut started_at) = (0.0, 0.0);
     loop {
         let Some(message) = ws.next().await else { panic!("the socket ended before the run did") };
         let Message::Text(text) = message.unwrap() else { continue };
         let frame: Value = serde_json::from_str(text.as_str()).unwrap();
         match (frame["type"].as_str(), frame["event"]["type"].as_str()) {
+            (Some("run_started"), _) => replied_at = now_us(),
             (Some("event"), Some("run_started")) => started_at = at_us(&frame),
             (Some("event"), Some("run_completed")) => {
                 let d = t.elapsed();
                 let completed_at = at_us(&frame);
-                let parts = [started_at - connect_at, completed_at - started_at, now_us() - completed_at];
+                let parts = [
+                    connected_at - connect_at,
+                    replied_at - sent_at,
+                    started_at - sent_at,
+                    completed_at - started_at,
+                    now_us() - completed_at,
+                ];
                 let _ = ws.close(None).await;
                 return (d, parts.map(|us| us / 1000.0));
             }
@@ -178,7 +195,7 @@ fn compare(rt: &tokio::runtime::Runtime, bin: &Path, name: &str, model: Model, p
     let remote_args = ["--server", server.url.as_str(), "run", "-y", "-p", "openai", prompt];
     let (mut local, mut ws, mut remote) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ws_ratio, mut remote_ratio) = (Vec::new(), Vec::new());
-    let mut parts: [Vec<f64>; 3] = Default::default();
+    let mut parts: [Vec<f64>; 5] = Default::default();
     // Three uncounted rounds first.
     for round in 0..pairs + 3 {
         let mut times = [Duration::ZERO; 3];
@@ -215,11 +232,9 @@ fn compare(rt: &tokio::runtime::Runtime, bin: &Path, name: &str, model: Model, p
     println!("\nmodel `{name}`: wall time of one run, median (range) over {pairs} rounds");
     println!("  local   `descartes run`                      {:>7.1} ms ({} ms)", median(local.clone()), range(&local));
     println!("  ws      WebSocket start_run -> run_completed  {:>7.1} ms ({} ms)", median(ws.clone()), range(&ws));
-    let [to_start, in_server, to_client] = parts.map(median);
-    println!(
-        "          of which: connect + start_run -> run_started {to_start:.1} ms, the run in the server \
-         {in_server:.1} ms, run_completed -> this client {to_client:.1} ms (medians)"
-    );
+    for (what, part) in PARTS.iter().zip(parts) {
+        println!("          {what:<44} {:>7.1} ms (median)", median(part));
+    }
     println!(
         "  remote  `descartes --server URL run`          {:>7.1} ms ({} ms)",
         median(remote.clone()),
