@@ -352,6 +352,13 @@ mod tests {
         ] {
             assert!(doc["paths"][path]["post"].is_object(), "{path} in {doc}");
         }
+        for (path, method) in
+            [("/v1/sessions", "post"), ("/v1/sessions/{id}/messages", "post"), ("/v1/sessions/{id}/stream", "get")]
+        {
+            assert!(doc["paths"][path][method].is_object(), "{method} {path} in {doc}");
+        }
+        let message = &doc["components"]["schemas"]["SendMessage"];
+        assert!(message["properties"]["on_busy"].is_object(), "{message}");
         let create = &doc["components"]["schemas"]["CreateTask"];
         assert!(
             create["properties"]["type"].is_object() && create["required"] == serde_json::json!(["title"]),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use descartes_core::EventStore;
 use descartes_core::follow::{EventFilter, Follower};
 use descartes_protocol::Seq;
-use tokio::sync::mpsc::{self, error::SendTimeoutError};
+use tokio::sync::mpsc::{self, error::SendTimeoutError, error::TrySendError};
 use tokio::sync::watch;
 
 #[cfg(doc)]
@@ -196,7 +196,13 @@ struct Out<'a, T, F> {
 
 impl<T, F: Fn(&Item) -> T> Out<'_, T, F> {
     async fn send(&mut self, item: &Item) -> Result<(), TailEnd> {
-        match self.tx.send_timeout((self.frame)(item), self.lag_timeout).await {
+        // Room now (the usual case): no timer.
+        let sent = match self.tx.try_send((self.frame)(item)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(TailEnd::Closed),
+            Err(TrySendError::Full(frame)) => self.tx.send_timeout(frame, self.lag_timeout).await,
+        };
+        match sent {
             Ok(()) => {
                 self.after = item.seq;
                 self.last_terminal = item.terminal;
