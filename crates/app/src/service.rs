@@ -247,6 +247,7 @@ impl Service {
             let outcome = prepared.start(id.clone(), new.prompt, goal).await;
             this.finish(&id, outcome, lock).await;
         });
+        self.recorded(&run_id).await;
         Ok(Started { run_id, new: true, label })
     }
 
@@ -353,6 +354,7 @@ impl Service {
             lock(&self.sessions).remove(&session_id);
             return Err(e);
         }
+        self.recorded(&session_id).await;
         Ok(Delivered { session_id, delivery: Delivery::Started })
     }
 
@@ -410,6 +412,20 @@ impl Service {
             return Err(e);
         }
         Ok(Delivered { session_id, delivery: Delivery::Started })
+    }
+
+    /// Waits (5 s at most) until run `id`, just started, is in the log (its `run_started` is
+    /// its driver's first durable write), so a client answered `201` finds it at once; returns
+    /// early if its driver ended first (it could not start).
+    async fn recorded(&self, id: &RunId) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline && self.is_active(id) {
+            match self.stores.events.run_summary(id).await {
+                Ok(Some(_)) => return,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(_) => return,
+            }
+        }
     }
 
     /// Whether a turn of session `id` is going in this process.

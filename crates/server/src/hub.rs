@@ -149,9 +149,10 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// The ring after `cursor`: up to `max` items looked at, those `filter` wants returned.
-    /// What is put in the ring after this call wakes [`Listener::changed`].
-    pub(crate) fn read(&mut self, cursor: Seq, max: usize, filter: &EventFilter) -> Read {
+    /// The ring after `cursor`: up to `max` items looked at, those `filter` wants returned
+    /// (in `into`'s allocation, emptied first). What is put in the ring after this call wakes
+    /// [`Listener::changed`].
+    pub(crate) fn read(&mut self, cursor: Seq, max: usize, filter: &EventFilter, into: Vec<Arc<Item>>) -> Read {
         self.version.borrow_and_update();
         let ring = self.hub.ring.read().unwrap_or_else(|e| e.into_inner());
         let Some(base) = ring.base else { return Read::Empty };
@@ -165,7 +166,9 @@ impl Listener {
             return Read::Behind;
         }
         let end = items.len().min(start.saturating_add(max.max(1)));
-        let wanted = items.range(start..end).filter(|i| i.matches(filter)).cloned().collect();
+        let mut wanted = into;
+        wanted.clear();
+        wanted.extend(items.range(start..end).filter(|i| i.matches(filter)).cloned());
         let last = items.get(end - 1).map_or(cursor, |i| i.seq);
         Read::Items(wanted, last)
     }
@@ -344,11 +347,11 @@ mod tests {
         })
         .await
         .unwrap();
-        assert!(matches!(listener.read(0, 10, &all), Read::Empty));
+        assert!(matches!(listener.read(0, 10, &all, Vec::new()), Read::Empty));
         let seqs: Vec<Seq> = store.append((0..5).map(note).collect()).await.unwrap().iter().map(|e| e.seq).collect();
         let got = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                if let Read::Items(items, last) = listener.read(0, 10, &all) {
+                if let Read::Items(items, last) = listener.read(0, 10, &all, Vec::new()) {
                     break (items.iter().map(|i| i.seq).collect::<Vec<_>>(), last);
                 }
                 listener.changed().await;
@@ -358,12 +361,12 @@ mod tests {
         .unwrap();
         assert_eq!(got, (seqs.clone(), seqs[4]));
         let even = EventFilter { stream: Some(RunId::from("even")), kinds: Vec::new() };
-        let Read::Items(items, last) = listener.read(seqs[0], 2, &even) else { panic!("items") };
+        let Read::Items(items, last) = listener.read(seqs[0], 2, &even, Vec::new()) else { panic!("items") };
         assert_eq!((items.iter().map(|i| i.seq).collect::<Vec<_>>(), last), (vec![seqs[2]], seqs[2]));
-        assert!(matches!(listener.read(seqs[4], 10, &all), Read::Empty));
+        assert!(matches!(listener.read(seqs[4], 10, &all, Vec::new()), Read::Empty));
         // A ring that starts after the cursor: behind, even empty.
         hub.reset(Some(seqs[4] + 5));
-        assert!(matches!(listener.read(seqs[4], 10, &all), Read::Behind));
-        assert!(matches!(listener.read(seqs[4] + 5, 10, &all), Read::Empty));
+        assert!(matches!(listener.read(seqs[4], 10, &all, Vec::new()), Read::Behind));
+        assert!(matches!(listener.read(seqs[4] + 5, 10, &all, Vec::new()), Read::Empty));
     }
 }

@@ -143,9 +143,13 @@ impl Tail {
             // Live: the hub's ring, until the tail is behind it, or looks at the log again.
             let wake = tokio::time::sleep(WAKE);
             tokio::pin!(wake);
+            let mut items = Vec::new();
             loop {
-                let (items, last) = match live.read(cursor, RING_READ, &self.filter) {
-                    Read::Items(items, last) => (items, last),
+                let last = match live.read(cursor, RING_READ, &self.filter, std::mem::take(&mut items)) {
+                    Read::Items(read, last) => {
+                        items = read;
+                        last
+                    }
                     Read::Behind => break,
                     Read::Empty => {
                         tokio::select! {

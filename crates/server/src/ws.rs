@@ -583,30 +583,36 @@ pub(crate) async fn recv_delta(deltas: &mut broadcast::Receiver<Value>, stream: 
 /// packet for a burst rather than one per frame.
 async fn write(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Out>, stall: Duration) {
     let mut code = close_code::NORMAL;
-    'frames: while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut fed = 0;
-        while let Some(out) = next.take() {
-            let (message, last) = match out {
-                Out::Text(text) => (Message::Text(text), None),
-                Out::Ping => (Message::Ping(Default::default()), None),
-                Out::Close(text, code) => (Message::Text(text), Some(code)),
-            };
-            if !matches!(tokio::time::timeout(stall, sink.feed(message)).await, Ok(Ok(()))) {
-                return;
+    while let Some(first) = rx.recv().await {
+        // One timer for the batch: a stalled client holds its `feed` or its `flush`.
+        let batch = async {
+            let mut next = Some(first);
+            let mut fed = 0;
+            while let Some(out) = next.take() {
+                let (message, last) = match out {
+                    Out::Text(text) => (Message::Text(text), None),
+                    Out::Ping => (Message::Ping(Default::default()), None),
+                    Out::Close(text, code) => (Message::Text(text), Some(code)),
+                };
+                sink.feed(message).await?;
+                if last.is_some() {
+                    // The close frame below flushes it.
+                    return Ok(last);
+                }
+                fed += 1;
+                if fed < WRITE_BATCH {
+                    next = rx.try_recv().ok();
+                }
             }
-            if let Some(last) = last {
-                // The close frame below flushes it.
+            sink.flush().await.map(|()| None)
+        };
+        match tokio::time::timeout(stall, batch).await {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(last))) => {
                 code = last;
-                break 'frames;
+                break;
             }
-            fed += 1;
-            if fed < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !matches!(tokio::time::timeout(stall, sink.flush()).await, Ok(Ok(()))) {
-            return;
+            Ok(Err(_)) | Err(_) => return,
         }
     }
     drop(rx);
