@@ -212,6 +212,24 @@ pub async fn prepare(
     settings: RunSettings,
     io: RunIo,
 ) -> Result<Prepared> {
+    prepare_with_policy(rt, store, fallback, settings, io, None).await
+}
+
+/// The permission rules of `rt`'s runs, compiled (regexes and globs): what a long-lived process
+/// compiles once for all its runs and hands to [`prepare_with_policy`].
+pub fn permission_policy(rt: &Runtime) -> Result<descartes_core::policy::Policy> {
+    rt.permission_policy().map_err(|e| fail(Problem::Config, e.to_string()))
+}
+
+/// [`prepare`] with the permission rules already compiled (`None`: compile them now).
+pub async fn prepare_with_policy(
+    rt: &Runtime,
+    store: Arc<dyn EventStore>,
+    fallback: &[String],
+    settings: RunSettings,
+    io: RunIo,
+    policy: Option<descartes_core::policy::Policy>,
+) -> Result<Prepared> {
     let RunSettings { provider, model, auto_approve, max_turns, cwd, system_prompt, budget } = settings;
     let RunIo { sink, prompter, cancel, gate } = io;
     for (flag, v) in [("--max-tokens", budget.max_tokens.map(|t| t as f64)), ("--max-cost-usd", budget.max_cost_usd)] {
@@ -244,7 +262,10 @@ pub async fn prepare(
         spool_root: rt.places.spool_dir(),
         budget,
     };
-    let policy = rt.permission_policy().map_err(|e| fail(Problem::Config, e.to_string()))?;
+    let policy = match policy {
+        Some(p) => p,
+        None => permission_policy(rt)?,
+    };
     if sel.is_agent_cli() {
         if !fallback.is_empty() {
             return Err(fail(Problem::Usage, "--fallback applies to model providers, not to agent CLIs"));

@@ -19,14 +19,16 @@ use anyhow::Result;
 use async_trait::async_trait;
 use descartes_core::permission::{PermissionRequest, PromptAnswer, Prompter};
 use descartes_core::{EventStore, OutputSink, RunOutcome};
-use descartes_protocol::{EventData, Message, NewEvent, PermissionAsked, RunId, RunRequested, Timestamp};
+use descartes_protocol::{
+    EventData, Message, NewEvent, PermissionAsked, RunId, RunRequested, SessionStarted, Timestamp,
+};
 use descartes_runtime::{Runtime, Stores};
 use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Problem, fail};
-use crate::run::{Prepared, RunIo, RunRequest, prepare, wrap_up};
+use crate::run::{Prepared, RunIo, RunRequest, prepare_with_policy, wrap_up};
 
 /// Where live output goes (the server's broadcast of deltas).
 pub type Publish = Arc<dyn Fn(serde_json::Value) + Send + Sync>;
@@ -88,6 +90,75 @@ pub struct Started {
 struct Active {
     cancel: CancellationToken,
     asks: Mutex<HashMap<String, (Ask, oneshot::Sender<PromptAnswer>)>>,
+    /// Why it is stopped, when not by a user's cancel (see [`descartes_core::STOP_REASON`]).
+    stop_reason: Arc<Mutex<Option<String>>>,
+}
+
+/// The `run_cancelled` reason of a session's turn that a newer message interrupted; its
+/// streams end with the terminal frame `interrupted`.
+pub const INTERRUPTED: &str = "interrupted by a newer message";
+
+/// What becomes of a message to a session while a turn of that session is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnBusy {
+    /// Refused (a conflict: HTTP 409).
+    #[default]
+    Reject,
+    /// Answered after the turns before it, in order.
+    Enqueue,
+    /// The running turn is stopped (it ends `interrupted`), then this one runs, before any
+    /// queued one.
+    Interrupt,
+}
+
+impl std::str::FromStr for OnBusy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reject" => Ok(OnBusy::Reject),
+            "enqueue" => Ok(OnBusy::Enqueue),
+            "interrupt" => Ok(OnBusy::Interrupt),
+            other => Err(format!("unknown on_busy `{other}` (reject, enqueue, interrupt)")),
+        }
+    }
+}
+
+/// A user's message to a session.
+#[derive(Debug, Clone, Default)]
+pub struct SessionMessage {
+    pub text: String,
+    pub on_busy: OnBusy,
+    /// What the turn runs with: a new session's provider, model and limits; for a later turn,
+    /// each `None` keeps the session's own.
+    pub request: RunRequest,
+    /// How long a tool call waits for an answer before it is denied.
+    pub ask_timeout: Option<Duration>,
+}
+
+/// What became of a message to a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// Its turn started.
+    Started,
+    /// It waits behind the running turn and `position - 1` other messages.
+    Queued { position: usize },
+    /// The running turn is being stopped; this message's turn comes next.
+    Interrupting,
+}
+
+/// A message delivered to session `session_id`.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub session_id: RunId,
+    pub delivery: Delivery,
+}
+
+/// A session this process is answering: the messages waiting for their turn.
+#[derive(Default)]
+struct Busy {
+    queue: std::collections::VecDeque<SessionMessage>,
+    /// An interrupt came before the running turn could be stopped: stop it as soon as it is.
+    interrupt: bool,
 }
 
 /// The runs a process drives for its clients.
@@ -98,6 +169,13 @@ pub struct Service {
     active: Mutex<HashMap<RunId, Arc<Active>>>,
     keys: tokio::sync::Mutex<HashMap<String, (RunId, String)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The permission rules, compiled for the first run and kept (the configuration is the
+    /// runtime's, fixed for the process).
+    policy: std::sync::OnceLock<descartes_core::policy::Policy>,
+    /// The sessions with a turn going, and their waiting messages.
+    sessions: Mutex<HashMap<RunId, Busy>>,
+    /// Set by [`Service::shutdown`]: no queued turn starts any more.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Service {
@@ -119,6 +197,9 @@ impl Service {
             active: Mutex::new(HashMap::new()),
             keys: tokio::sync::Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
+            policy: std::sync::OnceLock::new(),
+            sessions: Mutex::new(HashMap::new()),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -147,6 +228,16 @@ impl Service {
             // Durable before the run starts: a retry after a crash finds it.
             let requested = RunRequested { run_id: run_id.to_string(), label: label.clone() };
             self.stores.events.append(vec![NewEvent::new(&request_stream(&k), requested)]).await?;
+            // Another process on the same log (a second server on one PostgreSQL database) may
+            // have taken the key meanwhile: the first `run_requested` in the log wins (seqs
+            // become visible in commit order, so every lower one is readable once ours is), and
+            // the others start nothing.
+            if let Some(first) = self.requested(&k).await?
+                && first.run_id != run_id
+            {
+                keys.insert(k, (first.run_id.clone(), first.label.clone()));
+                return Ok(first);
+            }
             keys.insert(k, (run_id.clone(), label.clone()));
         }
         drop(keys);
@@ -197,7 +288,11 @@ impl Service {
         settings: crate::run::RunSettings,
         ask_timeout: Option<Duration>,
     ) -> Result<(Prepared, Arc<Active>)> {
-        let active = Arc::new(Active { cancel: CancellationToken::new(), asks: Mutex::new(HashMap::new()) });
+        let active = Arc::new(Active {
+            cancel: CancellationToken::new(),
+            asks: Mutex::new(HashMap::new()),
+            stop_reason: Arc::default(),
+        });
         let prompter = Arc::new(ApiPrompter {
             run_id: run_id.clone(),
             store: self.stores.events.clone(),
@@ -207,15 +302,24 @@ impl Service {
         });
         let sink = Arc::new(LiveSink { run_id: run_id.clone(), publish: self.publish.clone() });
         let io = RunIo { sink, prompter, cancel: active.cancel.clone(), gate: None };
-        let prepared = prepare(&self.rt, self.stores.events.clone(), &request.fallback, settings, io).await?;
+        let policy = match self.policy.get() {
+            Some(p) => p.clone(),
+            None => {
+                let compiled = crate::run::permission_policy(&self.rt)?;
+                self.policy.get_or_init(|| compiled).clone()
+            }
+        };
+        let events = self.stores.events.clone();
+        let prepared = prepare_with_policy(&self.rt, events, &request.fallback, settings, io, Some(policy)).await?;
         Ok((prepared, active))
     }
 
     fn spawn(&self, run_id: &RunId, active: Arc<Active>, drive: impl Future<Output = ()> + Send + 'static) {
+        let reason = active.stop_reason.clone();
         lock(&self.active).insert(run_id.clone(), active);
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
-        tasks.push(tokio::spawn(drive));
+        tasks.push(tokio::spawn(descartes_core::STOP_REASON.scope(reason, drive)));
     }
 
     async fn finish(
@@ -236,6 +340,155 @@ impl Service {
         lock_.release();
         lock(&self.active).remove(run_id);
         (self.publish)(serde_json::json!({"type": "run_ended", "run_id": run_id}));
+    }
+
+    /// Starts a session (a conversation of turns in one stream, as `descartes chat` records
+    /// it) with its first message; its id is the stream's.
+    pub async fn create_session(self: &Arc<Self>, message: SessionMessage) -> Result<Delivered> {
+        check_message(&message)?;
+        self.rt.check_guardrails()?;
+        let session_id = RunId::generate();
+        lock(&self.sessions).insert(session_id.clone(), Busy::default());
+        if let Err(e) = self.start_turn(&session_id, message, None).await {
+            lock(&self.sessions).remove(&session_id);
+            return Err(e);
+        }
+        Ok(Delivered { session_id, delivery: Delivery::Started })
+    }
+
+    /// Sends a message to session `id` (a full id or a unique prefix): its turn starts now, or,
+    /// while a turn of the session is going, as `on_busy` says.
+    pub async fn message(self: &Arc<Self>, id: &str, message: SessionMessage) -> Result<Delivered> {
+        check_message(&message)?;
+        let session_id = self.rt.resolve_run(&*self.stores.events, id).await?;
+        {
+            let mut sessions = lock(&self.sessions);
+            if let Some(busy) = sessions.get_mut(&session_id) {
+                let delivery = match message.on_busy {
+                    OnBusy::Reject => {
+                        return Err(fail(
+                            Problem::Conflict,
+                            format!(
+                                "session {session_id} is answering a message; send it with on_busy `enqueue` (after \
+                                 the running turn) or `interrupt` (instead of it)"
+                            ),
+                        ));
+                    }
+                    OnBusy::Enqueue => {
+                        busy.queue.push_back(message);
+                        Delivery::Queued { position: busy.queue.len() }
+                    }
+                    OnBusy::Interrupt => {
+                        busy.queue.push_front(message);
+                        busy.interrupt = true;
+                        if let Some(active) = lock(&self.active).get(&session_id) {
+                            interrupt(active);
+                        }
+                        Delivery::Interrupting
+                    }
+                };
+                return Ok(Delivered { session_id, delivery });
+            }
+            if lock(&self.active).contains_key(&session_id) {
+                return Err(fail(Problem::Conflict, format!("run {session_id} is running (not as a session)")));
+            }
+            sessions.insert(session_id.clone(), Busy::default());
+        }
+        let started = async {
+            self.rt.check_guardrails()?;
+            let state = self.stores.events.replay_run(&session_id).await?;
+            if state.session.is_none() {
+                return Err(fail(
+                    Problem::Usage,
+                    format!("{session_id} is a run, not a session; resume it with POST /v1/runs/{session_id}/resume"),
+                ));
+            }
+            self.start_turn(&session_id, message, Some(state)).await
+        };
+        if let Err(e) = started.await {
+            lock(&self.sessions).remove(&session_id);
+            return Err(e);
+        }
+        Ok(Delivered { session_id, delivery: Delivery::Started })
+    }
+
+    /// Whether a turn of session `id` is going in this process.
+    pub fn session_busy(&self, id: &RunId) -> bool {
+        lock(&self.sessions).contains_key(id)
+    }
+
+    /// Builds the turn's agent and starts it; once it ends, the session's next message (if
+    /// any) gets its turn.
+    async fn start_turn(
+        self: &Arc<Self>,
+        session_id: &RunId,
+        message: SessionMessage,
+        state: Option<descartes_core::RunState>,
+    ) -> Result<()> {
+        let settings = match &state {
+            None => message.request.new_run(&self.rt),
+            Some(st) => turn_settings(&self.rt, &message.request, st)?,
+        };
+        let lock_ = self.rt.lock_run(session_id)?;
+        let (prepared, active) = self.prepare(session_id, &message.request, settings, message.ask_timeout).await?;
+        let not_a_model = || fail(Problem::Usage, "a session runs on a model provider, not on an agent CLI");
+        let agent = prepared.into_agent().ok_or_else(not_a_model)?;
+        let text = message.text;
+        let (this, id) = (self.clone(), session_id.clone());
+        let running = active.clone();
+        self.spawn(session_id, active, async move {
+            let goal = Message::user_text(&text);
+            let outcome = match state {
+                None => {
+                    let session = SessionStarted { kind: "api".into(), context_files: Vec::new() };
+                    agent.start_session(id.clone(), session, goal).await
+                }
+                Some(st) => agent.continue_session(st, goal).await,
+            };
+            this.finish(&id, outcome, lock_).await;
+            this.next_turn(id);
+        });
+        // An interrupt that came before the turn could be stopped (it is stoppable now).
+        let mut sessions = lock(&self.sessions);
+        if sessions.get_mut(session_id).is_some_and(|b| std::mem::take(&mut b.interrupt)) {
+            interrupt(&running);
+        }
+        Ok(())
+    }
+
+    /// Starts the next waiting turn of session `id`, or marks it idle.
+    fn next_turn(self: Arc<Self>, id: RunId) {
+        let next = {
+            let mut sessions = lock(&self.sessions);
+            let next = if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                None
+            } else {
+                sessions.get_mut(&id).and_then(|b| {
+                    b.interrupt = false;
+                    b.queue.pop_front()
+                })
+            };
+            if next.is_none() {
+                sessions.remove(&id);
+            }
+            next
+        };
+        let Some(message) = next else { return };
+        // A task of its own: this one is the finished turn's.
+        let task = tokio::spawn(async move {
+            let started = async {
+                let state = self.stores.events.replay_run(&id).await?;
+                self.start_turn(&id, message, Some(state)).await
+            };
+            if let Err(e) = started.await {
+                let message = format!("the queued message could not start: {e:#}");
+                let text = descartes_core::redact::redact(&message).into_owned();
+                tracing::warn!(session = %id, "{text}");
+                (self.publish)(serde_json::json!({"type": "delta", "run_id": id, "kind": "notice", "text": text}));
+                self.next_turn(id);
+            }
+        });
+        drop(task);
     }
 
     /// The place's runtime (configuration, providers, policy).
@@ -290,6 +543,7 @@ impl Service {
     /// Cancels every run this process drives and waits (at most `grace`) until each has
     /// recorded it.
     pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let actives: Vec<Arc<Active>> = lock(&self.active).values().cloned().collect();
         actives.iter().for_each(|a| a.cancel.cancel());
         let tasks: Vec<_> = std::mem::take(&mut *lock(&self.tasks));
@@ -301,6 +555,42 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
     }
+}
+
+/// Stops a session's running turn for a newer message.
+fn interrupt(active: &Active) {
+    *lock(&active.stop_reason) = Some(INTERRUPTED.to_owned());
+    active.cancel.cancel();
+}
+
+fn check_message(message: &SessionMessage) -> Result<()> {
+    if message.text.trim().is_empty() {
+        return Err(fail(Problem::Usage, "the message is empty; say what the agent should do"));
+    }
+    Ok(())
+}
+
+/// The settings of a later turn of session `st`: its own provider, model, system prompt and
+/// caps, unless `request` changes them.
+fn turn_settings(rt: &Runtime, request: &RunRequest, st: &descartes_core::RunState) -> Result<crate::run::RunSettings> {
+    let started = st.started.as_ref().ok_or_else(|| descartes_core::CoreError::RunNotFound(st.run_id.to_string()))?;
+    let (provider, model) = match (&request.provider, &request.model) {
+        (Some(p), m) => (Some(p.clone()), m.clone()),
+        (None, Some(m)) => (Some(st.provider.clone()), Some(m.clone())),
+        (None, None) => (Some(st.provider.clone()), Some(st.model.clone())),
+    };
+    Ok(crate::run::RunSettings {
+        provider,
+        model,
+        auto_approve: request.yes || st.auto_approve,
+        max_turns: request.max_turns.unwrap_or(rt.config.max_turns),
+        cwd: std::path::PathBuf::from(&started.cwd),
+        system_prompt: started.system_prompt.clone(),
+        budget: descartes_core::Budget {
+            max_tokens: request.max_tokens.or(st.budget.max_tokens),
+            max_cost_usd: request.max_cost_usd.or(st.budget.max_cost_usd),
+        },
+    })
 }
 
 /// Asks through the API: the ask is an event, then the run waits for [`Service::answer`] or

@@ -458,7 +458,8 @@ fn a_run_survives_a_killed_server_and_resumes_through_the_api_with_its_effect_on
     let effect = std::fs::read_to_string(env.project().join("effect.txt")).unwrap();
     assert_eq!(effect, "once\n", "the tool's effect happened once");
     let (_, body) = run_stream(&s, &id);
-    assert!(body.trim_end().ends_with(&format!("data: {{\"run_id\":\"{id}\",\"status\":\"completed\"}}")), "{body}");
+    let last = format!("data: {{\"type\":\"run_ended\",\"run_id\":\"{id}\",\"status\":\"completed\"}}");
+    assert!(body.trim_end().ends_with(&last), "{body}");
     assert_eq!(terminal_frames(&body), 1, "one terminal frame, though the run was interrupted once: {body}");
     let events = run_events(&s, &id);
     assert_eq!(of_type(&events, "tool_call_started").len(), 1);
@@ -539,4 +540,158 @@ fn terminal_frames(body: &str) -> usize {
         .iter()
         .map(|k| body.matches(&format!("event: {k}\n")).count())
         .sum()
+}
+
+/// `POST path` with extra headers (`Name: value`), from any thread.
+fn post_to(url: &str, token: &str, path: &str, body: &str, headers: &[String]) -> (u16, Value) {
+    let auth = format!("Authorization: Bearer {token}");
+    let url = format!("{url}{path}");
+    let mut args = vec!["-X", "POST", "-H", &auth, "-H", "Content-Type: application/json", "-d", body];
+    for h in headers {
+        args.extend(["-H", h.as_str()]);
+    }
+    args.push(&url);
+    let (code, body) = curl(&args);
+    (code, serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON ({code}): {body}")))
+}
+
+#[test]
+fn two_servers_on_one_postgresql_database_start_one_run_per_idempotency_key() {
+    let Some(db) = descartes_store_pg::testing::TestDb::create() else { return };
+    let env = Env::new(text_model);
+    env.init();
+    let vars = [("DESCARTES_DATABASE_URL", db.url())];
+    let (a, b) = (start_with(&env, &vars), start_with(&env, &vars));
+    const ROUNDS: usize = 6;
+    for round in 0..ROUNDS {
+        // The same request to both servers at once, as a client retrying through a balancer.
+        let key = vec![format!("Idempotency-Key: shared-{round}")];
+        let body = format!(r#"{{"prompt": "round {round}", "provider": "openai"}}"#);
+        let answers: Vec<(u16, Value)> = std::thread::scope(|scope| {
+            let calls: Vec<_> = [&a, &b]
+                .iter()
+                .map(|s| {
+                    let (url, token, body, key) = (s.url.clone(), s.token.clone(), body.clone(), key.clone());
+                    scope.spawn(move || post_to(&url, &token, "/v1/runs", &body, &key))
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        let mut codes: Vec<u16> = answers.iter().map(|(c, _)| *c).collect();
+        codes.sort();
+        assert_eq!(codes, [200, 201], "one started it, the other got its run: {answers:?}");
+        assert_eq!(answers[0].1["run_id"], answers[1].1["run_id"], "{answers:?}");
+    }
+    let runs = wait_for(&a, "/v1/runs", "every run done", |b| {
+        b["runs"].as_array().unwrap().iter().all(|r| r["status"] == "completed")
+    });
+    assert_eq!(runs["total"], ROUNDS, "one run per key: {runs}");
+    let (_, seen_by_b) = get(&b, "/v1/runs");
+    assert_eq!(seen_by_b["total"], ROUNDS);
+}
+
+/// A model whose answers take about a second (three pieces, 300 ms apart) and quote the
+/// user's last message.
+fn slow_echo(req: &RecordedRequest) -> Reply {
+    let text = req.last_user_text().unwrap_or_default();
+    let pieces = ["answer ", "to: ", text.as_str()];
+    Reply::Stream(with_delay(openai::text(&pieces), std::time::Duration::from_millis(300)))
+}
+
+/// The `seq`-ordered texts of the user's messages in a session's events.
+fn user_messages(events: &[Value]) -> Vec<String> {
+    of_type(events, "message")
+        .iter()
+        .filter(|e| e["data"]["role"] == "user")
+        .map(|e| {
+            let content = &e["data"]["content"];
+            match content.as_str() {
+                Some(t) => t.to_owned(),
+                None => content.as_array().into_iter().flatten().filter_map(|p| p["text"].as_str()).collect(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_session_takes_messages_while_busy_as_on_busy_says() {
+    let env = Env::new(slow_echo);
+    env.init();
+    let s = start(&env);
+    let (code, body) = post(&s, "/v1/sessions", r#"{"message": "first", "provider": "openai"}"#);
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["status"], "started");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    let messages = format!("/v1/sessions/{id}/messages");
+
+    // While the first turn streams: reject (the default), then two queued in order.
+    let (code, body) = post(&s, &messages, r#"{"message": "not now"}"#);
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    let (code, body) = post(&s, &messages, r#"{"message": "not now either", "on_busy": "reject"}"#);
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = post(&s, &messages, r#"{"message": "second", "on_busy": "enqueue"}"#);
+    assert_eq!((code, &body["status"], &body["position"]), (202, &Value::from("queued"), &Value::from(1)), "{body}");
+    let (code, body) = post(&s, &messages, r#"{"message": "third", "on_busy": "enqueue"}"#);
+    assert_eq!((code, &body["position"]), (202, &Value::from(2)), "{body}");
+    let (code, body) = post(&s, &messages, r#"{"message": "x", "on_busy": "later"}"#);
+    assert_eq!(code, 400, "{body}");
+    let events_path = format!("/v1/runs/{id}/events?limit=1000");
+    let turns_done = |n: usize| move |b: &Value| of_type(b["events"].as_array().unwrap(), "run_completed").len() == n;
+    let page = wait_for(&s, &events_path, "three turns", turns_done(3));
+    let events = page["events"].as_array().unwrap().clone();
+    assert_eq!(user_messages(&events), ["first", "second", "third"], "in order, the rejected ones left out");
+
+    // Idle again: a message starts at once, whatever `on_busy`; an interrupt stops it.
+    let (code, body) = post(&s, &messages, r#"{"message": "fourth", "on_busy": "interrupt"}"#);
+    assert_eq!((code, &body["status"]), (202, &Value::from("started")), "{body}");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let (code, body) = post(&s, &messages, r#"{"message": "fifth", "on_busy": "interrupt"}"#);
+    assert_eq!((code, &body["status"]), (202, &Value::from("interrupting")), "{body}");
+    let page = wait_for(&s, &events_path, "the fifth turn", turns_done(4));
+    let events = page["events"].as_array().unwrap().clone();
+    assert_eq!(user_messages(&events), ["first", "second", "third", "fourth", "fifth"]);
+    let cancelled = of_type(&events, "run_cancelled");
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+    assert_eq!(cancelled[0]["data"]["reason"], "interrupted by a newer message");
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "run_completed", "{last}");
+    assert!(last["data"]["result"].as_str().unwrap().contains("fifth"), "{last}");
+
+    // The session's stream: every turn, and it stays open for the next ones.
+    let auth = format!("Authorization: Bearer {}", s.token);
+    let url = format!("{}/v1/sessions/{id}/stream", s.url);
+    let (code, body) = curl(&["-N", "--max-time", "2", "-H", &auth, &url]);
+    assert_eq!(code, 200);
+    assert_eq!(body.matches("event: run_completed\n").count(), 4, "{body}");
+    assert_eq!(body.matches("event: run_cancelled\n").count(), 1, "{body}");
+    let (code, _) = post(&s, "/v1/sessions/nope/messages", r#"{"message": "hi"}"#);
+    assert_eq!(code, 404);
+    let (code, _) = post(&s, "/v1/sessions", r#"{"message": "hi", "surprise": 1}"#);
+    assert_eq!(code, 422);
+}
+
+#[test]
+fn an_interrupted_turn_ends_its_streams_with_interrupted() {
+    let env = Env::new(slow_echo);
+    env.init();
+    let s = start(&env);
+    let (code, body) = post(&s, "/v1/sessions", r#"{"message": "long", "provider": "openai"}"#);
+    assert_eq!(code, 201, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    // The run's stream, joined while the turn streams: the interrupt ends it.
+    let (url, token, id2) = (s.url.clone(), s.token.clone(), id.clone());
+    let reader = std::thread::spawn(move || {
+        let auth = format!("Authorization: Bearer {token}");
+        curl(&["-N", "--max-time", "20", "-H", &auth, &format!("{url}/v1/runs/{id2}/stream")])
+    });
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let (code, body) =
+        post(&s, &format!("/v1/sessions/{id}/messages"), r#"{"message": "now", "on_busy": "interrupt"}"#);
+    assert_eq!((code, &body["status"]), (202, &Value::from("interrupting")), "{body}");
+    let (code, body) = reader.join().unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(terminal_frames(&body), 1, "{body}");
+    let last = format!("data: {{\"type\":\"run_ended\",\"run_id\":\"{id}\",\"status\":\"interrupted\"}}");
+    assert!(body.trim_end().ends_with(&last), "{body}");
 }

@@ -34,6 +34,7 @@ pub use error::{CoreError, Result};
 pub use external::{
     AgentCli, CliAnswer, CliEvent, CliPermissionRequest, CliRequest, CliSession, ExternalAgent, ExternalOutcome,
 };
+pub use outbox::STOP_REASON;
 pub use permission::{PermissionRequest, PromptAnswer, Prompter};
 pub use provider::{ModelRequest, ModelStream, Provider, ProviderError, ResponseAssembler, StreamEvent};
 pub use resilience::{

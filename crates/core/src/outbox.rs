@@ -78,11 +78,22 @@ impl Recorder<'_> {
         self.commit(st, ob).await
     }
 
-    /// Records, durably, that the run was stopped by the user.
+    /// Records, durably, that the run was stopped by the user (or, within [`STOP_REASON`],
+    /// for the reason set there).
     pub(crate) async fn cancelled(&self, st: &mut RunState, ob: &mut Outbox) -> Result<()> {
-        self.push(st, ob, RunCancelled { reason: "stopped by the user".into() });
+        let set = STOP_REASON.try_with(|r| r.lock().ok().and_then(|r| r.clone())).ok().flatten();
+        let reason = set.unwrap_or_else(|| "stopped by the user".into());
+        self.push(st, ob, RunCancelled { reason });
         self.commit(st, ob).await
     }
+}
+
+tokio::task_local! {
+    /// Why a run driven within this scope is stopped when its cancellation token fires: a
+    /// front end that stops runs for more than one reason (a server interrupting a session's
+    /// turn for a newer message) sets it before cancelling. Unset or empty: "stopped by the
+    /// user".
+    pub static STOP_REASON: std::sync::Arc<std::sync::Mutex<Option<String>>>;
 }
 
 /// Events not yet handed to the store, and deferred appends not yet known to be written.

@@ -30,6 +30,7 @@
 //! generated tokens) is applied. `ModelRequest::model` is ignored: a provider serves one file.
 
 mod error;
+pub mod grammar;
 mod model;
 mod models;
 mod provider;

@@ -15,7 +15,32 @@ use serde_json::Value;
 use crate::sse::{SseDecoder, SseEvent};
 use crate::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_ERROR_BODY_BYTES, ProviderSettings};
 
-/// Settings checked and normalised, plus the HTTP client built once per provider.
+/// The HTTP client of these timeouts (connect, read), built once per process and shared by
+/// every provider that uses them: building one reads and parses the system's CA certificates
+/// (milliseconds), which a long-lived server would otherwise pay for every run; sharing also
+/// keeps connections to a provider alive from one run to the next.
+fn shared_client(timeouts: (Duration, Duration)) -> Result<reqwest::Client, reqwest::Error> {
+    type Clients = std::sync::Mutex<Vec<((Duration, Duration), reqwest::Client)>>;
+    static CLIENTS: std::sync::OnceLock<Clients> = std::sync::OnceLock::new();
+    let clients = CLIENTS.get_or_init(Default::default);
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = clients.iter().find(|(t, _)| *t == timeouts) {
+        return Ok(c.clone());
+    }
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Fails only when another thread installed one meanwhile, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let client = reqwest::Client::builder()
+        .connect_timeout(timeouts.0)
+        .read_timeout(timeouts.1)
+        .user_agent(concat!("descartes/", env!("CARGO_PKG_VERSION")))
+        .build()?;
+    clients.push((timeouts, client.clone()));
+    Ok(client)
+}
+
+/// Settings checked and normalised, plus the HTTP client shared per process (see [`shared_client`]).
 #[derive(Clone)]
 pub(crate) struct Endpoint {
     pub settings: ProviderSettings,
@@ -37,15 +62,11 @@ impl Endpoint {
         {
             return Err(config_error("the API key contains characters not allowed in an HTTP header".into()));
         }
-        if rustls::crypto::CryptoProvider::get_default().is_none() {
-            // Fails only when another thread installed one meanwhile, which is as good.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(settings.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT))
-            .read_timeout(settings.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT))
-            .user_agent(concat!("descartes/", env!("CARGO_PKG_VERSION")))
-            .build()
+        let timeouts = (
+            settings.timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            settings.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT),
+        );
+        let client = shared_client(timeouts)
             .map_err(|e| config_error(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
         Ok(Self { settings, client })
     }

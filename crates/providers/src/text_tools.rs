@@ -35,11 +35,16 @@ const MAX_SCAN_BYTES: usize = 1024 * 1024;
 ///   `{"tool_call": ...}`, `{"tool_calls": [...]}`, `{"function_call": ...}`, `{"function": ...}`
 ///   (OpenAI's `{"type":"function","function":{...}}` included);
 /// * the same inside Markdown code fences (```` ```json ... ``` ````);
-/// * `<tool_call>{json}</tool_call>` (Hermes, Qwen);
+/// * `<tool_call>{json}</tool_call>` (Hermes, Qwen 2.5/3, SmolLM3; one block per call);
 /// * `<function=NAME>{json arguments}</function>`, or with `<parameter=KEY>value</parameter>`
-///   children (Qwen3-Coder); a missing closing tag at the end of the text is tolerated.
+///   children (Qwen3-Coder, also inside `<tool_call>`); a missing closing tag at the end of the
+///   text is tolerated;
+/// * Llama 3.x: `{"name": ..., "parameters": {...}}`, after the `<|python_tag|>` token or not,
+///   several separated by `;`.
 ///
-/// Only names in `known_tool_names` count: anything else is left in the text. Never panics.
+/// Only names in `known_tool_names` count: anything else is left in the text. Once calls are
+/// found, what is left of the `<|python_tag|>` token and of `;` separators between calls is
+/// dropped from the remaining text. Never panics.
 pub fn parse_text_tool_calls<S: AsRef<str>>(text: &str, known_tool_names: &[S]) -> (Vec<TextToolCall>, String) {
     let known = |name: &str| known_tool_names.iter().any(|k| k.as_ref() == name);
     let mut calls = Vec::new();
@@ -48,7 +53,12 @@ pub fn parse_text_tool_calls<S: AsRef<str>>(text: &str, known_tool_names: &[S]) 
 
     // <tool_call>...</tool_call>
     scan_tags(text, "<tool_call>", "</tool_call>", &mut cut, |inner| {
-        let value = first_json(inner.trim())?;
+        let inner = inner.trim();
+        if let Some(tag) = inner.strip_prefix("<function=") {
+            let (call, _) = function_tag(tag, &known)?;
+            return Some(vec![call]);
+        }
+        let value = first_json(inner)?;
         let found = calls_of(&value, &known);
         if found.is_empty() { None } else { Some(found) }
     })
@@ -64,28 +74,12 @@ pub fn parse_text_tool_calls<S: AsRef<str>>(text: &str, known_tool_names: &[S]) 
             continue;
         }
         let after = start + "<function=".len();
-        let Some(close_rel) = text[after..].find('>') else { break };
-        let name = text[after..after + close_rel].trim().trim_matches('"');
-        let body_start = after + close_rel + 1;
-        let (body_end, end) = match text[body_start..].find("</function>") {
-            Some(e) => (body_start + e, body_start + e + "</function>".len()),
-            None => (text.len(), text.len()),
-        };
-        if !known(name) {
-            continue;
+        if !text[after..].contains('>') {
+            break;
         }
-        let body = text[body_start..body_end].trim();
-        let arguments = if body.is_empty() {
-            Value::Object(Map::new())
-        } else if let Some(v @ Value::Object(_)) = first_json(body) {
-            v
-        } else {
-            match parameters_of(body) {
-                Some(args) => args,
-                None => continue,
-            }
-        };
-        calls.push(TextToolCall { name: name.to_owned(), arguments });
+        let Some((call, len)) = function_tag(&text[after..], &known) else { continue };
+        let end = after + len;
+        calls.push(call);
         cut.push((start, end));
         position = end;
     }
@@ -146,7 +140,41 @@ pub fn parse_text_tool_calls<S: AsRef<str>>(text: &str, known_tool_names: &[S]) 
         last = last.max(end);
     }
     remaining.push_str(&text[last.min(text.len())..]);
-    (calls, remaining.trim().to_owned())
+    let remaining = remaining.replace(PYTHON_TAG, "");
+    let remaining = remaining.trim();
+    // `;` between Llama's calls.
+    if remaining.chars().all(|c| c == ';' || c.is_whitespace()) {
+        return (calls, String::new());
+    }
+    (calls, remaining.to_owned())
+}
+
+/// Llama 3.x's token before a tool call (in the text when special tokens are not skipped).
+const PYTHON_TAG: &str = "<|python_tag|>";
+
+/// A `<function=NAME>...</function>` tag, `tag` starting after `<function=`: the call and the
+/// length of `tag` it spans (to the end of the text when `</function>` is missing). `None` for an
+/// unknown name or a body that is neither a JSON object nor `<parameter=...>` children.
+fn function_tag(tag: &str, known: &impl Fn(&str) -> bool) -> Option<(TextToolCall, usize)> {
+    let close = tag.find('>')?;
+    let name = tag[..close].trim().trim_matches('"');
+    let body_start = close + 1;
+    let (body_end, end) = match tag[body_start..].find("</function>") {
+        Some(e) => (body_start + e, body_start + e + "</function>".len()),
+        None => (tag.len(), tag.len()),
+    };
+    if !known(name) {
+        return None;
+    }
+    let body = tag[body_start..body_end].trim();
+    let arguments = if body.is_empty() {
+        Value::Object(Map::new())
+    } else if let Some(v @ Value::Object(_)) = first_json(body) {
+        v
+    } else {
+        parameters_of(body)?
+    };
+    Some((TextToolCall { name: name.to_owned(), arguments }, end))
 }
 
 /// Whether `pos` lies inside an already consumed range.
@@ -287,7 +315,7 @@ fn may_be_call_prefix(text: &str) -> bool {
     if t.is_empty() {
         return true;
     }
-    ["{", "[", "```", "<tool_call>", "<function="].iter().any(|p| t.starts_with(p) || p.starts_with(t))
+    ["{", "[", "```", "<tool_call>", "<function=", PYTHON_TAG].iter().any(|p| t.starts_with(p) || p.starts_with(t))
 }
 
 /// Stream-level filter: holds back answer text while it may be a tool call written as text;
@@ -471,6 +499,93 @@ mod tests {
         assert_eq!(one("<tool_call>{\"name\":\"shell\",\"arguments\":{}}").0, vec![call("shell", json!({}))]);
     }
 
+    /// Tool calls as the local models whose chat templates offer tools write them (the formats
+    /// their templates ask for and show in the conversation: see crates/local/tests/templates.rs).
+    #[test]
+    fn the_formats_local_models_emit() {
+        let names = ["get_current_temperature", "get_temperature_date", "get_weather", "get_stock_fundamentals"];
+        let parse = |text: &str| parse_text_tool_calls(text, &names);
+
+        // Qwen 2.5 / Qwen 3: one <tool_call> block per call, several in a row.
+        let qwen = "<tool_call>\n{\"name\": \"get_current_temperature\", \"arguments\": {\"location\": \"San Francisco, CA, USA\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_temperature_date\", \"arguments\": {\"location\": \"San Francisco, CA, USA\", \"date\": \"2024-10-01\"}}\n</tool_call>";
+        assert_eq!(
+            parse(qwen),
+            (
+                vec![
+                    call("get_current_temperature", json!({"location": "San Francisco, CA, USA"})),
+                    call("get_temperature_date", json!({"location": "San Francisco, CA, USA", "date": "2024-10-01"})),
+                ],
+                String::new()
+            )
+        );
+        // With text before (Qwen 2.5 often says what it does), and Qwen 3's thinking.
+        let (calls, rest) = parse(&format!("I'll check both.\n\n{qwen}"));
+        assert_eq!((calls.len(), rest.as_str()), (2, "I'll check both."));
+        let (calls, rest) = parse(&format!("<think>\nThe user wants temperatures.\n</think>\n\n{qwen}"));
+        assert_eq!((calls.len(), rest.as_str()), (2, "<think>\nThe user wants temperatures.\n</think>"));
+
+        // Hermes 2 Pro / Hermes 3: arguments first.
+        let hermes =
+            "<tool_call>\n{\"arguments\": {\"symbol\": \"TSLA\"}, \"name\": \"get_stock_fundamentals\"}\n</tool_call>";
+        assert_eq!(parse(hermes), (vec![call("get_stock_fundamentals", json!({"symbol": "TSLA"}))], String::new()));
+
+        // SmolLM3 (thinking mode): reasoning, then the Hermes block.
+        let smollm3 = "<think>\nI need the weather in Copenhagen, so I call get_weather.\n</think>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Copenhagen\"}}\n</tool_call>";
+        let (calls, rest) = parse(smollm3);
+        assert_eq!(calls, vec![call("get_weather", json!({"city": "Copenhagen"}))]);
+        assert_eq!(rest, "<think>\nI need the weather in Copenhagen, so I call get_weather.\n</think>");
+
+        // Llama 3.1 / 3.2 (JSON tool calling): a bare object with "parameters", with or without
+        // the <|python_tag|> token, several separated by ";".
+        let llama =
+            "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"San Francisco, CA\", \"unit\": \"fahrenheit\"}}";
+        let expected = vec![call("get_weather", json!({"city": "San Francisco, CA", "unit": "fahrenheit"}))];
+        assert_eq!(parse(llama), (expected.clone(), String::new()));
+        assert_eq!(parse(&format!("<|python_tag|>{llama}")), (expected.clone(), String::new()));
+        assert_eq!(
+            parse("{\"type\": \"function\", \"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}"),
+            (vec![call("get_weather", json!({"city": "Paris"}))], String::new())
+        );
+        assert_eq!(
+            parse(
+                "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}; {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}"
+            ),
+            (
+                vec![call("get_weather", json!({"city": "Paris"})), call("get_weather", json!({"city": "Oslo"}))],
+                String::new()
+            )
+        );
+        // Parameters given as a JSON string (smaller Llamas do).
+        assert_eq!(
+            parse("{\"name\": \"get_weather\", \"parameters\": \"{\\\"city\\\": \\\"Rome\\\"}\"}").0,
+            vec![call("get_weather", json!({"city": "Rome"}))]
+        );
+        // Text around a call stays; an unknown tool's <|python_tag|> call is left alone.
+        let (calls, rest) = parse(&format!("Checking.\n<|python_tag|>{llama}"));
+        assert_eq!((calls, rest.as_str()), (expected, "Checking."));
+        let unknown = "<|python_tag|>{\"name\": \"brave_search\", \"parameters\": {\"query\": \"x\"}}";
+        assert_eq!(parse(unknown), (vec![], unknown.to_owned()));
+
+        // Qwen3-Coder: <function=...> inside <tool_call>.
+        let coder =
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>";
+        assert_eq!(parse(coder), (vec![call("get_weather", json!({"city": "Paris"}))], String::new()));
+    }
+
+    #[test]
+    fn the_filter_holds_llama_python_tag_calls() {
+        let mut f = TextToolCallFilter::new(vec!["get_weather".into()]);
+        let mut out = Vec::new();
+        for piece in ["<|python", "_tag|>{\"name\": \"get_weather\", ", "\"parameters\": {\"city\": \"Paris\"}}"] {
+            f.push(StreamEvent::TextDelta(piece.into()), &mut out);
+        }
+        assert!(out.is_empty(), "held: {out:?}");
+        f.push(StreamEvent::Stop { reason: None }, &mut out);
+        assert!(matches!(&out[0], StreamEvent::ToolCallStart { name, .. } if name == "get_weather"), "{out:?}");
+        assert_eq!(out[1], StreamEvent::ToolCallDelta { index: 0, json: "{\"city\":\"Paris\"}".into() });
+        assert_eq!(out.len(), 3, "{out:?}");
+    }
+
     #[test]
     fn unknown_names_and_plain_json_are_left_alone() {
         let text = r#"Example: {"name": "rm_rf", "arguments": {}} and {"a": 1}"#;
@@ -535,7 +650,7 @@ mod tests {
                     Just("<tool_call>"), Just("</tool_call>"), Just("<function="), Just("</function>"),
                     Just("<parameter="), Just("</parameter>"), Just(">"), Just("```"), Just("```json\n"),
                     Just("{"), Just("}"), Just("["), Just("\"name\":\"shell\""), Just(","), Just("\"arguments\":"),
-                    Just("é"), Just("\n"), Just("shell"),
+                    Just("é"), Just("\n"), Just("shell"), Just("<|python_tag|>"), Just(";"),
                 ],
                 0..40,
             )

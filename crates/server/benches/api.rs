@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use descartes_core::EventStore;
 use descartes_core::store::resolve_run;
 use descartes_protocol::{Message as ChatMessage, MessageAdded, NewEvent, RunId, RunStarted, Timestamp};
-use descartes_server::{ApiState, router};
+use descartes_server::ApiState;
 use descartes_store::{SqliteEventStore, SqliteOptions};
 use futures::{SinkExt, StreamExt};
 use tokio::io::AsyncBufReadExt;
@@ -56,18 +56,15 @@ fn main() {
         let events = env_usize("DESCARTES_BENCH_EVENTS", 100_000);
         let subscribers = std::env::var("DESCARTES_BENCH_SUBSCRIBERS").unwrap_or_else(|_| "1,10,100".into());
         for n in subscribers.split(',').filter(|n| !n.trim().is_empty()).map(|n| n.trim().parse::<usize>().unwrap()) {
-            rt.block_on(burst(n, events, 100, None, false));
+            rt.block_on(burst(n, events, 100, None));
         }
         // The latency when the subscribers keep up: batches of 100 at a set pace
-        // (SUBSCRIBERS:MILLISECONDS between appends), served as `descartes serve` does, then
-        // with TCP_NODELAY on the server's sockets.
+        // (SUBSCRIBERS:MILLISECONDS between appends).
         let paced = std::env::var("DESCARTES_BENCH_PACED").unwrap_or_else(|_| "1:10,10:10,100:50".into());
         for pair in paced.split(',').filter(|p| !p.is_empty()) {
             let (n, ms) = pair.split_once(':').unwrap();
             let every = Duration::from_millis(ms.trim().parse().unwrap());
-            for nodelay in [false, true] {
-                rt.block_on(burst(n.trim().parse().unwrap(), 10_000, 100, Some(every), nodelay));
-            }
+            rt.block_on(burst(n.trim().parse().unwrap(), 10_000, 100, Some(every)));
         }
     }
     if wanted("idle") {
@@ -115,29 +112,13 @@ fn open_store(dir: &tempfile::TempDir) -> Arc<SqliteEventStore> {
 }
 
 /// The API served on 127.0.0.1 (a port of its own) on this runtime, as `descartes serve`
-/// serves it (`axum::serve` as it comes: Nagle's algorithm on).
+/// serves it (`descartes_server::serve`: `TCP_NODELAY`, the shared event hub).
 async fn serve(store: Arc<dyn EventStore>) -> SocketAddr {
-    serve_with(store, false).await
-}
-
-/// [`serve`], with `TCP_NODELAY` on every accepted socket when `nodelay`.
-async fn serve_with(store: Arc<dyn EventStore>, nodelay: bool) -> SocketAddr {
-    use axum::serve::ListenerExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let state = ApiState::new(store, TOKEN.into(), addr, Arc::new(|s| s.status.clone()), rx);
-    tokio::spawn(async move {
-        let _shutdown = tx;
-        if nodelay {
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router(state)).await
-        } else {
-            axum::serve(listener, router(state)).await
-        }
-    });
+    tokio::spawn(descartes_server::serve(listener, state, tx, std::future::pending()));
     addr
 }
 
@@ -313,16 +294,15 @@ fn cpu_time() -> Duration {
 
 /// Target 2: `subscribers` WebSockets each receive every event of a burst of `total` events, appended
 /// `batch` per append by one appender as fast as the log takes them, or one append `every`.
-async fn burst(subscribers: usize, total: usize, batch: usize, every: Option<Duration>, nodelay: bool) {
-    let served = if nodelay { ", server sockets TCP_NODELAY" } else { "" };
+async fn burst(subscribers: usize, total: usize, batch: usize, every: Option<Duration>) {
     match every {
         None => println!(
             "\nWebSocket burst: {subscribers} subscribers, {total} events appended {batch} per append, as fast as \
-             the log takes them (durable SQLite){served}"
+             the log takes them (durable SQLite)"
         ),
         Some(every) => println!(
             "\nWebSocket, paced: {subscribers} subscribers, {total} events appended {batch} every {every:?} \
-             ({:.0} events/s, {:.0} deliveries/s){served}",
+             ({:.0} events/s, {:.0} deliveries/s)",
             batch as f64 / every.as_secs_f64(),
             (batch * subscribers) as f64 / every.as_secs_f64()
         ),
@@ -331,7 +311,7 @@ async fn burst(subscribers: usize, total: usize, batch: usize, every: Option<Dur
     let store = open_store(&dir);
     let run = RunId::generate();
     store.append(vec![NewEvent::new(&run, started(0))]).await.unwrap();
-    let addr = serve_with(store.clone(), nodelay).await;
+    let addr = serve(store.clone()).await;
     let after = store.last_seq().await.unwrap();
     let base = Instant::now();
 

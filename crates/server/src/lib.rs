@@ -20,7 +20,9 @@
 //! - runs driven by this server: `POST /v1/runs`, `.../resume`, `.../cancel`, `.../asks` (`drive`);
 //! - tasks: `POST|GET /v1/tasks`, `GET /v1/tasks/{id}` and its `evidence`, `diff`, `decisions`
 //!   and `audit`; `POST /v1/tasks/{id}/cancel|retry|approve|merge|discard` (`tasks`);
-//! - `GET /v1/agents`, `GET /v1/sessions`, `GET /v1/providers?check=BOOL` (`listings`).
+//! - `GET /v1/agents`, `GET /v1/sessions`, `GET /v1/providers?check=BOOL` (`listings`);
+//! - sessions driven by this server: `POST /v1/sessions`, `POST /v1/sessions/{id}/messages`
+//!   (`on_busy`: `reject`, `enqueue`, `interrupt`), `GET /v1/sessions/{id}/stream` (`sessions`).
 //!
 //! Routes that need the place's runtime (driving runs, tasks, agents, providers) answer `501
 //! no_runner` on a server that only reads the log. Bodies are JSON with no unknown field:
@@ -31,7 +33,8 @@
 //!
 //! Modules: [`guard`] (Host, Origin, token), `error` ([`ApiError`]), `runs`, `events`, `drive`,
 //! `tasks` and `listings` (the routes), `tail` (the live tail the event stream and the
-//! WebSocket share), [`ws`].
+//! WebSocket share), `hub` (the one reader of new events that feeds every live tail, each
+//! event read and framed once), [`ws`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,8 +57,10 @@ mod drive;
 mod error;
 mod events;
 pub mod guard;
+mod hub;
 mod listings;
 mod runs;
+mod sessions;
 mod tail;
 mod tasks;
 pub mod ws;
@@ -104,6 +109,8 @@ pub struct ApiState {
     pub live: broadcast::Sender<Value>,
     /// The WebSockets open, which [`serve`] waits for at shutdown.
     pub(crate) sockets: Arc<ws::Sockets>,
+    /// The one reader of new events, shared by every live stream.
+    pub(crate) hub: Arc<hub::Hub>,
     /// The runs this server drives (create, resume, cancel, answer); `None`: the server only
     /// reads the log, and those routes answer 501.
     pub service: Option<Arc<descartes_app::service::Service>>,
@@ -119,6 +126,7 @@ impl ApiState {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            hub: hub::Hub::new(store.clone(), shutdown.clone()),
             store,
             token: token.into(),
             hosts: own_hosts(addr).into(),
@@ -197,11 +205,14 @@ fn own_hosts(addr: SocketAddr) -> Vec<String> {
         tasks::audit,
         listings::agents,
         listings::sessions,
-        listings::providers
+        listings::providers,
+        sessions::create_session,
+        sessions::send_message,
+        sessions::session_stream
     ),
     components(schemas(
         ErrorBody, ErrorDetail, RunView, RunsPage, EventsPage, drive::CreateRun, drive::ResumeRun, drive::RunAccepted,
-        drive::AskAnswer, drive::AskView, CreateTask, Needs, ApproveTask, Approved, MergedView, DiscardedView
+        drive::AskAnswer, drive::AskView, sessions::SendMessage, sessions::MessageAccepted, CreateTask, Needs, ApproveTask, Approved, MergedView, DiscardedView
     )),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -248,7 +259,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks/{id}/merge", post(tasks::merge))
         .route("/v1/tasks/{id}/discard", post(tasks::discard))
         .route("/v1/agents", get(listings::agents))
-        .route("/v1/sessions", get(listings::sessions))
+        .route("/v1/sessions", get(listings::sessions).post(sessions::create_session))
+        .route("/v1/sessions/{id}/messages", post(sessions::send_message))
+        .route("/v1/sessions/{id}/stream", get(sessions::session_stream))
         .route("/v1/providers", get(listings::providers))
         .route("/v1/events", get(events::events))
         .route("/v1/events/stream", get(events::stream))
@@ -268,7 +281,7 @@ async fn health() -> axum::Json<Value> {
     axum::Json(json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
 }
 
-/// Serves the API on `listener` until `stop` resolves; then in-flight requests finish, streams
+/// Serves the API on `listener` (`TCP_NODELAY` on every connection) until `stop` resolves; then in-flight requests finish, streams
 /// end with their `end` event and WebSockets with theirs (waiting [`CLOSE_TIMEOUT`] at most for
 /// them to close).
 pub async fn serve(
@@ -277,8 +290,16 @@ pub async fn serve(
     shutdown: watch::Sender<bool>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let sockets = state.sockets.clone();
     let app = router(state);
+    // Each frame goes out as soon as it is written (the WebSocket writer batches what is
+    // ready): with Nagle's algorithm a small frame waits for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             stop.await;

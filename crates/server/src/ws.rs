@@ -12,14 +12,17 @@
 //!   log after `after` (0: from the start) in the stream `stream` (a run, a session, an agent;
 //!   all if absent) whose type is one of `types` (`task_*`: a prefix; all if absent), in `seq`
 //!   order with no gap and no duplicate, then the new ones as they are appended. Answered by
-//!   `subscribed` first. `deltas: false` leaves the live deltas out;
+//!   `subscribed` first. `deltas: false` leaves the live deltas out; `until_end: true` (with
+//!   `stream` a run's id) follows that run to its end as `GET /v1/runs/{id}/stream` does: the
+//!   subscription ends with the run's one `run_ended` frame;
 //! - `{"type": "unsubscribe"}` stops it (answered by `unsubscribed`; frames already queued for
 //!   the old subscription may still come before);
 //! - `{"type": "ping"}`, answered by `{"type": "pong"}`;
 //! - `{"type": "start_run", "request_id": "..."?, "run": {...}, "idempotency_key": "..."?,
 //!   "subscribe": true?}`: starts a run (`run` is the body of `POST /v1/runs`), answered by
 //!   `{"type": "run_started", "request_id", "run_id", "new"}`; with `subscribe` the socket's
-//!   subscription becomes the run's stream from its first event, deltas included;
+//!   subscription becomes the run's stream from its first event, deltas included, to its end
+//!   (`until_end`);
 //! - `{"type": "resume_run", "request_id"?, "run_id", "run": {...}?, "subscribe": true?}`:
 //!   resumes a run (`run` is the body of `POST /v1/runs/{id}/resume`), answered by
 //!   `run_started` as for `start_run`;
@@ -33,7 +36,13 @@
 //! - `{"type": "subscribed", "after": SEQ}`;
 //! - `{"type": "event", "event": EVENT}`: EVENT is the event's JSON, the same object the event
 //!   stream's `data:` carries and `/v1/events` pages hold (`{seq, id, run_id, type, v, at, data}`);
-//!   a client that reconnects subscribes with `after` = the last `seq` it got;
+//!   a client that reconnects subscribes with `after` = the last `seq` it got. The frame is
+//!   made once per event for every subscriber (the server's hub, [`crate::hub`]), and the
+//!   Server-Sent Events streams carry the same bytes as their `data:`;
+//! - `{"type": "run_ended", "run_id", "status"}`: the end of a run followed to its end
+//!   (`until_end`), sent once: `status` is `completed`, `failed`, `cancelled`,
+//!   `budget_exceeded` or `interrupted` (nobody drives it any more, or a session's turn
+//!   stopped for a newer message);
 //! - `{"type": "delta", "run_id": "...", "kind": "text"|"notice"|"attempt_ended", "text": "..."}`
 //!   (`attempt_ended` has `kept`: false when the streamed text is to be discarded): live output
 //!   of a run ([`ApiState::publish_delta`]), to the subscribers of that run's stream or of
@@ -65,11 +74,11 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use descartes_core::follow::EventFilter;
-use descartes_protocol::{Event, RunId, Seq};
+use descartes_protocol::{RunId, Seq};
 use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -79,7 +88,8 @@ use tokio::task::JoinHandle;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::guard::chosen_protocol;
-use crate::tail::{Tail, TailEnd};
+use crate::hub::Item;
+use crate::tail::{RunEnd, Tail, TailEnd};
 use crate::{ApiState, BODY_LIMIT, STREAM_BUFFER};
 
 /// The largest frame a client may send: a larger one gets a `too_big` error, the socket stays.
@@ -97,6 +107,8 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 const READ_BUFFER: usize = 8 * 1024;
 /// The longest message an error frame quotes.
 const QUOTE: usize = 300;
+/// The most frames a socket's writer sends with one flush.
+const WRITE_BATCH: usize = 64;
 
 /// What a client sends (the `type` tells which).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +128,10 @@ pub enum ClientFrame {
         /// Whether live deltas come too (yes by default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deltas: Option<bool>,
+        /// Follow the run `stream` names to its end, as `GET /v1/runs/{id}/stream` does: the
+        /// subscription ends with the run's one terminal frame (`run_ended`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until_end: Option<bool>,
     },
     /// Stops the subscription.
     Unsubscribe {},
@@ -153,10 +169,12 @@ pub enum ClientFrame {
     Cancel { run_id: String },
 }
 
-/// What the server sends, but deltas (forwarded as published).
+/// What the server sends, but events (framed once by the hub, see [`crate::hub::Item`]) and
+/// deltas (forwarded as published). The Server-Sent Events streams carry the same frames as
+/// their `data:`.
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum ServerFrame<'a> {
+pub(crate) enum ServerFrame<'a> {
     Subscribed {
         after: Seq,
     },
@@ -177,8 +195,11 @@ enum ServerFrame<'a> {
     Cancelling {
         run_id: &'a str,
     },
-    Event {
-        event: &'a Event,
+    /// The run a stream follows has ended: its one terminal frame (`status`: `completed`,
+    /// `failed`, `cancelled`, `budget_exceeded`, `interrupted`).
+    RunEnded {
+        run_id: &'a str,
+        status: &'a str,
     },
     Pong,
     Lagged {
@@ -195,7 +216,11 @@ enum ServerFrame<'a> {
 }
 
 impl ServerFrame<'_> {
-    fn text(&self) -> String {
+    fn text(&self) -> Utf8Bytes {
+        self.string().into()
+    }
+
+    pub(crate) fn string(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| {
             let message = format!("a frame could not be written: {e}");
             serde_json::json!({"type": "error", "code": "internal", "message": message}).to_string()
@@ -205,10 +230,11 @@ impl ServerFrame<'_> {
 
 /// What the writer of a socket is handed.
 enum Out {
-    Text(String),
+    /// A frame (an event's: the bytes every subscriber shares).
+    Text(Utf8Bytes),
     Ping,
     /// The last frame, then a close with this code.
-    Close(String, u16),
+    Close(Utf8Bytes, u16),
 }
 
 /// The sending side of a socket: frames wait here, [`STREAM_BUFFER`] at most, for its writer.
@@ -267,8 +293,13 @@ struct Conn {
 /// served (add `start_run`, `answer`, `cancel` here, beside their [`ClientFrame`] variants).
 async fn dispatch(frame: ClientFrame, conn: &mut Conn) {
     match frame {
-        ClientFrame::Subscribe { after, stream, types, deltas } => {
-            conn.subscribe(after.unwrap_or(0), stream, types.unwrap_or_default(), deltas.unwrap_or(true)).await;
+        ClientFrame::Subscribe { after, stream, types, deltas, until_end } => {
+            let until_end = until_end.unwrap_or(false);
+            if until_end && stream.is_none() {
+                return conn.out.error("bad_frame", "`until_end` follows one run: give its id as `stream`").await;
+            }
+            let filter = EventFilter { stream: stream.as_deref().map(RunId::from), kinds: types.unwrap_or_default() };
+            conn.subscribe(after.unwrap_or(0), filter, deltas.unwrap_or(true), until_end).await;
         }
         ClientFrame::Unsubscribe {} => {
             conn.sub = None;
@@ -293,12 +324,13 @@ async fn dispatch(frame: ClientFrame, conn: &mut Conn) {
 }
 
 impl Conn {
-    /// Replaces the subscription: `subscribed`, then the tail's events, and the deltas.
-    async fn subscribe(&mut self, after: Seq, stream: Option<String>, types: Vec<String>, deltas: bool) {
+    /// Replaces the subscription: `subscribed`, then the tail's events, and the deltas; with
+    /// `until_end`, up to the end of the run the filter's stream names.
+    async fn subscribe(&mut self, after: Seq, filter: EventFilter, deltas: bool, until_end: bool) {
         self.sub = None;
         // Deltas published once the client knows it is subscribed reach it.
         let deltas = deltas.then(|| self.state.live.subscribe());
-        self.subscribe_with(after, stream, types, deltas).await;
+        self.subscribe_with(after, filter, deltas, until_end).await;
     }
 
     /// [`Conn::subscribe`] with the deltas taken from `deltas` (subscribed to before a run
@@ -306,26 +338,33 @@ impl Conn {
     async fn subscribe_with(
         &mut self,
         after: Seq,
-        stream: Option<String>,
-        types: Vec<String>,
+        filter: EventFilter,
         deltas: Option<broadcast::Receiver<Value>>,
+        until_end: bool,
     ) {
         self.sub = None;
         self.out.send(ServerFrame::Subscribed { after }).await;
-        let filter = EventFilter { stream: stream.as_deref().map(RunId::from), kinds: types };
-        let tail = Tail::new(&self.state, filter, after);
+        let stream = filter.stream.as_ref().map(|s| s.as_str().to_owned());
+        let mut tail = Tail::new(&self.state, filter, after);
+        let run_end = until_end.then(|| stream.clone()).flatten();
+        if let Some(run) = &run_end {
+            tail = tail.until_run_ends(RunEnd { run_id: RunId::from(run.as_str()), status: self.state.status.clone() });
+        }
         let out = self.out.clone();
         let pump = tokio::spawn(async move {
-            let frame = |e: &Event| Out::Text(ServerFrame::Event { event: e }.text());
+            let frame = |item: &Item| Out::Text(item.frame());
             match tail.run(&out.0, frame).await {
                 TailEnd::Lagged(after) => {
                     let message = "the client fell behind; subscribe again with this `after`";
                     out.close(ServerFrame::Lagged { after, message }, close_code::AGAIN).await;
                 }
                 TailEnd::Failed(e) => out.error("log_failed", format!("the subscription stopped: {e}")).await,
+                TailEnd::RunEnded(status) => {
+                    let run_id = run_end.as_deref().unwrap_or_default();
+                    out.send(ServerFrame::RunEnded { run_id, status }).await;
+                }
                 // The socket says `end` itself (subscribed or not).
-                // A subscription never follows a run to its end (`RunEnded` is for run streams).
-                TailEnd::Shutdown | TailEnd::Closed | TailEnd::RunEnded(_) => {}
+                TailEnd::Shutdown | TailEnd::Closed => {}
             }
         });
         self.sub = Some(Subscription { pump, stream, deltas });
@@ -361,7 +400,8 @@ impl Conn {
                 let frame = ServerFrame::RunStarted { request_id, run_id: id, new: started.new, label: &started.label };
                 self.out.send(frame).await;
                 if subscribe {
-                    self.subscribe_with(0, Some(id.to_owned()), Vec::new(), deltas).await;
+                    let filter = EventFilter { stream: Some(started.run_id.clone()), kinds: Vec::new() };
+                    self.subscribe_with(0, filter, deltas, true).await;
                 }
             }
             Err(e) => self.app_error(e).await,
@@ -496,7 +536,7 @@ async fn session(socket: WebSocket, state: ApiState) {
                 }
                 None => break,
             },
-            delta = next_delta(&mut conn.sub) => conn.out.offer(Out::Text(delta.to_string())),
+            delta = next_delta(&mut conn.sub) => conn.out.offer(Out::Text(delta.to_string().into())),
             _ = keepalive.tick() => conn.out.offer(Out::Ping),
             // The writer is done: it closed after `lagged`, or the client is gone.
             () = conn.out.0.closed() => break,
@@ -517,11 +557,16 @@ async fn next_delta(sub: &mut Option<Subscription>) -> Value {
     let Some(Subscription { stream, deltas: Some(deltas), .. }) = sub else {
         return std::future::pending().await;
     };
+    recv_delta(deltas, stream.as_deref()).await
+}
+
+/// The next delta of run `stream` (of any run: `None`) that `deltas` brings; never, once the
+/// broadcast is closed. One that fell behind the broadcast skips what it missed.
+pub(crate) async fn recv_delta(deltas: &mut broadcast::Receiver<Value>, stream: Option<&str>) -> Value {
     loop {
         match deltas.recv().await {
             Ok(delta) => {
-                let wanted = stream.as_deref().is_none_or(|s| delta.get("run_id").and_then(Value::as_str) == Some(s));
-                if wanted {
+                if stream.is_none_or(|s| delta.get("run_id").and_then(Value::as_str) == Some(s)) {
                     return delta;
                 }
             }
@@ -533,21 +578,35 @@ async fn next_delta(sub: &mut Option<Subscription>) -> Value {
 }
 
 /// Writes what the outbox holds to the socket, in order, until a `Close` or the outbox's end;
-/// a write that takes longer than `stall` (the client reads nothing) drops the client.
+/// a write that takes longer than `stall` (the client reads nothing) drops the client. The
+/// frames ready at once (up to [`WRITE_BATCH`]) go out with one flush: with `TCP_NODELAY`, one
+/// packet for a burst rather than one per frame.
 async fn write(mut sink: SplitSink<WebSocket, Message>, mut rx: mpsc::Receiver<Out>, stall: Duration) {
     let mut code = close_code::NORMAL;
-    while let Some(out) = rx.recv().await {
-        let (message, last) = match out {
-            Out::Text(text) => (Message::text(text), None),
-            Out::Ping => (Message::Ping(Default::default()), None),
-            Out::Close(text, code) => (Message::text(text), Some(code)),
-        };
-        if !matches!(tokio::time::timeout(stall, sink.send(message)).await, Ok(Ok(()))) {
-            return;
+    'frames: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        let mut fed = 0;
+        while let Some(out) = next.take() {
+            let (message, last) = match out {
+                Out::Text(text) => (Message::Text(text), None),
+                Out::Ping => (Message::Ping(Default::default()), None),
+                Out::Close(text, code) => (Message::Text(text), Some(code)),
+            };
+            if !matches!(tokio::time::timeout(stall, sink.feed(message)).await, Ok(Ok(()))) {
+                return;
+            }
+            if let Some(last) = last {
+                // The close frame below flushes it.
+                code = last;
+                break 'frames;
+            }
+            fed += 1;
+            if fed < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
         }
-        if let Some(last) = last {
-            code = last;
-            break;
+        if !matches!(tokio::time::timeout(stall, sink.flush()).await, Ok(Ok(()))) {
+            return;
         }
     }
     drop(rx);
@@ -600,6 +659,7 @@ mod tests {
             stream: Some("r1".into()),
             types: Some(vec!["task_*".into()]),
             deltas: None,
+            until_end: None,
         };
         assert_eq!(sub, want);
         assert_eq!(parse(r#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping {});

@@ -22,6 +22,12 @@ pub struct HttpRequestTool {
 
 impl HttpRequestTool {
     pub fn new(max_bytes: usize, default_timeout: Duration) -> Result<Self, String> {
+        // Built once per process: building one reads and parses the system's CA certificates
+        // (milliseconds), which a server would otherwise pay for every run.
+        static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        if let Some(client) = CLIENT.get() {
+            return Ok(Self { max_bytes, default_timeout, client: client.clone() });
+        }
         if rustls::crypto::CryptoProvider::get_default().is_none() {
             // Fails only when another thread installed one meanwhile, which is as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
@@ -31,7 +37,7 @@ impl HttpRequestTool {
             .user_agent(concat!("descartes/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Self { max_bytes, default_timeout, client })
+        Ok(Self { max_bytes, default_timeout, client: CLIENT.get_or_init(|| client).clone() })
     }
 }
 
