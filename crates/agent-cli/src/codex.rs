@@ -598,7 +598,13 @@ mod tests {
             &mut d,
             r#"{"method":"thread/tokenUsage/updated","params":{"tokenUsage":{"total":{"inputTokens":99,"outputTokens":9},"last":{"inputTokens":10,"cachedInputTokens":2,"outputTokens":5}}}}"#,
         );
-        let usage = Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 2, cache_write_tokens: 0, ..Usage::default() };
+        let usage = Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+            cache_read_tokens: 2,
+            cache_write_tokens: 0,
+            ..Usage::default()
+        };
         assert_eq!(r.events, vec![CliEvent::Usage { usage, cost_usd: None }]);
         let r = feed(&mut d, r#"{"method":"item/agentMessage/delta","params":{"itemId":"m","delta":"All "}}"#);
         assert_eq!(r.events, vec![CliEvent::TextDelta("All ".into())]);

@@ -639,7 +639,13 @@ mod tests {
         assert!(
             matches!(&r.events[0], CliEvent::AssistantMessage { parts, .. } if parts == &vec![ContentPart::text("All done.")])
         );
-        let usage = Usage { input_tokens: 30, output_tokens: 12, cache_read_tokens: 0, cache_write_tokens: 0, ..Usage::default() };
+        let usage = Usage {
+            input_tokens: 30,
+            output_tokens: 12,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            ..Usage::default()
+        };
         assert_eq!(
             r.events[1],
             CliEvent::Finished {

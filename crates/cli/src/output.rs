@@ -244,7 +244,7 @@ pub fn event_summary(e: &Event) -> String {
         }
         EventData::ModelCallStarted(c) => format!("turn {} {}/{}", c.turn, c.provider, c.model),
         EventData::ModelCallCompleted(c) => format!(
-            "{}{} in / {} out tokens{}, {} ms{}",
+            "{}{} in / {} out tokens{}{}, {} ms{}",
             if c.usage.estimated { "~" } else { "" },
             c.usage.input_tokens,
             c.usage.output_tokens,

@@ -197,6 +197,7 @@ mod tests {
             output_tokens: 100_000,
             cache_read_tokens: 1_000_000,
             cache_write_tokens: 0,
+            estimated: false,
         };
         assert!((p.cost(&u) - (3.0 + 1.5 + 0.3)).abs() < 1e-9);
     }

@@ -8,4 +8,5 @@ args="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLA
 if [ "$(uname -m)" = "x86_64" ]; then
   args="$args -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 fi
-CMAKE_ARGS="$args" python3 -m pip install --quiet 'llama-cpp-python[server]==0.3.*'
+CMAKE_ARGS="$args" python3 -m pip install --quiet 'llama-cpp-python[server]==0.3.*' \
+  || CMAKE_ARGS="$args" python3 -m pip install --quiet --break-system-packages 'llama-cpp-python[server]==0.3.*'

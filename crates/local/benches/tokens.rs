@@ -101,7 +101,10 @@ fn main() {
         println!("  prompt processing: descartes {p:.0} tokens/s (no llama.cpp figure)");
     } else {
         let (pd, pp) = (median(&mut peer_decode), median(&mut peer_pp));
-        println!("  decode: descartes {d:.1} tokens/s, llama.cpp (llama-cpp-python {peer_version}) {pd:.1}: {:.2}x", d / pd);
+        println!(
+            "  decode: descartes {d:.1} tokens/s, llama.cpp (llama-cpp-python {peer_version}) {pd:.1}: {:.2}x",
+            d / pd
+        );
         println!("  prompt processing: descartes {p:.0} tokens/s, llama.cpp {pp:.0}: {:.2}x", p / pp);
     }
 }

@@ -8,10 +8,14 @@
 //! - The tokenizer and the chat template come from the GGUF file itself (`tokenizer.ggml.*`,
 //!   `tokenizer.chat_template`); a file without a template (or with one that does not compile) is
 //!   prompted in ChatML.
-//! - Tools: small local models cannot call tools reliably, and this provider never emits tool
-//!   calls. Tool specs are given to the model (in its prompt) only when its chat template reads a
-//!   `tools` variable; otherwise they are left out and the model answers without them. Tool calls
-//!   and results already in the conversation are shown to the model as text.
+//! - Tools: when the model's chat template reads a `tools` variable (Qwen 2.5/3, Llama 3.x,
+//!   SmolLM3, Hermes), the tools are rendered into the prompt as Hugging Face does, and the calls
+//!   the model writes in its format (`<tool_call>{...}</tool_call>`, Llama's JSON) become tool
+//!   calls ([`descartes_providers::filter_text_tool_calls`]). Once a call opens, decoding is
+//!   constrained by a grammar of the tools' schemas ([`grammar`]), so even a small model writes
+//!   valid JSON arguments of an offered tool. A template without tools (the default SmolLM2)
+//!   gets none, and a run says so at its start; calls and results already in the conversation
+//!   are then shown as text.
 //! - Usage is exact: prompt tokens as tokenized, and every token the model generated (the stop
 //!   token included).
 //! - Models live in `<data>/models` ([`models_dir`]); [`pull`] fetches the default model
@@ -37,6 +41,6 @@ mod provider;
 pub mod template;
 
 pub use error::{LocalError, Result};
-pub use model::{GenerateOptions, Generation, LocalModel, StopReason};
+pub use model::{GenerateOptions, Generation, LocalModel, StopReason, ToolCalls};
 pub use models::{DEFAULT_MODEL, ModelInfo, list_models, models_dir, pull, resolve_model};
 pub use provider::{LocalOptions, LocalProvider, PROVIDER_NAME};

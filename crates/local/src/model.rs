@@ -10,13 +10,14 @@ use descartes_protocol::{Message, ToolSpec};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::error::{LocalError, Result};
-use crate::template::{ChatTemplate, map_messages};
+use crate::grammar::{JsonGrammar, Matcher, TokenChecker};
+use crate::template::{ChatTemplate, ToolCallFormat, map_messages};
 
 /// Prompt tokens fed to the model per forward pass (cancellation is checked between chunks).
 const PREFILL_CHUNK: usize = 512;
@@ -37,6 +38,15 @@ pub struct LocalModel {
     threads: i32,
     /// llama.cpp's context creation is not safe to run concurrently on one model.
     new_context: Mutex<()>,
+    /// Every token's text, for constrained decoding (built on first use).
+    vocab: OnceLock<Vocab>,
+}
+
+/// The vocabulary as a grammar sees it: each token's bytes in the decoded text, and whether it
+/// ends generation.
+struct Vocab {
+    pieces: Vec<Box<[u8]>>,
+    end: Vec<bool>,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -51,8 +61,60 @@ impl std::fmt::Debug for LocalModel {
     }
 }
 
+/// Tool calls the model may write: once one starts (the format's opener), every token must keep
+/// the call valid JSON of the offered tools' schemas (see [`crate::grammar`]).
+#[derive(Debug, Clone)]
+pub struct ToolCalls {
+    pub format: ToolCallFormat,
+    pub grammar: JsonGrammar,
+    /// The prompt already opens a call (it ends with the opener, e.g. `<tool_call>\n`): the
+    /// answer starts constrained (a forced tool call).
+    pub open: bool,
+}
+
+impl ToolCalls {
+    /// The constraint for `tools` in the template's format; `None` when the format is unknown
+    /// or no tool's schema can be satisfied.
+    pub fn new(format: ToolCallFormat, tools: &[ToolSpec]) -> Option<Self> {
+        let grammar = match format {
+            ToolCallFormat::Hermes => JsonGrammar::for_tool_call(tools),
+            ToolCallFormat::LlamaJson => {
+                JsonGrammar::for_tools(tools.iter().map(|t| (t.name.as_str(), &t.input_schema)), "name", "parameters")
+            }
+            ToolCallFormat::None => return None,
+        };
+        match grammar {
+            Ok(grammar) => Some(Self { format, grammar, open: false }),
+            Err(e) => {
+                tracing::warn!(error = %e, "tool calls of the local model are not constrained");
+                None
+            }
+        }
+    }
+
+    /// If `text` (this answer so far, special tokens included) has just opened a call, the
+    /// matcher with what follows the opener fed to it.
+    fn opened(&self, text: &str) -> Option<Matcher> {
+        let after = match self.format {
+            ToolCallFormat::Hermes => text.rfind("<tool_call>").map(|i| &text[i + "<tool_call>".len()..])?,
+            // Llama writes the call as the whole answer: `<|python_tag|>` or `{` first.
+            ToolCallFormat::LlamaJson => {
+                let t = text.trim_start();
+                match t.strip_prefix("<|python_tag|>") {
+                    Some(rest) => rest,
+                    None if t.starts_with('{') => t,
+                    None => return None,
+                }
+            }
+            ToolCallFormat::None => return None,
+        };
+        let mut matcher = self.grammar.start();
+        matcher.advance(after.as_bytes()).then_some(matcher)
+    }
+}
+
 /// How to generate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenerateOptions {
     /// Most tokens to generate (also bounded by the context window).
     pub max_tokens: usize,
@@ -67,6 +129,8 @@ pub struct GenerateOptions {
     pub repeat_last_n: usize,
     /// Stop at an end-of-turn token (benchmarks turn this off to generate a fixed count).
     pub stop_at_eos: bool,
+    /// Constrain tool calls the model writes (`None`: free text throughout).
+    pub tool_calls: Option<ToolCalls>,
 }
 
 impl Default for GenerateOptions {
@@ -79,6 +143,7 @@ impl Default for GenerateOptions {
             repeat_penalty: 1.1,
             repeat_last_n: 64,
             stop_at_eos: true,
+            tool_calls: None,
         }
     }
 }
@@ -226,6 +291,7 @@ impl LocalModel {
             context,
             threads: default_threads(),
             new_context: Mutex::new(()),
+            vocab: OnceLock::new(),
         })
     }
 
@@ -336,8 +402,20 @@ impl LocalModel {
         let vocab = self.model.vocab();
         let mut text = Utf8Stream::default();
         let mut piece = Vec::with_capacity(16);
+        // This answer with special tokens written out, to see a tool call open; the matcher of
+        // the call being written.
+        let mut raw = String::new();
+        let mut call: Option<Matcher> = options.tool_calls.as_ref().filter(|t| t.open).map(|t| t.grammar.start());
         loop {
-            let next = sampler.sample(&ctx, batch.n_tokens() - 1);
+            let idx = batch.n_tokens() - 1;
+            let next = match &call {
+                None => sampler.sample(&ctx, idx),
+                Some(matcher) => {
+                    let next = self.constrained(ctx.get_logits_ith(idx), matcher)?;
+                    sampler.accept(next);
+                    next
+                }
+            };
             generation.generated_tokens += 1;
             if options.stop_at_eos && vocab.is_eog(next) {
                 generation.stop = StopReason::EndOfTurn;
@@ -345,6 +423,21 @@ impl LocalModel {
             }
             piece.clear();
             vocab.token_to_piece_into(next, &mut piece, false, None);
+            if let Some(tools) = &options.tool_calls {
+                match &mut call {
+                    Some(matcher) => {
+                        matcher.advance(&piece);
+                        if matcher.is_complete() {
+                            call = None;
+                            raw.clear();
+                        }
+                    }
+                    None => {
+                        raw.push_str(&String::from_utf8_lossy(&vocab.token_to_piece(next, true, None)));
+                        call = tools.opened(&raw);
+                    }
+                }
+            }
             if let Some(text) = text.push(&piece)
                 && on_text(&text).is_break()
             {
@@ -366,6 +459,50 @@ impl LocalModel {
             ctx.decode(&mut batch).map_err(inference)?;
         }
         Ok(generation)
+    }
+
+    /// The most likely token that keeps the tool call valid (the grammar has no dead ends, so
+    /// there is one): the 64 best are tried in order, then the rest.
+    fn constrained(&self, logits: &[f32], matcher: &Matcher) -> Result<LlamaToken> {
+        const FIRST: usize = 64;
+        let vocab = self.vocab.get_or_init(|| {
+            let v = self.model.vocab();
+            let n = self.model.n_vocab().max(0);
+            let (mut pieces, mut end) = (Vec::with_capacity(n as usize), Vec::with_capacity(n as usize));
+            for id in 0..n {
+                pieces.push(v.token_to_piece(LlamaToken(id), false, None).into_boxed_slice());
+                end.push(v.is_eog(LlamaToken(id)));
+            }
+            Vocab { pieces, end }
+        });
+        let n = logits.len().min(vocab.pieces.len());
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let first = FIRST.min(n);
+        if first > 0 && first < n {
+            order.select_nth_unstable_by(first - 1, by_logit);
+        }
+        order[..first].sort_unstable_by(by_logit);
+        let mut checker = TokenChecker::new(matcher);
+        let mut fits = |id: &u32| {
+            let i = *id as usize;
+            // An end-of-generation token is the empty string (allowed once the call is whole);
+            // other control tokens have no text and are never allowed inside a call.
+            if vocab.end[i] {
+                checker.accepts(b"")
+            } else {
+                !vocab.pieces[i].is_empty() && checker.accepts(&vocab.pieces[i])
+            }
+        };
+        if let Some(id) = order[..first].iter().find(|id| fits(id)) {
+            return Ok(LlamaToken(*id as i32));
+        }
+        order[first..].sort_unstable_by(by_logit);
+        order[first..]
+            .iter()
+            .find(|id| fits(id))
+            .map(|id| LlamaToken(*id as i32))
+            .ok_or_else(|| LocalError::Inference("no token continues the tool call".into()))
     }
 
     /// The sampler chain: the repeat penalty, then greedy choice, or top-p and temperature with a

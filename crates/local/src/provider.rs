@@ -1,8 +1,8 @@
 //! [`LocalProvider`]: the [`Provider`] over a [`LocalModel`].
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
@@ -11,7 +11,7 @@ use descartes_protocol::Usage;
 use tokio::sync::mpsc;
 
 use crate::error::LocalError;
-use crate::model::{GenerateOptions, LocalModel, StopReason};
+use crate::model::{GenerateOptions, LocalModel, StopReason, ToolCalls};
 
 /// The provider's name as users select it.
 pub const PROVIDER_NAME: &str = "local";
@@ -118,6 +118,7 @@ impl LocalProvider {
             repeat_penalty: o.repeat_penalty,
             repeat_last_n: o.repeat_last_n,
             stop_at_eos: true,
+            tool_calls: None,
         }
     }
 }
@@ -178,7 +179,7 @@ impl Provider for LocalProvider {
         if tokens.len() >= model.context() {
             return Err(config_error(LocalError::PromptTooLong { tokens: tokens.len(), context: model.context() }));
         }
-        let options = self.generate_options(&request);
+        let mut options = self.generate_options(&request);
         // Tool calls come back as text in the model's format (`<tool_call>{...}</tool_call>`,
         // Llama's JSON): the same filter as for text-calling servers turns them into calls.
         let tool_names: Vec<String> = if model.template().supports_tools() {
@@ -186,6 +187,9 @@ impl Provider for LocalProvider {
         } else {
             Vec::new()
         };
+        if !tool_names.is_empty() {
+            options.tool_calls = ToolCalls::new(model.template().tool_call_format(), &request.tools);
+        }
         let (tx, rx) = mpsc::channel::<Result<StreamEvent, ProviderError>>(64);
         tokio::task::spawn_blocking(move || {
             let prompt_tokens = tokens.len() as u64;

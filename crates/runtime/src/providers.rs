@@ -269,10 +269,10 @@ impl Runtime {
         let model = descartes_local::LocalProvider::new(path).preload().await.ok()?;
         (!model.template().supports_tools()).then(|| {
             format!(
-                "the local model {} cannot use tools (its chat template has no place for them): it will answer \
-                 without running any; for agent work pull a tool-capable GGUF (Qwen 2.5, Llama 3.x, SmolLM3: \
-                 `descartes model pull ORG/REPO`) or use an API provider",
-                model.name()
+                "the local model {} cannot use tools (its chat template has none), so it answers without them; \
+                 for agent work use a tool-capable GGUF (Qwen 2.5, Llama 3.x, SmolLM3: `descartes model pull \
+                 ORG/REPO`) or an API provider",
+                sel.model
             )
         })
     }

@@ -703,8 +703,7 @@ fn replay(conn: &Connection, run_id: RunId) -> Result<RunState, StoreError> {
 }
 
 /// The columns of a run's summary (`runs` projection).
-const RUN_SUMMARY: &str =
-    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd, estimated_tokens FROM runs";
+const RUN_SUMMARY: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd, estimated_tokens FROM runs";
 
 fn run_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(RunSummary {
