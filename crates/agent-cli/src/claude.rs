@@ -423,6 +423,7 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
         output_tokens: u64_of(o.get("output_tokens")),
         cache_read_tokens: u64_of(o.get("cache_read_input_tokens")),
         cache_write_tokens: u64_of(o.get("cache_creation_input_tokens")),
+        ..Usage::default()
     })
 }
 

@@ -330,6 +330,7 @@ impl CodexDecoder {
                     output_tokens: field("outputTokens"),
                     cache_read_tokens: cached,
                     cache_write_tokens: field("cacheWriteInputTokens"),
+                    ..Usage::default()
                 };
                 let total = self.usage.get_or_insert_with(Usage::default);
                 total.add(&usage);
@@ -597,7 +598,13 @@ mod tests {
             &mut d,
             r#"{"method":"thread/tokenUsage/updated","params":{"tokenUsage":{"total":{"inputTokens":99,"outputTokens":9},"last":{"inputTokens":10,"cachedInputTokens":2,"outputTokens":5}}}}"#,
         );
-        let usage = Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 2, cache_write_tokens: 0 };
+        let usage = Usage {
+            input_tokens: 10,
+            output_tokens: 5,
+            cache_read_tokens: 2,
+            cache_write_tokens: 0,
+            ..Usage::default()
+        };
         assert_eq!(r.events, vec![CliEvent::Usage { usage, cost_usd: None }]);
         let r = feed(&mut d, r#"{"method":"item/agentMessage/delta","params":{"itemId":"m","delta":"All "}}"#);
         assert_eq!(r.events, vec![CliEvent::TextDelta("All ".into())]);

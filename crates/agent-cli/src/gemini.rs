@@ -330,6 +330,7 @@ impl GeminiDecoder {
                     output_tokens: u64_of(t.get("output_tokens")),
                     cache_read_tokens: 0,
                     cache_write_tokens: 0,
+                    ..Usage::default()
                 });
                 match str_of(result.get("stopReason")).as_str() {
                     "end_turn" | "" => self.finish(String::new(), false, None, usage, out),
@@ -638,7 +639,13 @@ mod tests {
         assert!(
             matches!(&r.events[0], CliEvent::AssistantMessage { parts, .. } if parts == &vec![ContentPart::text("All done.")])
         );
-        let usage = Usage { input_tokens: 30, output_tokens: 12, cache_read_tokens: 0, cache_write_tokens: 0 };
+        let usage = Usage {
+            input_tokens: 30,
+            output_tokens: 12,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            ..Usage::default()
+        };
         assert_eq!(
             r.events[1],
             CliEvent::Finished {

@@ -281,6 +281,11 @@ pub async fn prepare_with_policy(
         pull_model(rt, &sel.model, &*sink).await?;
     }
     let provider = rt.build_provider(&sel)?;
+    if sel.kind == "local"
+        && let Some(notice) = rt.local_model_notice(&sel).await
+    {
+        sink.notice(&notice);
+    }
     let (resilience, warnings) = rt.resilience(&*store, &sel, fallback).await?;
     for w in warnings {
         sink.notice(&format!("warning: {w}"));

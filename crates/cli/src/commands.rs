@@ -273,6 +273,7 @@ async fn list(rt: Runtime, json: bool) -> Result<u8> {
             started_at: r.started_at,
             updated_at: r.updated_at,
             tokens: r.tokens,
+            estimated_tokens: r.estimated_tokens,
             cost_usd: r.cost_usd,
         })
         .collect();
@@ -290,6 +291,9 @@ pub(crate) struct RunRow {
     pub started_at: descartes_protocol::Timestamp,
     pub updated_at: descartes_protocol::Timestamp,
     pub tokens: u64,
+    /// Of `tokens`, those Descartes counted because the provider reported none.
+    #[serde(default)]
+    pub estimated_tokens: u64,
     pub cost_usd: f64,
 }
 
@@ -313,7 +317,8 @@ pub(crate) fn print_runs(runs: &[RunRow], json: bool) -> Result<u8> {
             r.run_id,
             r.status,
             local_time(r.started_at.as_micros(), "%Y-%m-%d %H:%M:%S"),
-            crate::output::human_tokens(r.tokens),
+            // `~`: partly counted by Descartes (the provider reported no usage).
+            format!("{}{}", if r.estimated_tokens > 0 { "~" } else { "" }, crate::output::human_tokens(r.tokens)),
             crate::output::money(r.cost_usd),
             crate::output::clip_line(&r.prompt, 50)
         )?;
@@ -412,11 +417,13 @@ impl LogPrinter {
         } else if self.run.is_some() && !self.json {
             let (calls, usage, cost) = &self.totals;
             println!(
-                "total: {calls} model calls, {} tokens ({} in, {} out, {} cached), {}",
+                "total: {calls} model calls, {}{} tokens ({} in, {} out, {} cached{}), {}",
+                if usage.estimated { "~" } else { "" },
                 usage.all_tokens(),
                 usage.input_tokens,
                 usage.output_tokens,
                 usage.cache_read_tokens + usage.cache_write_tokens,
+                if usage.estimated { "; counted by Descartes: the provider reported no usage" } else { "" },
                 if *cost > 0.0 { format!("${cost:.4}") } else { "no known cost".into() }
             );
         }

@@ -244,9 +244,11 @@ pub fn event_summary(e: &Event) -> String {
         }
         EventData::ModelCallStarted(c) => format!("turn {} {}/{}", c.turn, c.provider, c.model),
         EventData::ModelCallCompleted(c) => format!(
-            "{} in / {} out tokens{}, {} ms{}",
+            "{}{} in / {} out tokens{}{}, {} ms{}",
+            if c.usage.estimated { "~" } else { "" },
             c.usage.input_tokens,
             c.usage.output_tokens,
+            if c.usage.estimated { " (counted by Descartes: no usage reported)" } else { "" },
             c.cost_usd.map(|usd| format!(", ${usd:.4}")).unwrap_or_default(),
             c.duration_ms,
             c.stop_reason.as_ref().map(|r| format!(", stop: {r}")).unwrap_or_default()

@@ -292,3 +292,49 @@ fn a_silent_server_fails_the_attempt_after_the_idle_timeout_and_says_so() {
     let events = env.events(&env.run_id());
     assert_eq!(count(&events, "model_call_failed"), 2, "retried once: {events:#?}");
 }
+
+/// A server that streams no usage (as llama.cpp's does): Descartes counts each call itself,
+/// marks it estimated, and the token cap stops the run on those counts.
+#[test]
+fn usage_a_server_does_not_report_is_counted_estimated_and_capped() {
+    fn no_usage(chunks: Vec<descartes_test_support::Chunk>) -> Vec<descartes_test_support::Chunk> {
+        chunks
+            .into_iter()
+            .filter(|c| !matches!(c, descartes_test_support::Chunk::Data(d) if d.contains("\"usage\"")))
+            .collect()
+    }
+    let env = Env::new(|req: &RecordedRequest| match req.tool_results().len() {
+        0 => Reply::Stream(no_usage(openai::tool_call("c1", "read_file", &[r#"{"path":"a.txt"}"#]))),
+        _ => Reply::Stream(no_usage(openai::text(&["done"]))),
+    });
+    env.init();
+    config(&env, "system_prompt = \"Be brief.\"\n");
+    std::fs::write(env.project().join("a.txt"), "x").unwrap();
+    // Uncapped: both calls are counted and marked.
+    let out = env.run(&["run", "-p", "openai", "read it"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = env.run_id();
+    let events = env.events(&id);
+    let calls = of_type(&events, "model_call_completed");
+    assert_eq!(calls.len(), 2);
+    let mut total = 0;
+    for call in &calls {
+        let usage = &call["data"]["usage"];
+        assert_eq!(usage["estimated"], true, "{usage}");
+        assert!(usage["input_tokens"].as_u64().unwrap() > 10, "the tools' specs and the prompt count: {usage}");
+        assert!(usage["output_tokens"].as_u64().unwrap() > 0, "{usage}");
+        total += usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap();
+    }
+    let run = &env.runs()[0];
+    assert_eq!(run["tokens"].as_u64(), Some(total));
+    assert_eq!(run["estimated_tokens"].as_u64(), Some(total));
+    assert!(stdout(&env.run(&["list"])).contains('~'));
+
+    // Capped just above the first call's count: the second call is not made.
+    let first = calls[0]["data"]["usage"]["input_tokens"].as_u64().unwrap();
+    let requests = env.server.request_count();
+    let cap = (first + 40).to_string();
+    let out = env.run(&["run", "-p", "openai", "--max-tokens", &cap, "read it"]);
+    assert_eq!(out.status.code(), Some(8), "{}", stderr(&out));
+    assert_eq!(env.server.request_count(), requests + 1, "the second call was made despite the cap");
+}

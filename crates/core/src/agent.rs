@@ -248,11 +248,13 @@ impl Agent {
                 },
             );
             self.send_deferred(ob);
+            let messages = st.conversation();
+            let tools = self.offered_tools().await;
             let request = ModelRequest {
                 model: entry.model.clone(),
                 system: self.config.system_prompt.clone(),
-                messages: st.conversation(),
-                tools: self.offered_tools().await,
+                messages: messages.clone(),
+                tools: tools.clone(),
                 max_tokens: self.config.max_tokens,
                 temperature: None,
             };
@@ -266,9 +268,22 @@ impl Agent {
             let e = match result {
                 Ok(assembled) => {
                     r.breakers.record(&name, true, r.clock.now());
-                    let usage = assembled.usage;
+                    let reported = assembled.usage;
                     let stop_reason = assembled.stop_reason.clone();
                     let content = assembled.finish();
+                    // A server that sends no usage (llama.cpp's, some proxies) is counted here, so
+                    // budgets and totals do not read zero.
+                    let usage = if reported.all_tokens() == 0 {
+                        crate::cost::estimate_usage(
+                            self.resilience.counter.as_ref(),
+                            self.config.system_prompt.as_deref(),
+                            &messages,
+                            &tools,
+                            &content,
+                        )
+                    } else {
+                        reported
+                    };
                     self.push(
                         st,
                         ob,

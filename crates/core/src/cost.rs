@@ -144,6 +144,27 @@ pub trait TokenCounter: Send + Sync {
     }
 }
 
+/// The usage of a call whose provider reported none, counted with `counter`: the system prompt,
+/// the messages and the tools' specs as input, the answer as output; marked
+/// [`Usage::estimated`](descartes_protocol::Usage::estimated).
+pub fn estimate_usage(
+    counter: &dyn TokenCounter,
+    system: Option<&str>,
+    messages: &[descartes_protocol::Message],
+    tools: &[descartes_protocol::ToolSpec],
+    output: &[descartes_protocol::ContentPart],
+) -> descartes_protocol::Usage {
+    let tools: u64 = tools
+        .iter()
+        .map(|t| counter.count(&t.name) + counter.count(&t.description) + counter.count(&t.input_schema.to_string()))
+        .sum();
+    let input = counter.count_messages(messages) + system.map_or(0, |s| counter.count(s)) + tools;
+    let answer = descartes_protocol::Message::new(descartes_protocol::Role::Assistant, output.to_vec());
+    // The framing `count_messages` adds per message is the prompt's, not the answer's.
+    let output_tokens = counter.count_messages(std::slice::from_ref(&answer)).saturating_sub(4);
+    descartes_protocol::Usage { input_tokens: input, output_tokens, estimated: true, ..Default::default() }
+}
+
 /// A counter without a tokenizer: about four bytes per token.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ByteEstimate;
@@ -176,6 +197,7 @@ mod tests {
             output_tokens: 100_000,
             cache_read_tokens: 1_000_000,
             cache_write_tokens: 0,
+            estimated: false,
         };
         assert!((p.cost(&u) - (3.0 + 1.5 + 0.3)).abs() < 1e-9);
     }

@@ -784,5 +784,6 @@ fn saturating_sub(a: &Usage, b: &Usage) -> Usage {
         output_tokens: a.output_tokens.saturating_sub(b.output_tokens),
         cache_read_tokens: a.cache_read_tokens.saturating_sub(b.cache_read_tokens),
         cache_write_tokens: a.cache_write_tokens.saturating_sub(b.cache_write_tokens),
+        estimated: a.estimated,
     }
 }

@@ -46,6 +46,9 @@ pub struct RunSummary {
     pub updated_at: Timestamp,
     /// Tokens of all model calls (input, output and cached).
     pub tokens: u64,
+    /// How many of `tokens` Descartes counted itself because the provider reported no usage
+    /// (`Usage::estimated`).
+    pub estimated_tokens: u64,
     /// Money spent on model calls with a known price.
     pub cost_usd: f64,
 }
@@ -111,7 +114,7 @@ pub enum RunChange<'a> {
     Status { status: &'static str, provider: Option<(&'a str, &'a str)> },
     /// A model call finished: its tokens and cost add to the run's totals, and a parked run
     /// is running again.
-    Usage { tokens: u64, cost_usd: f64 },
+    Usage { tokens: u64, estimated_tokens: u64, cost_usd: f64 },
 }
 
 /// The projection change of an event, if it is a run lifecycle event.
@@ -133,7 +136,9 @@ pub fn run_change(data: &descartes_protocol::EventData) -> Option<RunChange<'_>>
             Some(RunChange::Status { status: "running", provider: Some((&p.to, &p.model)) })
         }
         EventData::ModelCallCompleted(c) => {
-            Some(RunChange::Usage { tokens: c.usage.all_tokens(), cost_usd: c.cost_usd.unwrap_or(0.0) })
+            let tokens = c.usage.all_tokens();
+            let estimated_tokens = if c.usage.estimated { tokens } else { 0 };
+            Some(RunChange::Usage { tokens, estimated_tokens, cost_usd: c.cost_usd.unwrap_or(0.0) })
         }
         _ => None,
     }

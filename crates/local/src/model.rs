@@ -1,42 +1,52 @@
-//! A loaded GGUF model: weights, tokenizer, chat template, and the generation loop.
+//! A loaded GGUF model: weights (run by llama.cpp), tokenizer and chat template from the file, and
+//! the generation loop.
 
-use std::fs::File;
-use std::io::BufReader;
+use std::num::NonZeroU32;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::{MAX_SEQ_LEN, ModelWeights};
 use descartes_protocol::{Message, ToolSpec};
-use tokenizers::Tokenizer;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 
 use crate::error::{LocalError, Result};
-use crate::template::{ChatTemplate, map_messages};
+use crate::grammar::{JsonGrammar, Matcher, TokenChecker};
+use crate::template::{ChatTemplate, ToolCallFormat, map_messages};
 
 /// Prompt tokens fed to the model per forward pass (cancellation is checked between chunks).
-const PREFILL_CHUNK: usize = 128;
+const PREFILL_CHUNK: usize = 512;
 
-/// End-of-turn tokens of the common chat formats, used when the vocabulary has them.
-const STOP_TOKENS: &[&str] = &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>"];
+/// The context window a generation allocates is what it needs (prompt + room to answer), rounded
+/// up to this, so a small prompt does not pay for the model's whole window.
+const CONTEXT_STEP: usize = 512;
 
-/// A model loaded in memory. Cheap to share behind an `Arc`; every generation works on its own
-/// copy of the (reference-counted) weights with its own KV cache, so generations may run
-/// concurrently.
+/// A model loaded in memory. Shared behind an `Arc`: every generation makes its own context (KV
+/// cache) over the one copy of the weights, so generations may run concurrently.
 pub struct LocalModel {
     path: PathBuf,
     name: String,
-    weights: ModelWeights,
-    tokenizer: Tokenizer,
+    model: LlamaModel,
     template: ChatTemplate,
-    stop_tokens: Vec<u32>,
     bos_token: String,
     context: usize,
+    threads: i32,
+    /// llama.cpp's context creation is not safe to run concurrently on one model.
+    new_context: Mutex<()>,
+    /// Every token's text, for constrained decoding (built on first use).
+    vocab: OnceLock<Vocab>,
+}
+
+/// The vocabulary as a grammar sees it: each token's bytes in the decoded text, and whether it
+/// ends generation.
+struct Vocab {
+    pieces: Vec<Box<[u8]>>,
+    end: Vec<bool>,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -45,13 +55,66 @@ impl std::fmt::Debug for LocalModel {
             .field("path", &self.path)
             .field("name", &self.name)
             .field("context", &self.context)
+            .field("threads", &self.threads)
             .field("model_template", &self.template.is_model_template())
             .finish_non_exhaustive()
     }
 }
 
+/// Tool calls the model may write: once one starts (the format's opener), every token must keep
+/// the call valid JSON of the offered tools' schemas (see [`crate::grammar`]).
+#[derive(Debug, Clone)]
+pub struct ToolCalls {
+    pub format: ToolCallFormat,
+    pub grammar: JsonGrammar,
+    /// The prompt already opens a call (it ends with the opener, e.g. `<tool_call>\n`): the
+    /// answer starts constrained (a forced tool call).
+    pub open: bool,
+}
+
+impl ToolCalls {
+    /// The constraint for `tools` in the template's format; `None` when the format is unknown
+    /// or no tool's schema can be satisfied.
+    pub fn new(format: ToolCallFormat, tools: &[ToolSpec]) -> Option<Self> {
+        let grammar = match format {
+            ToolCallFormat::Hermes => JsonGrammar::for_tool_call(tools),
+            ToolCallFormat::LlamaJson => {
+                JsonGrammar::for_tools(tools.iter().map(|t| (t.name.as_str(), &t.input_schema)), "name", "parameters")
+            }
+            ToolCallFormat::None => return None,
+        };
+        match grammar {
+            Ok(grammar) => Some(Self { format, grammar, open: false }),
+            Err(e) => {
+                tracing::warn!(error = %e, "tool calls of the local model are not constrained");
+                None
+            }
+        }
+    }
+
+    /// If `text` (this answer so far, special tokens included) has just opened a call, the
+    /// matcher with what follows the opener fed to it.
+    fn opened(&self, text: &str) -> Option<Matcher> {
+        let after = match self.format {
+            ToolCallFormat::Hermes => text.rfind("<tool_call>").map(|i| &text[i + "<tool_call>".len()..])?,
+            // Llama writes the call as the whole answer: `<|python_tag|>` or `{` first.
+            ToolCallFormat::LlamaJson => {
+                let t = text.trim_start();
+                match t.strip_prefix("<|python_tag|>") {
+                    Some(rest) => rest,
+                    None if t.starts_with('{') => t,
+                    None => return None,
+                }
+            }
+            ToolCallFormat::None => return None,
+        };
+        let mut matcher = self.grammar.start();
+        matcher.advance(after.as_bytes()).then_some(matcher)
+    }
+}
+
 /// How to generate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenerateOptions {
     /// Most tokens to generate (also bounded by the context window).
     pub max_tokens: usize,
@@ -66,6 +129,8 @@ pub struct GenerateOptions {
     pub repeat_last_n: usize,
     /// Stop at an end-of-turn token (benchmarks turn this off to generate a fixed count).
     pub stop_at_eos: bool,
+    /// Constrain tool calls the model writes (`None`: free text throughout).
+    pub tool_calls: Option<ToolCalls>,
 }
 
 impl Default for GenerateOptions {
@@ -78,6 +143,7 @@ impl Default for GenerateOptions {
             repeat_penalty: 1.1,
             repeat_last_n: 64,
             stop_at_eos: true,
+            tool_calls: None,
         }
     }
 }
@@ -115,106 +181,118 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
-/// Quantization types whose CPU dot product candle has no SIMD kernel for (their matmuls are
-/// several times slower than Q8_0's).
-fn slow_on_cpu(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1 | GgmlDType::Q8_1)
+/// llama.cpp's process-wide state, initialized once; its logs go to `tracing` (target
+/// `llama-cpp-2`) instead of stderr.
+fn backend() -> Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| LocalError::Inference(format!("cannot start llama.cpp: {e}")))
 }
 
-/// The weights; tensors of a type candle multiplies slowly on the CPU are requantized to Q8_0
-/// (finer than what they come from, so no quality is lost; about 1.5 times their memory), through
-/// an in-memory GGUF.
-fn load_weights<R: std::io::Read + std::io::Seek>(
-    content: gguf_file::Content,
-    reader: &mut R,
-) -> candle_core::Result<ModelWeights> {
-    let device = Device::Cpu;
-    if !content.tensor_infos.values().any(|t| slow_on_cpu(t.ggml_dtype)) {
-        return ModelWeights::from_gguf(content, reader, &device);
+/// Threads for generation: one per core the process may use, at most 4. Decoding a small model
+/// is bound by memory and by synchronisation between threads, so more threads than that only
+/// add waiting; `DESCARTES_LOCAL_THREADS` overrides it.
+fn default_threads() -> i32 {
+    if let Some(n) = std::env::var("DESCARTES_LOCAL_THREADS").ok().and_then(|v| v.trim().parse::<i32>().ok())
+        && n > 0
+    {
+        return n;
     }
-    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
-    for (name, info) in &content.tensor_infos {
-        let tensor = content.tensor(reader, name, &device)?;
-        let block = GgmlDType::Q8_0.block_size();
-        let tensor = if slow_on_cpu(info.ggml_dtype) && info.shape.dims().last().is_some_and(|d| d % block == 0) {
-            QTensor::quantize(&tensor.dequantize(&device)?, GgmlDType::Q8_0)?
-        } else {
-            tensor
-        };
-        tensors.push((name.as_str(), tensor));
-    }
-    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
-    let mut buffer = std::io::Cursor::new(Vec::new());
-    gguf_file::write(&mut buffer, &metadata, &tensor_refs)?;
-    drop(tensors);
-    buffer.set_position(0);
-    let converted = gguf_file::Content::read(&mut buffer)?;
-    ModelWeights::from_gguf(converted, &mut buffer, &device)
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4) as i32)
 }
 
 fn inference(e: impl std::fmt::Display) -> LocalError {
     LocalError::Inference(e.to_string())
 }
 
+/// Whether the file starts with the GGUF magic (llama.cpp reports other files only in its log).
+fn check_gguf(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| LocalError::io(path, e))?;
+    match file.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => Ok(()),
+        Ok(()) | Err(_) => {
+            Err(LocalError::Load { path: path.to_owned(), message: "not a GGUF file (no GGUF magic)".into() })
+        }
+    }
+}
+
+/// Accumulates token bytes and hands out the longest complete UTF-8 prefix (a character may be
+/// split across tokens).
+#[derive(Default)]
+struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    fn push(&mut self, bytes: &[u8]) -> Option<String> {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            // An invalid sequence (not just an incomplete one at the end) is replaced, not held.
+            Err(e) if e.error_len().is_some() => {
+                let text = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                return Some(text).filter(|t| !t.is_empty());
+            }
+            Err(e) => e.valid_up_to(),
+        };
+        if valid == 0 {
+            return None;
+        }
+        let rest = self.pending.split_off(valid);
+        let text = String::from_utf8(std::mem::replace(&mut self.pending, rest)).ok()?;
+        Some(text)
+    }
+}
+
 impl LocalModel {
-    /// Loads a GGUF file (blocking; a 100 MB model takes well under a second).
+    /// Loads a GGUF file (blocking; the weights are memory-mapped, so a 100 MB model takes tens
+    /// of milliseconds).
     pub fn load(path: &Path) -> Result<Self> {
         let load_error = |message: String| LocalError::Load { path: path.to_owned(), message };
-        let file = File::open(path).map_err(|e| LocalError::io(path, e))?;
-        let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| load_error(format!("not a GGUF file: {e}")))?;
-        let meta_str = |key: &str| content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned();
-        let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
-
-        let arch = meta_str("general.architecture").unwrap_or_default();
-        if arch != "llama" {
-            return Err(load_error(format!(
-                "architecture `{arch}` is not supported (only llama-family models: Llama, SmolLM, TinyLlama, Mistral)"
-            )));
-        }
-        let name = meta_str("general.name")
+        check_gguf(path)?;
+        let backend = backend()?;
+        let model = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+            .map_err(|e| load_error(format!("llama.cpp cannot load it ({e}); see the log for why")))?;
+        let name = model
+            .meta_val_str("general.name")
+            .ok()
+            .filter(|n| !n.trim().is_empty())
             .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
             .unwrap_or_default();
-        let context = meta_u32("llama.context_length").map_or(MAX_SEQ_LEN, |c| (c as usize).min(MAX_SEQ_LEN));
-
-        let mut tokenizer =
-            Tokenizer::from_gguf(&content).map_err(|e| load_error(format!("cannot build the tokenizer: {e}")))?;
-        let pre = meta_str("tokenizer.ggml.pre").unwrap_or_default();
-        match pre.as_str() {
-            // candle knows these pre-tokenizers.
-            "qwen2" | "smaug-bpe" | "lfm2" | "llama3" => {}
-            // SmolLM: digits split one by one, then byte-level without a prefix space (as in its
-            // tokenizer.json).
-            "smollm" => {
-                tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
-                    Digits::new(true).into(),
-                    ByteLevel::new(false, true, true).into(),
-                ])));
+        let context = model.n_ctx_train().max(1) as usize;
+        let vocab = model.vocab();
+        let token_text = |token: LlamaToken| -> String {
+            if token.0 < 0 {
+                return String::new();
             }
-            // GPT-2 style: byte-level, a prefix space only if the file asks for one.
-            _ => {
-                let prefix = content.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok());
-                tokenizer.with_pre_tokenizer(Some(ByteLevel::new(prefix.unwrap_or(false), true, true)));
-            }
-        }
-        let token_text = |key: &str| meta_u32(key).and_then(|id| tokenizer.id_to_token(id)).unwrap_or_default();
-        let bos_token = token_text("tokenizer.ggml.bos_token_id");
-        let eos_token = token_text("tokenizer.ggml.eos_token_id");
-        let mut stop_tokens: Vec<u32> = meta_u32("tokenizer.ggml.eos_token_id").into_iter().collect();
-        stop_tokens.extend(STOP_TOKENS.iter().filter_map(|t| tokenizer.token_to_id(t)));
-        stop_tokens.sort_unstable();
-        stop_tokens.dedup();
-
-        let source = meta_str("tokenizer.chat_template");
+            String::from_utf8_lossy(&vocab.token_to_piece(token, true, None)).into_owned()
+        };
+        let bos_token = token_text(vocab.bos());
+        let eos_token = token_text(vocab.eos());
+        let source = model.chat_template(None).ok().and_then(|t| t.to_string().ok());
         let (template, compiled) = ChatTemplate::new(source.as_deref(), &bos_token, &eos_token);
         if source.is_some() && !compiled {
             tracing::warn!(path = %path.display(), "the model's chat template does not compile; using ChatML");
         }
-
-        let weights =
-            load_weights(content, &mut reader).map_err(|e| load_error(format!("cannot load the weights: {e}")))?;
-        Ok(Self { path: path.to_owned(), name, weights, tokenizer, template, stop_tokens, bos_token, context })
+        Ok(Self {
+            path: path.to_owned(),
+            name,
+            model,
+            template,
+            bos_token,
+            context,
+            threads: default_threads(),
+            new_context: Mutex::new(()),
+            vocab: OnceLock::new(),
+        })
     }
 
     /// The file it was loaded from.
@@ -227,9 +305,14 @@ impl LocalModel {
         &self.name
     }
 
-    /// The context window in tokens (the file's, capped at what candle's llama supports).
+    /// The context window in tokens (the one the model was trained with).
     pub fn context(&self) -> usize {
         self.context
+    }
+
+    /// Threads a generation uses.
+    pub fn threads(&self) -> i32 {
+        self.threads
     }
 
     pub fn template(&self) -> &ChatTemplate {
@@ -241,17 +324,23 @@ impl LocalModel {
         self.template.render(&map_messages(system, messages), tools).map_err(|e| LocalError::Template(e.to_string()))
     }
 
-    /// Tokenizes a rendered prompt. Special tokens written in it (`<|im_start|>`) are recognized;
-    /// a BOS token is added only when the template did not write one and the file asks for it.
+    /// Tokenizes a rendered prompt with the file's tokenizer. Special tokens written in it
+    /// (`<|im_start|>`) are recognized; a BOS token is added only when the template did not write
+    /// one and the file asks for it.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let add_special = self.bos_token.is_empty() || !prompt.starts_with(&self.bos_token);
-        let encoding = self.tokenizer.encode(prompt, add_special).map_err(inference)?;
-        Ok(encoding.get_ids().to_vec())
+        let tokens = self.model.vocab().tokenize(prompt.as_bytes(), add_special, true);
+        Ok(tokens.into_iter().map(|t| t.0 as u32).collect())
     }
 
     /// Decodes tokens to text (special tokens skipped).
     pub fn decode(&self, tokens: &[u32]) -> Result<String> {
-        self.tokenizer.decode(tokens, true).map_err(inference)
+        let vocab = self.model.vocab();
+        let mut bytes = Vec::new();
+        for &token in tokens {
+            vocab.token_to_piece_into(to_token(token)?, &mut bytes, false, None);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Generates after `prompt`. `on_text` receives the text as it is produced (complete UTF-8
@@ -278,59 +367,84 @@ impl LocalModel {
             generation.stop = StopReason::MaxTokens;
             return Ok(generation);
         }
+        let prompt: Vec<LlamaToken> = prompt.iter().map(|&t| to_token(t)).collect::<Result<_>>()?;
 
-        let mut weights = self.weights.clone();
-        let device = Device::Cpu;
-        let mut logits = None;
-        let mut pos = 0;
+        // The KV cache holds what this generation can reach, not the model's whole window.
+        let needed = (prompt.len() + limit).div_ceil(CONTEXT_STEP) * CONTEXT_STEP;
+        let n_ctx = needed.min(self.context) as u32;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(PREFILL_CHUNK as u32)
+            .with_n_ubatch(PREFILL_CHUNK as u32)
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads)
+            .with_no_perf(true);
+        let mut ctx = {
+            let _one_at_a_time = self.new_context.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.model.new_context(backend()?, params).map_err(inference)?
+        };
+
+        let mut batch = LlamaBatch::new(PREFILL_CHUNK, 1);
+        let mut pos = 0i32;
         for chunk in prompt.chunks(PREFILL_CHUNK) {
             if cancelled() {
                 return Ok(generation);
             }
-            let input = Tensor::new(chunk, &device).and_then(|t| t.unsqueeze(0)).map_err(inference)?;
-            logits = Some(weights.forward(&input, pos).map_err(inference)?);
-            pos += chunk.len();
-        }
-        let Some(mut logits) = logits else {
-            return Err(LocalError::Inference("empty prompt".into()));
-        };
-
-        let sampling = match options.temperature.filter(|t| *t > 1e-7) {
-            None => Sampling::ArgMax,
-            Some(temperature) => match options.top_p {
-                Some(p) if p > 0.0 && p < 1.0 => Sampling::TopP { p, temperature },
-                _ => Sampling::All { temperature },
-            },
-        };
-        let mut sampler = LogitsProcessor::from_sampling(options.seed, sampling);
-        let mut generated: Vec<u32> = Vec::with_capacity(limit);
-        let mut decoder = self.tokenizer.decode_stream(true);
-        loop {
-            let mut last = logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)).map_err(inference)?;
-            if options.repeat_penalty != 1.0 && !generated.is_empty() {
-                let start = generated.len().saturating_sub(options.repeat_last_n);
-                last = candle_transformers::utils::apply_repeat_penalty(
-                    &last,
-                    options.repeat_penalty,
-                    &generated[start..],
-                )
-                .map_err(inference)?;
+            batch.clear();
+            for (i, &token) in chunk.iter().enumerate() {
+                batch.add(token, pos, &[0], i + 1 == chunk.len()).map_err(inference)?;
+                pos += 1;
             }
-            let next = sampler.sample(&last).map_err(inference)?;
-            generated.push(next);
-            generation.generated_tokens = generated.len();
-            if options.stop_at_eos && self.stop_tokens.contains(&next) {
+            ctx.decode(&mut batch).map_err(inference)?;
+        }
+
+        let mut sampler = self.sampler(options);
+        let vocab = self.model.vocab();
+        let mut text = Utf8Stream::default();
+        let mut piece = Vec::with_capacity(16);
+        // This answer with special tokens written out, to see a tool call open; the matcher of
+        // the call being written.
+        let mut raw = String::new();
+        let mut call: Option<Matcher> = options.tool_calls.as_ref().filter(|t| t.open).map(|t| t.grammar.start());
+        loop {
+            let idx = batch.n_tokens() - 1;
+            let next = match &call {
+                None => sampler.sample(&ctx, idx),
+                Some(matcher) => {
+                    let next = self.constrained(ctx.get_logits_ith(idx), matcher)?;
+                    sampler.accept(next);
+                    next
+                }
+            };
+            generation.generated_tokens += 1;
+            if options.stop_at_eos && vocab.is_eog(next) {
                 generation.stop = StopReason::EndOfTurn;
                 break;
             }
-            if let Some(text) = decoder.step(next).map_err(inference)?
-                && !text.is_empty()
+            piece.clear();
+            vocab.token_to_piece_into(next, &mut piece, false, None);
+            if let Some(tools) = &options.tool_calls {
+                match &mut call {
+                    Some(matcher) => {
+                        matcher.advance(&piece);
+                        if matcher.is_complete() {
+                            call = None;
+                            raw.clear();
+                        }
+                    }
+                    None => {
+                        raw.push_str(&String::from_utf8_lossy(&vocab.token_to_piece(next, true, None)));
+                        call = tools.opened(&raw);
+                    }
+                }
+            }
+            if let Some(text) = text.push(&piece)
                 && on_text(&text).is_break()
             {
                 generation.stop = StopReason::Cancelled;
                 break;
             }
-            if generated.len() >= limit {
+            if generation.generated_tokens >= limit {
                 generation.stop =
                     if limit < options.max_tokens { StopReason::ContextFull } else { StopReason::MaxTokens };
                 break;
@@ -339,9 +453,100 @@ impl LocalModel {
                 generation.stop = StopReason::Cancelled;
                 break;
             }
-            let input = Tensor::new(&[next], &device).and_then(|t| t.unsqueeze(0)).map_err(inference)?;
-            logits = weights.forward(&input, prompt.len() + generated.len() - 1).map_err(inference)?;
+            batch.clear();
+            batch.add(next, pos, &[0], true).map_err(inference)?;
+            pos += 1;
+            ctx.decode(&mut batch).map_err(inference)?;
         }
         Ok(generation)
+    }
+
+    /// The most likely token that keeps the tool call valid (the grammar has no dead ends, so
+    /// there is one): the 64 best are tried in order, then the rest.
+    fn constrained(&self, logits: &[f32], matcher: &Matcher) -> Result<LlamaToken> {
+        const FIRST: usize = 64;
+        let vocab = self.vocab.get_or_init(|| {
+            let v = self.model.vocab();
+            let n = self.model.n_vocab().max(0);
+            let (mut pieces, mut end) = (Vec::with_capacity(n as usize), Vec::with_capacity(n as usize));
+            for id in 0..n {
+                pieces.push(v.token_to_piece(LlamaToken(id), false, None).into_boxed_slice());
+                end.push(v.is_eog(LlamaToken(id)));
+            }
+            Vocab { pieces, end }
+        });
+        let n = logits.len().min(vocab.pieces.len());
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let first = FIRST.min(n);
+        if first > 0 && first < n {
+            order.select_nth_unstable_by(first - 1, by_logit);
+        }
+        order[..first].sort_unstable_by(by_logit);
+        let mut checker = TokenChecker::new(matcher);
+        let mut fits = |id: &u32| {
+            let i = *id as usize;
+            // An end-of-generation token is the empty string (allowed once the call is whole);
+            // other control tokens have no text and are never allowed inside a call.
+            if vocab.end[i] {
+                checker.accepts(b"")
+            } else {
+                !vocab.pieces[i].is_empty() && checker.accepts(&vocab.pieces[i])
+            }
+        };
+        if let Some(id) = order[..first].iter().find(|id| fits(id)) {
+            return Ok(LlamaToken(*id as i32));
+        }
+        order[first..].sort_unstable_by(by_logit);
+        order[first..]
+            .iter()
+            .find(|id| fits(id))
+            .map(|id| LlamaToken(*id as i32))
+            .ok_or_else(|| LocalError::Inference("no token continues the tool call".into()))
+    }
+
+    /// The sampler chain: the repeat penalty, then greedy choice, or top-p and temperature with a
+    /// fixed seed.
+    fn sampler(&self, options: &GenerateOptions) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if options.repeat_penalty != 1.0 && options.repeat_last_n > 0 {
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                options.repeat_last_n.min(i32::MAX as usize) as i32,
+                options.repeat_penalty,
+                0.0,
+                0.0,
+            ));
+        }
+        match options.temperature.filter(|t| *t > 1e-7) {
+            None => chain.push(LlamaSampler::greedy()),
+            Some(temperature) => {
+                if let Some(p) = options.top_p.filter(|p| *p > 0.0 && *p < 1.0) {
+                    chain.push(LlamaSampler::top_p(p as f32, 1));
+                }
+                chain.push(LlamaSampler::temp(temperature as f32));
+                chain.push(LlamaSampler::dist(options.seed as u32));
+            }
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+}
+
+fn to_token(token: u32) -> Result<LlamaToken> {
+    i32::try_from(token).map(LlamaToken).map_err(|_| LocalError::Inference(format!("token id {token} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_stream_holds_split_characters_until_complete() {
+        let mut s = Utf8Stream::default();
+        let e = "é".as_bytes();
+        assert_eq!(s.push(b"caf"), Some("caf".into()));
+        assert_eq!(s.push(&e[..1]), None);
+        assert_eq!(s.push(&e[1..]), Some("é".into()));
+        assert_eq!(s.push(&[0xff, b'a']), Some("\u{fffd}a".into()));
     }
 }

@@ -1,8 +1,9 @@
 //! [`LocalProvider`]: the [`Provider`] over a [`LocalModel`].
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use descartes_core::{ModelRequest, ModelStream, Provider, ProviderError, StreamEvent};
@@ -10,7 +11,7 @@ use descartes_protocol::Usage;
 use tokio::sync::mpsc;
 
 use crate::error::LocalError;
-use crate::model::{GenerateOptions, LocalModel, StopReason};
+use crate::model::{GenerateOptions, LocalModel, StopReason, ToolCalls};
 
 /// The provider's name as users select it.
 pub const PROVIDER_NAME: &str = "local";
@@ -54,7 +55,7 @@ pub struct LocalProvider {
 struct Inner {
     path: PathBuf,
     options: LocalOptions,
-    /// Held while loading, so concurrent first calls load the weights once.
+    /// This provider's model, once loaded (from the process-wide cache).
     model: Mutex<Option<Arc<LocalModel>>>,
 }
 
@@ -117,6 +118,7 @@ impl LocalProvider {
             repeat_penalty: o.repeat_penalty,
             repeat_last_n: o.repeat_last_n,
             stop_at_eos: true,
+            tool_calls: None,
         }
     }
 }
@@ -127,11 +129,40 @@ impl Inner {
         if let Some(model) = slot.as_ref() {
             return Ok(model.clone());
         }
-        let model = Arc::new(LocalModel::load(&self.path)?);
-        tracing::debug!(path = %self.path.display(), name = model.name(), "local model loaded");
+        let model = shared_model(&self.path)?;
         *slot = Some(model.clone());
         Ok(model)
     }
+}
+
+/// Which file a loaded model came from: its path and the file's size and modification time, so a
+/// file replaced in place (a new pull) is loaded again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileKey {
+    path: PathBuf,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// The process-wide cache of loaded models: every provider (every run of a server or daemon) of
+/// one file shares one copy of its weights, loaded once and kept for the life of the process.
+fn shared_model(path: &Path) -> Result<Arc<LocalModel>, LocalError> {
+    static MODELS: OnceLock<Mutex<HashMap<FileKey, Arc<LocalModel>>>> = OnceLock::new();
+    let meta = std::fs::metadata(path).map_err(|e| LocalError::io(path, e))?;
+    let path = std::fs::canonicalize(path).map_err(|e| LocalError::io(path, e))?;
+    let key = FileKey { path, len: meta.len(), modified: meta.modified().ok() };
+    // Held while loading, so concurrent first calls load the weights once.
+    let mut models = MODELS.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(model) = models.get(&key) {
+        return Ok(model.clone());
+    }
+    let started = std::time::Instant::now();
+    let model = Arc::new(LocalModel::load(&key.path)?);
+    tracing::debug!(path = %key.path.display(), name = model.name(), ms = started.elapsed().as_millis() as u64, "local model loaded");
+    // A replaced file's old copy is dropped once the runs using it end.
+    models.retain(|k, _| k.path != key.path);
+    models.insert(key, model.clone());
+    Ok(model)
 }
 
 #[async_trait]
@@ -148,7 +179,17 @@ impl Provider for LocalProvider {
         if tokens.len() >= model.context() {
             return Err(config_error(LocalError::PromptTooLong { tokens: tokens.len(), context: model.context() }));
         }
-        let options = self.generate_options(&request);
+        let mut options = self.generate_options(&request);
+        // Tool calls come back as text in the model's format (`<tool_call>{...}</tool_call>`,
+        // Llama's JSON): the same filter as for text-calling servers turns them into calls.
+        let tool_names: Vec<String> = if model.template().supports_tools() {
+            request.tools.iter().map(|t| t.name.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        if !tool_names.is_empty() {
+            options.tool_calls = ToolCalls::new(model.template().tool_call_format(), &request.tools);
+        }
         let (tx, rx) = mpsc::channel::<Result<StreamEvent, ProviderError>>(64);
         tokio::task::spawn_blocking(move || {
             let prompt_tokens = tokens.len() as u64;
@@ -182,7 +223,9 @@ impl Provider for LocalProvider {
                 }
             }
         });
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })))
+        let stream: ModelStream =
+            Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }));
+        Ok(if tool_names.is_empty() { stream } else { descartes_providers::filter_text_tool_calls(stream, tool_names) })
     }
 }
 

@@ -130,3 +130,52 @@ async fn answers_offline_with_exact_usage_and_stops_when_dropped() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A forced tool call (the prompt ends with `<tool_call>`): the 135M model, which cannot call
+/// tools on its own, writes a valid call of an offered tool because every token is constrained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constrained_tool_call_is_valid_json_of_an_offered_tool() {
+    use descartes_local::template::ToolCallFormat;
+    use descartes_local::{GenerateOptions, LocalModel, ToolCalls};
+    use descartes_protocol::ToolSpec;
+    use std::ops::ControlFlow;
+
+    let Some(path) = model_path().await else { return };
+    let model = LocalModel::load(&path).unwrap();
+    let tools = vec![
+        ToolSpec {
+            name: "read_file".into(),
+            description: "Read a file".into(),
+            input_schema: serde_json::json!({"type": "object", "properties": {"path": {"type": "string", "maxLength": 40}}, "required": ["path"]}),
+        },
+        ToolSpec {
+            name: "add".into(),
+            description: "Add two numbers".into(),
+            input_schema: serde_json::json!({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"], "additionalProperties": false}),
+        },
+    ];
+    let mut prompt =
+        model.render_prompt(Some(SYSTEM), &[Message::user_text("Please read the file notes.txt")], &[]).unwrap();
+    prompt.push_str("<tool_call>\n");
+    let tokens = model.encode(&prompt).unwrap();
+    let mut calls = ToolCalls::new(ToolCallFormat::Hermes, &tools).unwrap();
+    calls.open = true;
+    let options = GenerateOptions { max_tokens: 96, tool_calls: Some(calls), ..GenerateOptions::default() };
+    let mut text = String::new();
+    let generation = model
+        .generate(&tokens, &options, &|| false, &mut |t| {
+            text.push_str(t);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(generation.generated_tokens > 3, "{generation:?}");
+    // The call is the JSON value at the start of the answer; what follows it is free text again.
+    let mut values = serde_json::Deserializer::from_str(&text).into_iter::<serde_json::Value>();
+    let call = values.next().expect("a value").unwrap_or_else(|e| panic!("invalid JSON in {text:?}: {e}"));
+    let name = call["name"].as_str().unwrap_or_else(|| panic!("no name in {call}"));
+    match name {
+        "read_file" => assert!(call["arguments"]["path"].is_string(), "{call}"),
+        "add" => assert!(call["arguments"]["a"].is_i64() && call["arguments"]["b"].is_i64(), "{call}"),
+        other => panic!("not an offered tool: {other} in {call}"),
+    }
+}

@@ -526,7 +526,13 @@ mod tests {
         ]);
         assert_eq!(
             p.usage(),
-            Usage { input_tokens: 10, output_tokens: 9, cache_read_tokens: 7, cache_write_tokens: 3 }
+            Usage {
+                input_tokens: 10,
+                output_tokens: 9,
+                cache_read_tokens: 7,
+                cache_write_tokens: 3,
+                ..Usage::default()
+            }
         );
         assert_eq!(events.len(), 3, "unchanged usage is not re-emitted: {events:?}");
     }

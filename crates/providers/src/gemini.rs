@@ -444,6 +444,7 @@ impl GeminiStreamParser {
                 output_tokens: u.candidates.unwrap_or(0) + u.thoughts.unwrap_or(0),
                 cache_read_tokens: u.cached.unwrap_or(0),
                 cache_write_tokens: 0,
+                ..Usage::default()
             }));
         }
         Ok(())
@@ -523,7 +524,8 @@ mod tests {
                 input_tokens: 12,
                 output_tokens: 7,
                 cache_read_tokens: 2,
-                cache_write_tokens: 0
+                cache_write_tokens: 0,
+                ..Usage::default()
             })
         );
         assert_eq!(events[7], StreamEvent::Stop { reason: Some("tool_calls".into()) });

@@ -52,7 +52,7 @@ pub use ollama::{OllamaProvider, OllamaStreamParser, build_ollama_body};
 pub use openai::{OpenAiProvider, OpenAiStreamParser, build_openai_body};
 pub use responses::{OpenAiResponsesProvider, ResponsesStreamParser, build_responses_body};
 pub use sse::{SseDecoder, SseEvent};
-pub use text_tools::{TextToolCall, TextToolCallFilter, parse_text_tool_calls};
+pub use text_tools::{TextToolCall, TextToolCallFilter, filter_text_tool_calls, parse_text_tool_calls};
 pub use tokens::{Tiktoken, token_counter};
 
 // The built-in providers the settings constructors are for (rows of the catalog).

@@ -352,6 +352,7 @@ impl OpenAiStreamParser {
                 output_tokens: usage.completion_tokens.unwrap_or(0),
                 cache_read_tokens: cache_read,
                 cache_write_tokens: 0,
+                ..Usage::default()
             }));
         }
         Ok(())
@@ -588,7 +589,8 @@ mod tests {
                 input_tokens: 100,
                 output_tokens: 5,
                 cache_read_tokens: 64,
-                cache_write_tokens: 0
+                cache_write_tokens: 0,
+                ..Usage::default()
             })]
         );
     }

@@ -391,6 +391,7 @@ impl ResponsesStreamParser {
                             .and_then(|d| d.cached_tokens)
                             .unwrap_or(0),
                         cache_write_tokens: 0,
+                        ..Usage::default()
                     }));
                 }
                 let incomplete = response
@@ -617,7 +618,8 @@ mod tests {
                 input_tokens: 50,
                 output_tokens: 7,
                 cache_read_tokens: 20,
-                cache_write_tokens: 0
+                cache_write_tokens: 0,
+                ..Usage::default()
             })
         );
         let mut a = ResponseAssembler::default();

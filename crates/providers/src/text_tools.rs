@@ -397,7 +397,7 @@ impl TextToolCallFilter {
 }
 
 /// Applies a [`TextToolCallFilter`] to a [`ModelStream`].
-pub(crate) fn filter_text_tool_calls(inner: ModelStream, names: Vec<String>) -> ModelStream {
+pub fn filter_text_tool_calls(inner: ModelStream, names: Vec<String>) -> ModelStream {
     if names.is_empty() {
         return inner;
     }

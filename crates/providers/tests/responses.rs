@@ -32,7 +32,8 @@ async fn streamed_text_answer_and_request_shape() {
             input_tokens: responses::INPUT_TOKENS,
             output_tokens: responses::OUTPUT_TOKENS,
             cache_read_tokens: responses::CACHED_TOKENS,
-            cache_write_tokens: 0
+            cache_write_tokens: 0,
+            ..Usage::default()
         }
     );
     assert_eq!(a.stop_reason.as_deref(), Some("stop"));

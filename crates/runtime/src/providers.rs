@@ -260,6 +260,23 @@ impl Runtime {
         Ok(Arc::new(descartes_local::LocalProvider::with_options(path, options)))
     }
 
+    /// What a run of the local model `sel` must be told at its start: that the model cannot
+    /// call tools (its chat template has no place for them), so it answers without them. Loads
+    /// the model (once per process; it is needed for the run anyway). `None` when it can, or when
+    /// it cannot be loaded (the run reports that).
+    pub async fn local_model_notice(&self, sel: &Selection) -> Option<String> {
+        let path = descartes_local::resolve_model(&sel.model, &self.places.models_dir).ok()?;
+        let model = descartes_local::LocalProvider::new(path).preload().await.ok()?;
+        (!model.template().supports_tools()).then(|| {
+            format!(
+                "the local model {} cannot use tools (its chat template has none), so it answers without them; \
+                 for agent work use a tool-capable GGUF (Qwen 2.5, Llama 3.x, SmolLM3: `descartes model pull \
+                 ORG/REPO`) or an API provider",
+                sel.model
+            )
+        })
+    }
+
     /// Whether the local model `name` is in the models directory.
     pub fn local_model_present(&self, name: &str) -> bool {
         descartes_local::resolve_model(name, &self.places.models_dir).is_ok()

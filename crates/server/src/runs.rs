@@ -26,6 +26,8 @@ pub struct RunView {
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: descartes_protocol::Timestamp,
     pub tokens: u64,
+    /// Of `tokens`, those Descartes counted because the provider reported no usage.
+    pub estimated_tokens: u64,
     pub cost_usd: f64,
 }
 
@@ -60,6 +62,7 @@ fn run_view(r: &RunSummary, status: String) -> RunView {
         started_at: r.started_at,
         updated_at: r.updated_at,
         tokens: r.tokens,
+        estimated_tokens: r.estimated_tokens,
         cost_usd: r.cost_usd,
     }
 }

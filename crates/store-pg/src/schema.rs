@@ -141,6 +141,10 @@ ALTER TABLE tasks ALTER COLUMN id TYPE TEXT COLLATE "C";
 ALTER TABLE task_deps ALTER COLUMN task_id TYPE TEXT COLLATE "C", ALTER COLUMN dep_id TYPE TEXT COLLATE "C";
 ALTER TABLE events ALTER COLUMN run_id TYPE TEXT COLLATE "C", ALTER COLUMN key TYPE TEXT COLLATE "C";
 "#,
+    r#"
+-- Tokens counted by Descartes for providers that report no usage (see Usage::estimated).
+ALTER TABLE runs ADD COLUMN estimated_tokens BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Runs the migrations not applied yet; safe when several processes open the database at once.

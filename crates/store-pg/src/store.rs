@@ -306,14 +306,16 @@ fn project(
                 c.execute(&s, &[&run, &p, &m])?;
             }
         }
-        Some(descartes_core::store::RunChange::Usage { tokens, cost_usd }) => {
+        Some(descartes_core::store::RunChange::Usage { tokens, estimated_tokens, cost_usd }) => {
             let s = stmts.get(
                 c,
                 "UPDATE runs SET tokens = tokens + $2, cost_usd = cost_usd + $3, updated_at = $4,
+                 estimated_tokens = estimated_tokens + $5,
                  status = CASE WHEN status = 'parked' THEN 'running' ELSE status END WHERE run_id = $1",
             )?;
             let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-            c.execute(&s, &[&run, &tokens, &cost_usd, &at])?;
+            let estimated = i64::try_from(estimated_tokens).unwrap_or(i64::MAX);
+            c.execute(&s, &[&run, &tokens, &cost_usd, &at, &estimated])?;
         }
         None => {}
     }
@@ -527,11 +529,11 @@ fn event_of(p: &Prepared, seq: Seq) -> Event {
 }
 
 /// The runs projection, newest first.
-const LIST_RUNS: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd \
-     FROM runs ORDER BY started_at DESC, run_id DESC";
+const LIST_RUNS: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd, \
+     estimated_tokens FROM runs ORDER BY started_at DESC, run_id DESC";
 /// One run's summary.
-const RUN_SUMMARY: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd \
-     FROM runs WHERE run_id = $1";
+const RUN_SUMMARY: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd, \
+     estimated_tokens FROM runs WHERE run_id = $1";
 
 fn run_summary_row(r: &postgres::Row) -> Result<RunSummary, postgres::Error> {
     Ok(RunSummary {
@@ -544,6 +546,7 @@ fn run_summary_row(r: &postgres::Row) -> Result<RunSummary, postgres::Error> {
         updated_at: Timestamp(r.try_get(6)?),
         tokens: u64::try_from(r.try_get::<_, i64>(7)?).unwrap_or(0),
         cost_usd: r.try_get(8)?,
+        estimated_tokens: u64::try_from(r.try_get::<_, i64>(9)?).unwrap_or(0),
     })
 }
 

@@ -72,6 +72,7 @@ fn apply_projection(runs: &mut Vec<RunSummary>, event: &Event) {
             started_at: event.at,
             updated_at: event.at,
             tokens: 0,
+            estimated_tokens: 0,
             cost_usd: 0.0,
         }),
         Some(RunChange::Status { status, provider }) => {
@@ -84,9 +85,10 @@ fn apply_projection(runs: &mut Vec<RunSummary>, event: &Event) {
                 }
             }
         }
-        Some(RunChange::Usage { tokens, cost_usd }) => {
+        Some(RunChange::Usage { tokens, estimated_tokens, cost_usd }) => {
             if let Some(r) = runs.iter_mut().find(|r| r.run_id == event.run_id) {
                 r.tokens += tokens;
+                r.estimated_tokens += estimated_tokens;
                 r.cost_usd += cost_usd;
                 r.updated_at = event.at;
                 if r.status == "parked" {

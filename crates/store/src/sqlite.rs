@@ -132,6 +132,10 @@ CREATE TABLE audit (
     PRIMARY KEY (task_id, n)
 ) WITHOUT ROWID;
 "#,
+    r#"
+-- Tokens counted by Descartes for providers that report no usage (see Usage::estimated).
+ALTER TABLE runs ADD COLUMN estimated_tokens INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub(crate) enum Cmd {
@@ -588,16 +592,18 @@ fn project(tx: &rusqlite::Transaction<'_>, event: &Event) -> rusqlite::Result<()
                 ])?;
             }
         }
-        Some(RunChange::Usage { tokens, cost_usd }) => {
+        Some(RunChange::Usage { tokens, estimated_tokens, cost_usd }) => {
             tx.prepare_cached(
                 "UPDATE runs SET tokens = tokens + ?2, cost_usd = cost_usd + ?3, updated_at = ?4,
+                 estimated_tokens = estimated_tokens + ?5,
                  status = CASE WHEN status = 'parked' THEN 'running' ELSE status END WHERE run_id = ?1",
             )?
             .execute(params![
                 event.run_id.as_str(),
                 i64::try_from(tokens).unwrap_or(i64::MAX),
                 cost_usd,
-                event.at.as_micros()
+                event.at.as_micros(),
+                i64::try_from(estimated_tokens).unwrap_or(i64::MAX)
             ])?;
         }
         None => {}
@@ -697,8 +703,7 @@ fn replay(conn: &Connection, run_id: RunId) -> Result<RunState, StoreError> {
 }
 
 /// The columns of a run's summary (`runs` projection).
-const RUN_SUMMARY: &str =
-    "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd FROM runs";
+const RUN_SUMMARY: &str = "SELECT run_id, status, prompt, provider, model, started_at, updated_at, tokens, cost_usd, estimated_tokens FROM runs";
 
 fn run_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
     Ok(RunSummary {
@@ -711,6 +716,7 @@ fn run_summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunSummary> {
         updated_at: Timestamp(r.get(6)?),
         tokens: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
         cost_usd: r.get(8)?,
+        estimated_tokens: u64::try_from(r.get::<_, i64>(9)?).unwrap_or(0),
     })
 }
 
