@@ -293,9 +293,16 @@ fn without_any_key_the_local_model_answers_offline() {
     }
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("Paris"), "{}", stdout(&out));
+    // SmolLM2's template has no tools: the run says so plainly at its start.
+    assert!(
+        stderr(&out).contains("the local model smollm2-135m cannot use tools"),
+        "no notice that the model cannot use tools: {}",
+        stderr(&out)
+    );
     assert_eq!(env.server.request_count(), 0);
     let run = &env.runs()[0];
     assert_eq!(run["provider"], "local");
+    assert_eq!(run["estimated_tokens"], 0, "the local model's usage is exact: {run}");
     assert_eq!(run["status"], "completed");
     assert!(run["tokens"].as_u64().unwrap() > 10, "exact token counts are recorded: {run}");
     let listed = stdout(&env.cmd(&["model", "list"]).env("DESCARTES_MODEL_DIR", test_model_dir()).output().unwrap());

@@ -138,7 +138,7 @@ async fn durable_appends_survive_reopen_and_migrations_are_idempotent() {
             (versions, err("UPDATE events SET data = '{}'"), err("DELETE FROM events"), err("TRUNCATE events"))
         })
         .unwrap();
-    assert_eq!(versions, 6, "every migration (there are 6) ran once");
+    assert_eq!(versions, 7, "every migration (there are 7) ran once");
     for e in [update, delete, truncate] {
         assert!(e.contains("append-only"), "refused: {e}");
     }

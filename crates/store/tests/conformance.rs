@@ -45,7 +45,7 @@ fn sqlite_persists_across_reopen_and_migrations_are_idempotent() {
     let more = s2.append_blocking(vec![msg(&r, "from another handle")]).unwrap();
     assert_eq!(more[0].seq, 3);
     let conn = rusqlite_check(&path);
-    assert_eq!(conn.0, 4, "user_version: every migration ran once");
+    assert_eq!(conn.0, 5, "user_version: every migration ran once");
     assert!(conn.1.contains("append-only"), "update refused: {}", conn.1);
 }
 
