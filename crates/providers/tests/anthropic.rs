@@ -199,7 +199,10 @@ async fn message_delta_usage_is_assigned_not_added() {
     });
     let (a, events, err) = collect(provider(&server).stream(simple_request("hi")).await.unwrap()).await;
     assert!(err.is_none(), "{err:?}");
-    assert_eq!(a.usage, Usage { input_tokens: 40, output_tokens: 12, cache_read_tokens: 30, cache_write_tokens: 5, ..Usage::default() });
+    assert_eq!(
+        a.usage,
+        Usage { input_tokens: 40, output_tokens: 12, cache_read_tokens: 30, cache_write_tokens: 5, ..Usage::default() }
+    );
     assert_eq!(a.stop_reason.as_deref(), Some("max_tokens"));
     assert_eq!(events.iter().filter(|e| matches!(e, StreamEvent::Usage(_))).count(), 3);
 }

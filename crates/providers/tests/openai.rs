@@ -262,7 +262,10 @@ async fn unknown_fields_and_comments_are_skipped() {
     });
     let (a, _, err) = collect(provider(&server).stream(simple_request("hi")).await.unwrap()).await;
     assert!(err.is_none(), "{err:?}");
-    assert_eq!(a.usage, Usage { input_tokens: 3, output_tokens: 2, cache_read_tokens: 1, cache_write_tokens: 0, ..Usage::default() });
+    assert_eq!(
+        a.usage,
+        Usage { input_tokens: 3, output_tokens: 2, cache_read_tokens: 1, cache_write_tokens: 0, ..Usage::default() }
+    );
     assert_eq!(a.finish(), vec![ContentPart::text("AB")]);
 }
 
