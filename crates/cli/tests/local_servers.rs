@@ -56,13 +56,13 @@ impl Drop for LlamaServer {
 
 impl LlamaServer {
     fn start(model: &std::path::Path) -> Option<LlamaServer> {
-        let importable = Command::new("python3")
-            .args(["-c", "import llama_cpp.server"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !importable {
-            return skip("python3 cannot import llama_cpp.server (install llama-cpp-python[server])");
+        if !descartes_test_support::python::module(
+            "llama_cpp.server",
+            "llama.cpp's OpenAI-compatible server (llama_cpp.server)",
+            "'llama-cpp-python[server]'",
+            "DESCARTES_TEST_REQUIRE_LLAMA_CPP",
+        ) {
+            return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new("python3")

@@ -11,7 +11,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
 use descartes_local::template::{ChatMessage, ChatTemplate, ToolCallFormat, map_messages};
 use descartes_protocol::{ContentPart, Message, Role, ToolSpec};
@@ -177,27 +176,7 @@ fn parallel_conversation() -> Vec<Message> {
 
 /// Whether the reference renderer can run: `python3` with `jinja2`.
 fn jinja2() -> bool {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let ready = READY.get_or_init(|| match Command::new("python3").args(["-c", "import jinja2"]).output() {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().lines().last().unwrap_or("").to_owned()),
-        Err(e) => Err(format!("cannot run python3: {e}")),
-    });
-    match ready {
-        Ok(()) => true,
-        Err(why) => {
-            let message = format!(
-                "the reference renderer (Python's jinja2) cannot run ({why}); install it with `python3 -m pip install jinja2`"
-            );
-            if std::env::var("DESCARTES_TEST_REQUIRE_JINJA2").as_deref() == Ok("1") {
-                panic!("{message} and DESCARTES_TEST_REQUIRE_JINJA2=1");
-            }
-            eprintln!(
-                "\n!!!!!!!! SKIPPED: {message}; set DESCARTES_TEST_REQUIRE_JINJA2=1 to make this a failure !!!!!!!!\n"
-            );
-            false
-        }
-    }
+    descartes_test_support::python::jinja2()
 }
 
 /// The prompt Python's jinja2 renders from `template` with `context` (JSON).
