@@ -14,7 +14,7 @@ pub fn module(import: &str, what: &str, pip: &str, require: &str) -> bool {
     let ready = CHECKED
         .get_or_init(Default::default)
         .lock()
-        .unwrap()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
         .entry(import.to_owned())
         .or_insert_with(|| {
             match std::process::Command::new("python3").args(["-c", &format!("import {import}")]).output() {
